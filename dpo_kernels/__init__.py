@@ -1,0 +1,18 @@
+"""Fused kernels for Direct Preference Optimization: per-sequence log-probs from logits, exact,
+in three passes over the logits, and the DPO family of losses on top."""
+from .api import DPOOutput, fused_dpo_loss
+from .losses import LOSSES, LossOptions, PreferencePair, register_loss
+from .logprobs import TokenLogprobs, sequence_logprobs, token_logprobs
+
+__all__ = [
+    "fused_dpo_loss",
+    "DPOOutput",
+    "token_logprobs",
+    "sequence_logprobs",
+    "TokenLogprobs",
+    "LOSSES",
+    "LossOptions",
+    "PreferencePair",
+    "register_loss",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,62 @@
+"""Backends of the kernel contract, and the one place where one is chosen.
+
+A backend is a module with two functions over ``logits[B, T, V]`` (any strides) and
+``labels[B, T]`` (already aligned: shifting is done by the caller):
+
+- ``token_logprobs_forward(logits, labels, ignore_index, with_logits_sum)``
+  -> ``(logp, lse, logits_sum | None)``, each ``[B, T]`` fp32 (fp64 for fp64 logits);
+- ``token_logprobs_backward(logits, labels, lse, grad_logp, ignore_index, inplace)``
+  -> the gradient w.r.t. ``logits`` in the logits dtype (``logits`` itself when ``inplace``);
+
+and optionally ``dpo_sigmoid_loss(...)``, the default loss fused on the device.
+"""
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+import torch
+
+# name -> module path; "auto" picks among them per device.
+_BACKEND_MODULES = {
+    "triton": "dpo_kernels.backends.triton",
+    "reference": "dpo_kernels.backends.reference",
+}
+BACKEND_NAMES = ("auto", *_BACKEND_MODULES)
+
+
+def load_backend(name: str) -> ModuleType:
+    """Import a backend by name; a clear error when it cannot run here."""
+    if name not in _BACKEND_MODULES:
+        raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {name!r}")
+    try:
+        return importlib.import_module(_BACKEND_MODULES[name])
+    except ImportError as exc:
+        raise RuntimeError(f"backend {name!r} is not available here: {exc}") from exc
+
+
+def triton_available() -> bool:
+    try:
+        importlib.import_module("triton")
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    """The concrete backend for ``name`` (possibly "auto") on ``device``."""
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {name!r}")
+    if name != "auto":
+        if name == "triton" and device.type == "cpu":
+            from .triton.config import interpreting
+
+            if not interpreting():
+                raise RuntimeError(
+                    "backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 set before "
+                    "dpo_kernels is imported (Triton's interpreter); use backend='auto' instead"
+                )
+        return name
+    if device.type == "cuda" and triton_available():
+        return "triton"
+    return "reference"

@@ -1,0 +1,78 @@
+"""The kernel contract in plain PyTorch: the fallback where no kernel runs, and a second oracle.
+
+Same inputs, outputs and numerics as the Triton kernels (see ``triton/token_logprobs_fwd.py``),
+processed a chunk of rows at a time so that the fp32 working copy is at most
+``_CHUNK_ELEMENTS`` elements, never a full ``N x V`` fp32 copy of bf16 logits.
+"""
+from __future__ import annotations
+
+import torch
+
+# ~64 MB of fp32 working memory per chunk.
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _row_chunks(B: int, T: int, V: int):
+    """(sequence, token slice) pairs covering ``[B, T]``; each slice is a strided view, no copy."""
+    step = max(1, _CHUNK_ELEMENTS // max(V, 1))
+    for b in range(B):
+        for start in range(0, T, step):
+            yield b, slice(start, min(start + step, T))
+
+
+def token_logprobs_forward(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int,
+    with_logits_sum: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``logits[B, T, V]``, ``labels[B, T]`` -> ``(logp, lse, logits_sum)``, each ``[B, T]``."""
+    B, T, V = logits.shape
+    acc = _acc_dtype(logits.dtype)
+    logp = torch.empty((B, T), dtype=acc, device=logits.device)
+    lse = torch.empty((B, T), dtype=acc, device=logits.device)
+    logits_sum = torch.empty((B, T), dtype=acc, device=logits.device) if with_logits_sum else None
+    for b, ts in _row_chunks(B, T, V):
+        z = logits[b, ts].to(acc)
+        y = labels[b, ts]
+        ignored = y == ignore_index
+        in_range = (y >= 0) & (y < V)
+        chunk_lse = torch.logsumexp(z, dim=-1)
+        target = z.gather(-1, torch.where(in_range, y, 0).unsqueeze(-1)).squeeze(-1)
+        chunk_logp = torch.where(in_range, target - chunk_lse, torch.full_like(target, float("nan")))
+        logp[b, ts] = torch.where(ignored, 0.0, chunk_logp)
+        lse[b, ts] = torch.where(ignored, 0.0, chunk_lse)
+        if logits_sum is not None:
+            logits_sum[b, ts] = torch.where(ignored, 0.0, z.sum(-1))
+    return logp, lse, logits_sum
+
+
+def token_logprobs_backward(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    grad_logp: torch.Tensor,
+    ignore_index: int,
+    inplace: bool = False,
+) -> torch.Tensor:
+    """``coef * (onehot - softmax)`` in the logits dtype; written into ``logits`` when ``inplace``."""
+    B, T, V = logits.shape
+    acc = _acc_dtype(logits.dtype)
+    grad = logits if inplace else torch.empty_like(logits)
+    for b, ts in _row_chunks(B, T, V):
+        y = labels[b, ts]
+        ignored = y == ignore_index
+        coef = torch.where(ignored, 0.0, grad_logp[b, ts].to(acc)).unsqueeze(-1)
+        prob = torch.exp(logits[b, ts].to(acc) - lse[b, ts].to(acc).unsqueeze(-1))
+        chunk_grad = -coef * prob
+        # The true-class entry is formed in the accumulation dtype and rounded once, with the rest.
+        hit = ((y >= 0) & (y < V) & ~ignored).unsqueeze(-1)
+        safe_y = torch.where(hit.squeeze(-1), y, 0).unsqueeze(-1)
+        true_class = coef * (1.0 - prob.gather(-1, safe_y))
+        chunk_grad.scatter_(-1, safe_y, torch.where(hit, true_class, chunk_grad.gather(-1, safe_y)))
+        grad[b, ts] = torch.where(ignored.unsqueeze(-1), 0.0, chunk_grad).to(logits.dtype)
+    return grad

@@ -1,0 +1,55 @@
+"""Launch configuration for the Triton kernels: block sizes and warps chosen from V and dtype.
+
+The logits path is bandwidth-bound, so a configuration only has to keep enough bytes in flight
+per program (wide vocabulary blocks, 16-byte loads) and enough programs to cover the SMs. There
+is no ``@triton.autotune`` on purpose: the interpreter (CPU tests) cannot launch an autotuner
+with more than one config, and a fixed rule keeps the launch free of benchmarking on first call.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    block_v: int
+    num_warps: int
+
+
+# Bytes of logits one program reads per loop step. 16 KB keeps a Hopper SM's load pipeline full
+# with 8 warps (each thread issues 16-byte vector loads); larger blocks only add registers.
+_GPU_BYTES_PER_STEP = 16384
+_INTERPRETER_BLOCK = 1024  # the interpreter runs programs one by one: small blocks, many of them
+
+# Tests shrink the block to exercise V above one block with small vocabularies.
+_block_override: int | None = None
+
+
+def set_block_override(block_v: int | None) -> None:
+    """Force the vocabulary block size (a power of two), or restore the automatic rule with None."""
+    global _block_override
+    if block_v is not None and (block_v < 16 or block_v & (block_v - 1)):
+        raise ValueError(f"block_v must be a power of two >= 16, got {block_v}")
+    _block_override = block_v
+
+
+def pick_config(vocab_size: int, dtype: torch.dtype) -> LaunchConfig:
+    """Block of the vocabulary one program handles per step, and the warps behind it."""
+    if _block_override is not None:
+        return LaunchConfig(block_v=_block_override, num_warps=4)
+    if interpreting():
+        return LaunchConfig(block_v=min(_INTERPRETER_BLOCK, triton.next_power_of_2(vocab_size)), num_warps=1)
+    elem = torch.empty((), dtype=dtype).element_size()
+    block_v = min(_GPU_BYTES_PER_STEP // elem, triton.next_power_of_2(vocab_size))
+    block_v = max(block_v, 128)
+    num_warps = 8 if block_v >= 4096 else 4
+    return LaunchConfig(block_v=block_v, num_warps=num_warps)

@@ -1,0 +1,95 @@
+"""Backward of the kernel contract: one read of the logits, one write of their gradient.
+
+With ``coef[n] = dLoss/dlogp[n]`` (forced to 0 on ignored rows) and the saved ``lse``::
+
+    grad[n, v] = coef[n] * (onehot(y_n)[v] - exp(z[n, v] - lse[n]))
+
+computed in fp32 and rounded once to the logits dtype; the true-class entry ``coef * (1 - p_y)``
+is formed in fp32 before rounding, so it does not cancel when ``p_y -> 1`` in bf16.
+
+The grid is (token row, vocabulary block): a short batch still spreads over the whole chip, and
+each tile's work is independent. Ignored rows are written as zeros without reading the logits.
+With ``inplace=True`` the gradient overwrites the logits buffer (same strides, each element read
+then written by the same program), which saves a logits-sized allocation.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import acc_dtype
+from .config import pick_config
+
+
+@triton.jit
+def _token_logprobs_bwd_kernel(
+    logits_ptr, labels_ptr, lse_ptr, coef_ptr, grad_ptr,
+    T, V,
+    stride_zb, stride_zt, stride_zv,
+    stride_yb, stride_yt,
+    stride_gb, stride_gt, stride_gv,
+    ignore_index,
+    BLOCK_V: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    v_block = tl.program_id(1).to(tl.int64)
+    b = row // T
+    t = row % T
+    label = tl.load(labels_ptr + b * stride_yb + t * stride_yt).to(tl.int64)
+    is_ignored = label == ignore_index
+    lse = tl.load(lse_ptr + row).to(ACC_DTYPE)
+    # The loss may hand a gradient to an ignored token's (constant 0) logp; it must not leak.
+    coef = tl.where(is_ignored, 0.0, tl.load(coef_ptr + row).to(ACC_DTYPE))
+
+    offs = v_block * BLOCK_V + tl.arange(0, BLOCK_V)
+    in_vocab = offs < V
+    # Ignored rows read nothing: their load bound is 0 (a bound, not a scalar-and-block mask,
+    # which Triton's interpreter rejects).
+    z = tl.load(
+        logits_ptr + b * stride_zb + t * stride_zt + offs * stride_zv,
+        mask=offs < tl.where(is_ignored, 0, V),
+        other=float("-inf"),
+    ).to(ACC_DTYPE)
+    prob = tl.exp(z - lse)
+    grad = tl.where(offs == label, coef * (1.0 - prob), -coef * prob)
+    grad = tl.where(is_ignored, 0.0, grad)
+    tl.store(
+        grad_ptr + b * stride_gb + t * stride_gt + offs * stride_gv,
+        grad.to(grad_ptr.dtype.element_ty),
+        mask=in_vocab,
+    )
+
+
+def token_logprobs_backward(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    grad_logp: torch.Tensor,
+    ignore_index: int,
+    inplace: bool = False,
+) -> torch.Tensor:
+    """Gradient of the per-token log-probs w.r.t. ``logits[B, T, V]``, in the logits dtype.
+
+    ``lse`` and ``grad_logp`` are ``[B, T]`` contiguous. With ``inplace`` the result is ``logits``
+    itself, overwritten.
+    """
+    B, T, V = logits.shape
+    grad = logits if inplace else torch.empty_like(logits)
+    if grad.numel() == 0:
+        return grad
+    cfg = pick_config(V, logits.dtype)
+    grid = (B * T, triton.cdiv(V, cfg.block_v))
+    _token_logprobs_bwd_kernel[grid](
+        logits, labels, lse, grad_logp.contiguous(), grad,
+        T, V,
+        logits.stride(0), logits.stride(1), logits.stride(2),
+        labels.stride(0), labels.stride(1),
+        grad.stride(0), grad.stride(1), grad.stride(2),
+        ignore_index,
+        BLOCK_V=cfg.block_v,
+        ACC_DTYPE=acc_dtype(logits.dtype),
+        num_warps=cfg.num_warps,
+    )
+    return grad

@@ -1,0 +1,160 @@
+"""Autograd around the kernel contract, and the per-sequence reductions built on it.
+
+``token_logprobs`` is the torch-facing form of the contract in ``shared/design.md``: per-token
+``log softmax(z)[y]`` with its exact single-pass backward. ``sequence_logprobs`` sums (or averages)
+it per sequence. ``fused_sigmoid_dpo`` is the default DPO loss computed on the device from the
+per-token log-probs by one small kernel (Triton backend). Backends are chosen here and only here.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from .backends import load_backend, resolve_backend
+
+
+class TokenLogprobs(NamedTuple):
+    """Per-token results, all ``[B, T]``; ``labels`` is the label each logits row was scored on."""
+
+    logp: torch.Tensor  # differentiable; 0 where ignored
+    lse: torch.Tensor  # detached log-sum-exp of each row; 0 where ignored
+    logits_sum: torch.Tensor | None  # detached sum of each row's logits; 0 where ignored
+    labels: torch.Tensor  # aligned with the logits rows (shifted when shift=True)
+
+
+def align_labels(labels: torch.Tensor, ignore_index: int, shift: bool) -> torch.Tensor:
+    """Labels aligned with the logits rows: with ``shift``, row t predicts ``labels[:, t + 1]``.
+
+    The logits are never sliced or copied for the shift: the last row gets ``ignore_index``,
+    so the kernels skip it and its gradient row is written as zeros in the same pass.
+    """
+    if not shift:
+        return labels
+    return F.pad(labels[:, 1:], (0, 1), value=ignore_index)
+
+
+def _bump_version(tensor: torch.Tensor) -> None:
+    # The in-place backward overwrote ``tensor`` behind autograd's back. An empty in-place op on
+    # a view shares the version counter with its base, so any other graph node that saved these
+    # logits now fails loudly ("modified by an inplace operation") instead of reading gradients.
+    with torch.no_grad():
+        tensor.as_strided((0,), (1,)).zero_()
+
+
+class _TokenLogprobsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, labels, ignore_index, backend_name, with_logits_sum, inplace_backward):
+        backend = load_backend(backend_name)
+        logp, lse, logits_sum = backend.token_logprobs_forward(logits, labels, ignore_index, with_logits_sum)
+        if logits_sum is None:
+            logits_sum = lse.new_empty(0)
+        ctx.save_for_backward(logits, labels, lse)
+        ctx.ignore_index = ignore_index
+        ctx.backend_name = backend_name
+        ctx.inplace_backward = inplace_backward
+        ctx.gradient_written = False
+        ctx.mark_non_differentiable(lse, logits_sum)
+        return logp, lse, logits_sum
+
+    @staticmethod
+    def backward(ctx, grad_logp, _grad_lse, _grad_logits_sum):
+        if ctx.inplace_backward and ctx.gradient_written:
+            raise RuntimeError(
+                "dpo_kernels: a second backward through a loss computed with inplace_backward=True; "
+                "the first backward already overwrote the logits with their gradient. Use "
+                "inplace_backward=False to backward more than once (retain_graph, double backward)."
+            )
+        logits, labels, lse = ctx.saved_tensors
+        backend = load_backend(ctx.backend_name)
+        grad_logp = grad_logp.to(lse.dtype).contiguous()
+        grad = backend.token_logprobs_backward(
+            logits, labels, lse, grad_logp, ctx.ignore_index, inplace=ctx.inplace_backward
+        )
+        if ctx.inplace_backward:
+            ctx.gradient_written = True
+            _bump_version(logits)
+        return grad, None, None, None, None, None
+
+
+def token_logprobs(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    shift: bool = False,
+    backend: str = "auto",
+    with_logits_sum: bool = False,
+    inplace_backward: bool = False,
+) -> TokenLogprobs:
+    """Per-token ``log_softmax(logits)[label]`` for ``logits[B, T, V]`` and ``labels[B, T]``.
+
+    Exact gradient in one pass over the logits. Inputs are not validated here (``fused_dpo_loss``
+    does that); the kernels still never read outside a row and report NaN for a bad label.
+    """
+    aligned = align_labels(labels, ignore_index, shift)
+    name = resolve_backend(backend, logits.device)
+    logp, lse, logits_sum = _TokenLogprobsFunction.apply(
+        logits, aligned, ignore_index, name, with_logits_sum, inplace_backward
+    )
+    return TokenLogprobs(logp, lse, logits_sum if with_logits_sum else None, aligned)
+
+
+def completion_lengths(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Number of scored (non-ignored) tokens per sequence, ``[B]`` int64."""
+    return (labels != ignore_index).sum(-1)
+
+
+def sequence_logprobs(token_logp: torch.Tensor, labels: torch.Tensor, ignore_index: int, average: bool) -> torch.Tensor:
+    """Sum (or mean, when ``average``) of the per-token log-probs of each sequence, ``[B]``.
+
+    Ignored tokens already carry 0. A sequence with no completion tokens gives 0, never 0/0.
+    """
+    total = token_logp.sum(-1)
+    if not average:
+        return total
+    return total / completion_lengths(labels, ignore_index).clamp(min=1).to(total.dtype)
+
+
+class _FusedSigmoidDPOFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, token_logp, labels, ref_logps, ignore_index, beta, label_smoothing, average):
+        from .backends.triton import dpo_sigmoid_loss
+
+        out = dpo_sigmoid_loss(token_logp, labels, ref_logps, ignore_index, beta, label_smoothing, average)
+        loss = out["losses"].mean()
+        ctx.save_for_backward(labels, out["seq_counts"], out["seq_coef"])
+        ctx.ignore_index = ignore_index
+        ctx.average = average
+        ctx.mark_non_differentiable(out["chosen_rewards"], out["rejected_rewards"], out["losses"])
+        return loss, out["seq_logps"], out["chosen_rewards"], out["rejected_rewards"], out["losses"]
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_seq_logps, _gc, _gr, _gl):
+        labels, seq_counts, seq_coef = ctx.saved_tensors
+        grad_seq = grad_loss * seq_coef + grad_seq_logps
+        if ctx.average:
+            grad_seq = grad_seq / seq_counts.clamp(min=1.0)
+        grad_token = grad_seq.unsqueeze(-1) * (labels != ctx.ignore_index)
+        return grad_token, None, None, None, None, None, None
+
+
+def fused_sigmoid_dpo(
+    token_logp: torch.Tensor,
+    labels: torch.Tensor,
+    ref_logps: torch.Tensor,
+    *,
+    ignore_index: int,
+    beta: float,
+    label_smoothing: float,
+    average: bool,
+):
+    """The sigmoid (cDPO) loss from per-token log-probs ``[2P, T]`` in one device kernel.
+
+    Returns ``(loss, seq_logps[2P], chosen_rewards[P], rejected_rewards[P], losses[P])``; ``loss``
+    and ``seq_logps`` carry gradients back to ``token_logp``.
+    """
+    return _FusedSigmoidDPOFunction.apply(
+        token_logp, labels, ref_logps.detach(), ignore_index, beta, label_smoothing, average
+    )
