@@ -43,6 +43,19 @@ def triton_available() -> bool:
     return True
 
 
+def available_backends(device: torch.device) -> list[str]:
+    """Concrete backends that can run on ``device`` in this process."""
+    names = []
+    for name in _BACKEND_MODULES:
+        try:
+            resolve_backend(name, device)
+            load_backend(name)
+        except (RuntimeError, ValueError):
+            continue
+        names.append(name)
+    return names
+
+
 def resolve_backend(name: str, device: torch.device) -> str:
     """The concrete backend for ``name`` (possibly "auto") on ``device``."""
     if name not in BACKEND_NAMES:
