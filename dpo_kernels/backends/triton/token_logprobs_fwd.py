@@ -62,7 +62,7 @@ def _token_logprobs_fwd_kernel(
             logits_sum += tl.sum(tl.where(in_vocab, z, 0.0), 0)
 
     # An ignored row (and a row of -inf) has running_sum == 0: log(1) keeps lse = running_max.
-    lse = running_max + tl.log(tl.where(running_sum > 0, running_sum, 1.0))
+    lse = running_max + tl.log(tl.where(running_sum == 0, 1.0, running_sum))
     # The target logit is one scalar load, clamped into the row so it can never leave it.
     target_offset = tl.where(in_range, label, 0)
     z_target = tl.load(row_ptr + target_offset * stride_zv, mask=is_scored, other=0.0).to(ACC_DTYPE)

@@ -1,0 +1,198 @@
+"""The kernel contract, backend by backend, against the float64 oracle.
+
+Every backend in ``conftest.BACKENDS`` runs every test here: forward (logp, lse, logits sum) and
+backward (``coef * (onehot - softmax)``) for each dtype, vocabularies below, at and above one
+block, ignored tokens, strided views, in-place mode, and rows that must never be read.
+"""
+import pytest
+import torch
+
+from dpo_kernels.backends import load_backend
+from oracle import IGNORE, assert_close_grad, token_logprobs
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+VOCABS = [1, 7, 255, 1000, 3001]  # 1000 and 3001 span several 256-wide blocks
+
+
+def _labels(B, T, V, ignore_frac=0.3):
+    labels = torch.randint(0, V, (B, T))
+    labels[torch.rand(B, T) < ignore_frac] = IGNORE
+    labels[0, 0] = IGNORE
+    return labels
+
+
+def _expected_grad(logits, labels, coef):
+    z = logits.double().requires_grad_(True)
+    logp, _ = token_logprobs(z, labels)
+    (logp * coef.double()).sum().backward()
+    return z.grad
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("V", VOCABS)
+def test_forward_and_backward_match_oracle(backend, small_block, dtype, V):
+    ops = load_backend(backend)
+    B, T = 3, 5
+    logits = (torch.randn(B, T, V) * 4).to(dtype)
+    labels = _labels(B, T, V)
+    logp, lse, logits_sum = ops.token_logprobs_forward(logits, labels, IGNORE, True)
+    want_logp, want_lse = token_logprobs(logits, labels)
+    scored = labels != IGNORE
+    want_sum = torch.where(scored, logits.double().sum(-1), 0.0)
+    expected_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    assert logp.dtype == lse.dtype == logits_sum.dtype == expected_dtype
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(logp.double(), want_logp, rtol=tol, atol=tol * 10)
+    torch.testing.assert_close(lse.double(), want_lse, rtol=tol, atol=tol * 10)
+    torch.testing.assert_close(logits_sum.double(), want_sum, rtol=tol, atol=tol * V)
+    assert (logp[~scored] == 0).all() and (lse[~scored] == 0).all()
+
+    coef = torch.randn(B, T, dtype=expected_dtype)
+    grad = ops.token_logprobs_backward(logits, labels, lse, coef, IGNORE, False)
+    assert grad.dtype == dtype and grad.shape == logits.shape
+    assert_close_grad(grad, _expected_grad(logits, labels, coef), dtype)
+    assert (grad[~scored] == 0).all()
+
+
+def test_without_logits_sum_returns_none(backend):
+    ops = load_backend(backend)
+    logits = torch.randn(2, 3, 50)
+    logp, lse, logits_sum = ops.token_logprobs_forward(logits, _labels(2, 3, 50), IGNORE, False)
+    assert logits_sum is None and logp.shape == lse.shape == (2, 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_strided_views_are_read_in_place(backend, small_block, dtype):
+    """A shifted view, a vocabulary slice of a wider buffer and a transposed batch layout."""
+    ops = load_backend(backend)
+    V = 600
+    base = (torch.randn(5, 4, 9, V + 40) * 3).to(dtype)
+    logits = base[1:4, 1, 1:8, 20 : 20 + V]  # non-contiguous in every dimension but the last
+    logits_t = base[:, :, :, :V].permute(2, 0, 1, 3)[:, 1, :3]  # [9, 5, V] with stride(0) < stride(1)
+    vocab_stride = base[:2, 0, :3, :2 * V : 2]  # vocabulary stride 2
+    for view in (logits, logits_t, vocab_stride):
+        assert not view.is_contiguous()
+        labels = _labels(view.shape[0], view.shape[1], view.shape[2])
+        logp, lse, _ = ops.token_logprobs_forward(view, labels, IGNORE, False)
+        want_logp, _ = token_logprobs(view, labels)
+        torch.testing.assert_close(logp.double(), want_logp, rtol=2e-5, atol=2e-5)
+        coef = torch.randn(view.shape[:2])
+        grad = ops.token_logprobs_backward(view, labels, lse, coef, IGNORE, False)
+        assert_close_grad(grad, _expected_grad(view, labels, coef), dtype)
+
+
+def test_strided_labels(backend):
+    ops = load_backend(backend)
+    logits = torch.randn(3, 6, 300)
+    wide = torch.randint(0, 300, (3, 12))
+    labels = wide[:, ::2]
+    logp, _, _ = ops.token_logprobs_forward(logits, labels, IGNORE, False)
+    torch.testing.assert_close(logp.double(), token_logprobs(logits, labels)[0], rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("label_dtype", [torch.int32, torch.int64])
+def test_label_dtypes_and_custom_ignore_index(backend, label_dtype):
+    ops = load_backend(backend)
+    logits = torch.randn(2, 4, 100)
+    labels = torch.randint(0, 100, (2, 4))
+    labels[0, 1] = -1
+    logp, _, _ = ops.token_logprobs_forward(logits, labels.to(label_dtype), -1, False)
+    want, _ = token_logprobs(logits, labels, ignore_index=-1)
+    torch.testing.assert_close(logp.double(), want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_inplace_backward_overwrites_logits_with_the_gradient(backend, small_block, dtype):
+    ops = load_backend(backend)
+    logits = (torch.randn(2, 5, 700) * 3).to(dtype)
+    labels = _labels(2, 5, 700)
+    _, lse, _ = ops.token_logprobs_forward(logits, labels, IGNORE, False)
+    coef = torch.randn(2, 5)
+    expected = _expected_grad(logits, labels, coef)
+    out_of_place = ops.token_logprobs_backward(logits, labels, lse, coef, IGNORE, False)
+    buffer = logits.clone()
+    grad = ops.token_logprobs_backward(buffer, labels, lse, coef, IGNORE, True)
+    assert grad.data_ptr() == buffer.data_ptr()
+    assert torch.equal(grad, out_of_place)  # same arithmetic, bit for bit
+    assert_close_grad(grad, expected, dtype)
+
+
+def test_true_class_gradient_does_not_cancel_in_bf16(backend):
+    """p_y -> 1: coef * (1 - p_y) must come from fp32, not from bf16 p_y rounded to 1."""
+    ops = load_backend(backend)
+    V = 300
+    logits = torch.randn(1, 2, V)
+    labels = torch.tensor([[5, 9]])
+    logits[0, 0, 5] = 12.0  # p_y ~ 1 - 300 e^-12 ~ 0.998: bf16 rounds it to 1.0
+    logits[0, 1, 9] = 9.0
+    logits = logits.to(torch.bfloat16)
+    _, lse, _ = ops.token_logprobs_forward(logits, labels, IGNORE, False)
+    coef = torch.ones(1, 2)
+    grad = ops.token_logprobs_backward(logits, labels, lse, coef, IGNORE, False)
+    expected = _expected_grad(logits, labels, coef)
+    for t, y in ((0, 5), (1, 9)):
+        assert grad[0, t, y].item() > 0
+        torch.testing.assert_close(grad[0, t, y].double(), expected[0, t, y], rtol=1e-2, atol=0)
+
+
+def test_out_of_range_labels_give_nan_and_no_out_of_bounds_read(backend, small_block):
+    """Rows sit inside a NaN-filled buffer: any read outside [0, V) would poison finite rows."""
+    ops = load_backend(backend)
+    V = 500
+    buffer = torch.full((2, 4, V + 64), float("nan"))
+    buffer[:, :, 32 : 32 + V] = torch.randn(2, 4, V)
+    logits = buffer[:, :, 32 : 32 + V]
+    labels = torch.randint(0, V, (2, 4))
+    labels[0, 1] = V  # one past the end
+    labels[1, 2] = -7  # negative, not ignore_index
+    labels[1, 3] = IGNORE
+    logp, lse, logits_sum = ops.token_logprobs_forward(logits, labels, IGNORE, True)
+    bad = torch.zeros(2, 4, dtype=torch.bool)
+    bad[0, 1] = bad[1, 2] = True
+    assert torch.isnan(logp[bad]).all()
+    assert torch.isfinite(logp[~bad]).all() and torch.isfinite(lse).all() and torch.isfinite(logits_sum).all()
+    grad = ops.token_logprobs_backward(logits, labels, lse, torch.ones(2, 4), IGNORE, False)
+    assert torch.isfinite(grad).all()
+    assert torch.isnan(buffer[:, :, :32]).all() and torch.isnan(buffer[:, :, 32 + V :]).all()
+
+
+def test_masked_vocabulary_entries(backend):
+    """-inf logits (a masked vocabulary) are legitimate: no NaN unless the whole row is -inf."""
+    ops = load_backend(backend)
+    logits = torch.randn(1, 3, 400)
+    logits[0, 0, 100:] = float("-inf")
+    logits[0, 1, :] = float("-inf")
+    labels = torch.tensor([[3, 3, 3]])
+    logp, lse, _ = ops.token_logprobs_forward(logits, labels, IGNORE, False)
+    want, want_lse = token_logprobs(logits, labels)
+    torch.testing.assert_close(logp[0, 0].double(), want[0, 0], rtol=1e-5, atol=1e-5)
+    assert lse[0, 1].item() == float("-inf")
+    assert torch.isfinite(logp[0, 2])
+
+
+def test_nan_in_logits_propagates_to_that_row_only(backend):
+    ops = load_backend(backend)
+    logits = torch.randn(1, 3, 64)
+    logits[0, 1, 10] = float("nan")
+    logp, lse, _ = ops.token_logprobs_forward(logits, torch.tensor([[1, 2, 3]]), IGNORE, False)
+    assert torch.isnan(logp[0, 1]) and torch.isnan(lse[0, 1])
+    assert torch.isfinite(logp[0, [0, 2]]).all()
+
+
+def test_ignored_gradient_is_zero_even_with_nonzero_coef(backend):
+    ops = load_backend(backend)
+    logits = torch.randn(1, 3, 200)
+    labels = torch.tensor([[IGNORE, 4, IGNORE]])
+    _, lse, _ = ops.token_logprobs_forward(logits, labels, IGNORE, False)
+    grad = ops.token_logprobs_backward(logits, labels, lse, torch.full((1, 3), 5.0), IGNORE, False)
+    assert (grad[0, 0] == 0).all() and (grad[0, 2] == 0).all() and (grad[0, 1] != 0).any()
+
+
+def test_empty_batch(backend):
+    ops = load_backend(backend)
+    logits = torch.randn(0, 3, 10)
+    labels = torch.zeros(0, 3, dtype=torch.long)
+    logp, lse, _ = ops.token_logprobs_forward(logits, labels, IGNORE, False)
+    assert logp.shape == (0, 3)
+    grad = ops.token_logprobs_backward(logits, labels, lse, logp, IGNORE, False)
+    assert grad.shape == logits.shape

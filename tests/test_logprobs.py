@@ -1,0 +1,124 @@
+"""Autograd around the kernel contract: gradcheck, shift alignment, in-place safety, fused loss."""
+import pytest
+import torch
+
+from dpo_kernels.logprobs import align_labels, fused_sigmoid_dpo, sequence_logprobs, token_logprobs
+from dpo_kernels.backends import triton_available
+from oracle import IGNORE, token_logprobs as oracle_token_logprobs
+
+
+def test_gradcheck_float64(backend):
+    # Small, because gradcheck runs the forward twice per input element; a 16-wide block still
+    # makes the 50-entry vocabulary span several blocks in the Triton kernels.
+    from dpo_kernels.backends.triton.config import set_block_override
+
+    set_block_override(16)
+    logits = torch.randn(1, 3, 50, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([[IGNORE, 7, 49]])
+
+    def f(z):
+        return token_logprobs(z, labels, backend=backend).logp
+
+    try:
+        assert torch.autograd.gradcheck(f, (logits,), eps=1e-6, atol=1e-8)
+    finally:
+        set_block_override(None)
+
+
+def test_shift_scores_row_t_on_label_t_plus_1(backend):
+    logits = torch.randn(2, 5, 80, requires_grad=True)
+    labels = torch.randint(0, 80, (2, 5))
+    out = token_logprobs(logits, labels, shift=True, backend=backend)
+    want, _ = oracle_token_logprobs(logits[:, :-1], labels[:, 1:])
+    torch.testing.assert_close(out.logp[:, :-1].double(), want, rtol=2e-5, atol=2e-5)
+    assert (out.logp[:, -1] == 0).all()
+    assert torch.equal(out.labels, align_labels(labels, IGNORE, True))
+    out.logp.sum().backward()
+    assert (logits.grad[:, -1] == 0).all()  # the last position predicts nothing
+    z = logits.detach().double().requires_grad_(True)
+    oracle_token_logprobs(z[:, :-1], labels[:, 1:])[0].sum().backward()
+    torch.testing.assert_close(logits.grad.double(), z.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_inplace_backward_gives_the_same_gradient_into_the_logits_buffer(backend):
+    base = torch.randn(2, 4, 120)
+    labels = torch.randint(0, 120, (2, 4))
+    ref = base.clone().requires_grad_(True)
+    token_logprobs(ref, labels, backend=backend).logp.sum().backward()
+
+    logits = base.clone().requires_grad_(True)
+    token_logprobs(logits, labels, backend=backend, inplace_backward=True).logp.sum().backward()
+    assert torch.equal(logits.grad, ref.grad)
+    assert torch.equal(logits.detach(), ref.grad)  # the buffer now holds the gradient
+
+
+def test_inplace_second_backward_raises(backend):
+    logits = torch.randn(2, 4, 64, requires_grad=True)
+    labels = torch.randint(0, 64, (2, 4))
+    h = logits * 1.0  # a non-leaf, as model outputs are
+    loss = token_logprobs(h, labels, backend=backend, inplace_backward=True).logp.sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="inplace_backward"):
+        loss.backward()
+
+
+def test_inplace_backward_invalidates_other_users_of_the_logits(backend):
+    """Another node that saved the logits must fail loudly, not read the gradient as logits."""
+    x = torch.randn(2, 3, 64, requires_grad=True)
+    logits = x * 1.0
+    labels = torch.randint(0, 64, (2, 3))
+    other = (logits * logits).sum()  # saves `logits` for its backward
+    lp = token_logprobs(logits, labels, backend=backend, inplace_backward=True).logp.sum()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (lp + other).backward()
+
+
+def test_sequence_logprobs_sum_and_average_with_empty_completion():
+    logp = torch.tensor([[-1.0, -2.0, 0.0], [0.0, 0.0, 0.0]])
+    labels = torch.tensor([[1, 2, IGNORE], [IGNORE, IGNORE, IGNORE]])
+    torch.testing.assert_close(sequence_logprobs(logp, labels, IGNORE, False), torch.tensor([-3.0, 0.0]))
+    torch.testing.assert_close(sequence_logprobs(logp, labels, IGNORE, True), torch.tensor([-1.5, 0.0]))
+
+
+@pytest.mark.skipif(not triton_available(), reason="needs triton")
+@pytest.mark.parametrize("average", [False, True])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+def test_fused_sigmoid_matches_the_formula_and_its_gradient(average, label_smoothing):
+    P, T = 3, 9
+    token_logp = (-torch.rand(2 * P, T) * 5).requires_grad_(True)
+    labels = torch.randint(0, 10, (2 * P, T))
+    labels[:, :2] = IGNORE
+    labels[-1, :] = IGNORE  # a rejected sequence with no completion tokens
+    token_logp.data[labels == IGNORE] = 0.0
+    ref = torch.randn(2 * P)
+    beta = 0.3
+    loss, seq, cr, rr, losses = fused_sigmoid_dpo(
+        token_logp, labels, ref, ignore_index=IGNORE, beta=beta, label_smoothing=label_smoothing, average=average
+    )
+    (loss + 0.5 * seq.sum()).backward()  # both differentiable outputs carry gradient
+
+    t = token_logp.detach().double().requires_grad_(True)
+    n = (labels != IGNORE).sum(-1).clamp(min=1).double()
+    s = t.sum(-1) / n if average else t.sum(-1)
+    m = (s[:P] - ref[:P].double()) - (s[P:] - ref[P:].double())
+    want = -(1 - label_smoothing) * torch.nn.functional.logsigmoid(beta * m) - label_smoothing * torch.nn.functional.logsigmoid(-beta * m)
+    (want.mean() + 0.5 * s.sum()).backward()
+    torch.testing.assert_close(loss.double(), want.mean().detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(losses.double(), want.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(seq.double(), s.detach(), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(cr.double(), beta * (s[:P] - ref[:P].double()).detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(rr.double(), beta * (s[P:] - ref[P:].double()).detach(), rtol=1e-6, atol=1e-6)
+    grad_want = torch.where(labels != IGNORE, t.grad, 0.0)
+    torch.testing.assert_close(token_logp.grad.double(), grad_want, rtol=1e-5, atol=1e-7)
+    assert not cr.requires_grad and not losses.requires_grad
+
+
+@pytest.mark.skipif(not triton_available(), reason="needs triton")
+def test_fused_sigmoid_is_stable_for_huge_margins():
+    token_logp = torch.tensor([[-1.0], [-5000.0]], requires_grad=True)
+    labels = torch.zeros(2, 1, dtype=torch.long)
+    for ref in (torch.zeros(2), torch.tensor([0.0, -20000.0])):
+        loss, *_ = fused_sigmoid_dpo(token_logp, labels, ref, ignore_index=IGNORE, beta=1.0, label_smoothing=0.0, average=False)
+        assert torch.isfinite(loss)
+        m = (-1.0 - ref[0]) - (-5000.0 - ref[1])
+        torch.testing.assert_close(loss, torch.nn.functional.softplus(-m.double()).float())
