@@ -1,0 +1,191 @@
+"""Bad input gets a clear error naming the argument, never a wrong number."""
+import re
+
+import pytest
+import torch
+
+from dpo_kernels import fused_dpo_loss
+from oracle import IGNORE, make_batch
+
+
+@pytest.fixture
+def batch():
+    logits, labels = make_batch(2, 5, 64, torch.float32)
+    return logits, labels, torch.randn(4)
+
+
+@pytest.mark.parametrize("rows", [3, 0])
+def test_odd_or_empty_batch(rows):
+    logits = torch.randn(rows, 4, 10)
+    labels = torch.randint(0, 10, (rows, 4))
+    with pytest.raises(ValueError, match=r"logits batch must be 2B > 0"):
+        fused_dpo_loss(logits, labels, reference_free=True)
+
+
+def test_labels_shape_mismatch(batch):
+    logits, labels, ref = batch
+    with pytest.raises(ValueError, match=r"labels shape \(4, 4\) does not match logits shape \(4, 5, 64\)"):
+        fused_dpo_loss(logits, labels[:, :4], ref_logps=ref)
+
+
+def test_logits_must_be_3d(batch):
+    logits, labels, ref = batch
+    with pytest.raises(ValueError, match=r"logits must be \[2B, T, V\]"):
+        fused_dpo_loss(logits[0], labels, ref_logps=ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool])
+def test_integer_logits(batch, dtype):
+    logits, labels, ref = batch
+    with pytest.raises(TypeError, match="logits must be a floating tensor"):
+        fused_dpo_loss(logits.to(dtype), labels, ref_logps=ref)
+
+
+def test_float_labels(batch):
+    logits, labels, ref = batch
+    with pytest.raises(TypeError, match="labels must be an integer tensor"):
+        fused_dpo_loss(logits, labels.float(), ref_logps=ref)
+
+
+def test_not_tensors(batch):
+    logits, labels, ref = batch
+    with pytest.raises(TypeError, match="logits must be a torch.Tensor"):
+        fused_dpo_loss(logits.tolist(), labels, ref_logps=ref)
+    with pytest.raises(TypeError, match="labels must be a torch.Tensor"):
+        fused_dpo_loss(logits, labels.tolist(), ref_logps=ref)
+
+
+@pytest.mark.parametrize("bad", [64, 1000, -1, -99])
+def test_labels_out_of_range(backend, batch, bad):
+    logits, labels, ref = batch
+    labels[1, 3] = bad
+    with pytest.raises(ValueError, match=rf"labels\[1, 3\].*= {bad} is outside \[0, V=64\) and is not ignore_index=-100"):
+        fused_dpo_loss(logits, labels, ref_logps=ref, backend=backend)
+
+
+def test_labels_out_of_range_unvalidated_is_nan_not_silent(backend, batch):
+    logits, labels, ref = batch
+    labels[1, 3] = 64
+    out = fused_dpo_loss(logits, labels, ref_logps=ref, backend=backend, validate=False)
+    assert torch.isnan(out.loss)
+
+
+def test_out_of_range_label_in_shifted_position_is_reported_where_it_is_used(backend, batch):
+    logits, labels, ref = batch
+    labels[0, 0] = 5000  # with shift, labels[:, 0] is never scored: no error
+    fused_dpo_loss(logits, labels, ref_logps=ref, backend=backend, shift=True)
+    labels[0, 4] = 5000  # scored by logits row 3
+    with pytest.raises(ValueError, match=r"labels\[0, 3\] \(as aligned with the logits rows\) = 5000"):
+        fused_dpo_loss(logits, labels, ref_logps=ref, backend=backend, shift=True)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_logits_raise_when_validated(backend, batch, value):
+    logits, labels, ref = batch
+    labels[2, 4] = 1
+    logits[2, 4, 7] = value
+    with pytest.raises(ValueError, match=r"logits\[2, 4\] gives a non-finite log-probability"):
+        fused_dpo_loss(logits, labels, ref_logps=ref, backend=backend)
+    out = fused_dpo_loss(logits, labels, ref_logps=ref, backend=backend, validate=False)
+    assert not torch.isfinite(out.loss)  # documented: propagates when not validated
+
+
+def test_non_finite_in_an_ignored_row_is_harmless(backend, batch):
+    logits, labels, ref = batch
+    labels[2, 4] = IGNORE
+    logits[2, 4, :] = float("nan")
+    out = fused_dpo_loss(logits, labels, ref_logps=ref, backend=backend)
+    assert torch.isfinite(out.loss)
+
+
+def test_non_finite_ref_logits(backend, batch):
+    logits, labels, _ = batch
+    ref_logits = torch.randn_like(logits)
+    labels[1, 2] = 3
+    ref_logits[1, 2, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"ref_logits\[1, 2\] gives a non-finite"):
+        fused_dpo_loss(logits, labels, ref_logits=ref_logits, backend=backend)
+
+
+def test_unknown_loss_type_lists_valid_ones(batch):
+    logits, labels, ref = batch
+    with pytest.raises(ValueError, match=re.escape("loss_type must be one of ['hinge', 'ipo', 'sigmoid'], got 'dpo'")):
+        fused_dpo_loss(logits, labels, ref_logps=ref, loss_type="dpo")
+
+
+@pytest.mark.parametrize("beta", [0, -0.1, float("nan"), float("inf"), "0.1"])
+def test_bad_beta(batch, beta):
+    logits, labels, ref = batch
+    with pytest.raises(ValueError, match="beta must be a finite number > 0"):
+        fused_dpo_loss(logits, labels, ref_logps=ref, beta=beta)
+
+
+@pytest.mark.parametrize("ls", [-0.1, 0.5, 1.0])
+def test_bad_label_smoothing(batch, ls):
+    logits, labels, ref = batch
+    with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 0.5\)"):
+        fused_dpo_loss(logits, labels, ref_logps=ref, label_smoothing=ls)
+
+
+@pytest.mark.parametrize("loss_type", ["hinge", "ipo"])
+def test_label_smoothing_that_does_not_apply(batch, loss_type):
+    logits, labels, ref = batch
+    with pytest.raises(ValueError, match=f"label_smoothing=0.1 does not apply to loss_type='{loss_type}'"):
+        fused_dpo_loss(logits, labels, ref_logps=ref, loss_type=loss_type, label_smoothing=0.1)
+
+
+def test_missing_reference(batch):
+    logits, labels, _ = batch
+    with pytest.raises(ValueError, match="no reference: pass ref_logps or ref_logits, or reference_free=True"):
+        fused_dpo_loss(logits, labels)
+
+
+def test_conflicting_references(batch):
+    logits, labels, ref = batch
+    with pytest.raises(ValueError, match="either ref_logps or ref_logits, not both"):
+        fused_dpo_loss(logits, labels, ref_logps=ref, ref_logits=logits)
+    with pytest.raises(ValueError, match="reference_free=True conflicts with ref_logps"):
+        fused_dpo_loss(logits, labels, ref_logps=ref, reference_free=True)
+
+
+@pytest.mark.parametrize("bad_ref", [torch.randn(3), torch.randn(4, 1), torch.randn(2)])
+def test_ref_logps_wrong_shape(batch, bad_ref):
+    logits, labels, _ = batch
+    with pytest.raises(ValueError, match=r"ref_logps must have shape \[2B\] = \(4,\)"):
+        fused_dpo_loss(logits, labels, ref_logps=bad_ref)
+
+
+def test_ref_logps_pair_wrong_shape(batch):
+    logits, labels, _ = batch
+    with pytest.raises(ValueError, match=r"ref_logps\[1\] \(rejected\) must have shape \[B\] = \(2,\)"):
+        fused_dpo_loss(logits, labels, ref_logps=(torch.randn(2), torch.randn(3)))
+    with pytest.raises(TypeError, match="ref_logps as a pair"):
+        fused_dpo_loss(logits, labels, ref_logps=(torch.randn(2),))
+
+
+def test_ref_logps_integer(batch):
+    logits, labels, _ = batch
+    with pytest.raises(TypeError, match="ref_logps must be floating"):
+        fused_dpo_loss(logits, labels, ref_logps=torch.zeros(4, dtype=torch.long))
+
+
+def test_ref_logits_wrong_shape(batch):
+    logits, labels, _ = batch
+    with pytest.raises(ValueError, match=r"ref_logits shape \(4, 5, 63\) must equal logits shape \(4, 5, 64\)"):
+        fused_dpo_loss(logits, labels, ref_logits=logits[..., :63])
+
+
+def test_unknown_backend(batch):
+    logits, labels, ref = batch
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fused_dpo_loss(logits, labels, ref_logps=ref, backend="cuda")
+
+
+def test_inplace_on_overlapping_logits(batch):
+    _, labels, ref = batch
+    logits = torch.randn(1, 5, 64).expand(4, 5, 64).requires_grad_(True)
+    with pytest.raises(ValueError, match="inplace_backward=True needs logits whose elements do not overlap"):
+        fused_dpo_loss(logits, labels, ref_logps=ref, inplace_backward=True)
+    # Reading overlapping logits is fine out of place.
+    out = fused_dpo_loss(logits, labels, ref_logps=ref)
+    assert torch.isfinite(out.loss)
