@@ -1,0 +1,40 @@
+"""``python -m dpo_kernels <command>``.
+
+Commands:
+  bench   check ``fused_dpo_loss`` against a float64 oracle on this machine's device, then time
+          forward + backward of every available backend beside an eager PyTorch loss
+          (see ``dpo_kernels/bench.py``; ``python -m dpo_kernels bench --help``).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="python -m dpo_kernels", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"dpo_kernels {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="command")
+    commands.required = True
+
+    from . import bench
+
+    bench_parser = commands.add_parser(
+        "bench",
+        help="correctness check against a float64 oracle, then a forward+backward timing table",
+        description=(bench.__doc__ or "").split("\n\n")[0],
+    )
+    bench.add_arguments(bench_parser)
+    bench_parser.set_defaults(func=bench.main)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
