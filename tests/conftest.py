@@ -17,7 +17,7 @@ from dpo_kernels.backends import triton_available  # noqa: E402
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 # Every backend of the kernel contract runs the same suite.
-BACKENDS = ["reference"] + (["triton"] if triton_available() else [])
+BACKENDS = ["reference"] + (["triton"] if triton_available() else []) + (["cpu"] if DEVICE.type == "cpu" and __import__("dpo_kernels.backends", fromlist=["_"]).cpu_extension_available() else [])
 
 
 @pytest.fixture(params=BACKENDS)

@@ -12,7 +12,9 @@ and optionally ``dpo_sigmoid_loss(...)``, the default loss fused on the device.
 """
 from __future__ import annotations
 
+import functools
 import importlib
+import warnings
 from types import ModuleType
 
 import torch
@@ -21,6 +23,7 @@ import torch
 _BACKEND_MODULES = {
     "triton": "dpo_kernels.backends.triton",
     "reference": "dpo_kernels.backends.reference",
+    "cpu": "dpo_kernels.backends.cpu",
 }
 BACKEND_NAMES = ("auto", *_BACKEND_MODULES)
 
@@ -56,6 +59,35 @@ def available_backends(device: torch.device) -> list[str]:
     return names
 
 
+_cpu_fallback_warned = False
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_extension_available() -> bool:
+    """True when the C++ CPU backend (``dpo_kernels._C``) was built and loads (checked once)."""
+    try:
+        load_backend("cpu")
+    except RuntimeError:
+        return False
+    return True
+
+
+def _auto_cpu() -> str:
+    global _cpu_fallback_warned
+    if cpu_extension_available():
+        return "cpu"
+    if not _cpu_fallback_warned:
+        _cpu_fallback_warned = True
+        warnings.warn(
+            "dpo_kernels: the C++ CPU backend (dpo_kernels._C) is not built, so backend='auto' uses "
+            "the slower 'reference' backend on CPU tensors; rebuild it with "
+            "`pip install --no-build-isolation -e .` (torch must be installed first)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return "reference"
+
+
 def resolve_backend(name: str, device: torch.device) -> str:
     """The concrete backend for ``name`` (possibly "auto") on ``device``."""
     if name not in BACKEND_NAMES:
@@ -69,7 +101,14 @@ def resolve_backend(name: str, device: torch.device) -> str:
                     "backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 set before "
                     "dpo_kernels is imported (Triton's interpreter); use backend='auto' instead"
                 )
+        if name == "cpu" and device.type != "cpu":
+            raise RuntimeError(
+                f"backend 'cpu' runs on CPU tensors only, got tensors on {device}; "
+                "use backend='auto' (or 'triton' on CUDA)"
+            )
         return name
     if device.type == "cuda" and triton_available():
         return "triton"
+    if device.type == "cpu":
+        return _auto_cpu()
     return "reference"

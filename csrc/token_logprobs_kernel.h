@@ -1,0 +1,352 @@
+// The kernel contract on the CPU: forward (online log-sum-exp) and single-pass backward.
+//
+// Included by csrc/capability/kernel_<cap>.cpp only, each compiled with its own CPU_CAPABILITY
+// (so at::vec::Vectorized is the AVX2 / AVX512 / scalar-default implementation there, and every
+// symbol below lands in dpo_kernels::<CPU_CAPABILITY>, one copy per instruction set).
+//
+// One task = a range of token rows; a row is always processed by one thread with the same fixed
+// order of operations, so results do not depend on the number of threads (bitwise).
+//
+// A row is processed in chunks of kChunk elements that stay in L1:
+//   forward,  per chunk: (a) load (converting bf16/fp16 to fp32, or gathering a strided row into
+//             a small buffer) and take the chunk max (and the chunk sum of logits when asked);
+//             (b) sum exp(z - shift) over the chunk, shift = running max, rescaling the running
+//             sum once per chunk when the max grows. One exp per element.
+//   backward, per chunk: grad = -coef * exp(z - lse), converted and stored once; the true-class
+//             element is then rewritten as coef * (1 - p_y), formed in the accumulation type
+//             from the target logit read before the row was written (in place safe).
+#pragma once
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+#include "token_logprobs.h"
+
+#ifndef CPU_CAPABILITY
+#error "compile with -DCPU_CAPABILITY=DEFAULT|AVX2|AVX512"
+#endif
+
+namespace dpo_kernels {
+namespace CPU_CAPABILITY {
+namespace {
+
+using at::vec::Vectorized;
+
+constexpr int64_t kChunk = 2048;  // elements per chunk: 8 KB of fp32, 16 KB of fp64
+
+template <typename scalar_t>
+struct AccType {
+  using type = float;
+};
+template <>
+struct AccType<double> {
+  using type = double;
+};
+
+// exp for the accumulation type. fp32 uses ATen's exp_u20 (a degree-5 polynomial, <= 20 ulp),
+// which clamps its argument: lanes holding NaN or an argument above 88 (where it would not give
+// NaN / inf) fall back to the correctly-rounded Sleef exp, so non-finite values propagate as in
+// torch.exp. fp64 uses Sleef's exp (1 ulp) directly.
+inline Vectorized<float> vexp(const Vectorized<float>& a) {
+  Vectorized<float> r = a.exp_u20();
+  const Vectorized<float> ok = a <= Vectorized<float>(88.0f);  // false for NaN
+  if (ok.zero_mask() != 0) {
+    r = Vectorized<float>::blendv(a.exp(), r, ok);
+  }
+  return r;
+}
+inline Vectorized<double> vexp(const Vectorized<double>& a) {
+  return a.exp();
+}
+
+template <typename T>
+inline T nan_value() {
+  return std::numeric_limits<T>::quiet_NaN();
+}
+template <typename T>
+inline T inf_value() {
+  return std::numeric_limits<T>::infinity();
+}
+
+// NaN-propagating max (a NaN anywhere in the row makes the row's lse NaN, as in torch).
+template <typename T>
+inline T max_nan(T a, T b) {
+  if (std::isnan(a) || std::isnan(b)) return nan_value<T>();
+  return a > b ? a : b;
+}
+
+// Elements [0, n) of a row (element stride sv) as a contiguous run of acc_t: the row itself when
+// it already is one, otherwise converted / gathered into buf (kChunk elements).
+template <typename scalar_t, typename acc_t>
+inline const acc_t* load_chunk(const scalar_t* p, int64_t sv, int64_t n, acc_t* buf) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (sv == 1) return p;
+    for (int64_t i = 0; i < n; ++i) buf[i] = p[i * sv];
+    return buf;
+  } else {
+    static_assert(std::is_same_v<acc_t, float>);
+    if (sv == 1) {
+      using VecF = Vectorized<float>;
+      constexpr int64_t W = VecF::size();
+      int64_t i = 0;
+      for (; i + 2 * W <= n; i += 2 * W) {
+        VecF a, b;
+        at::vec::load_to_float<scalar_t>(p + i, a, b);
+        a.store(buf + i);
+        b.store(buf + i + W);
+      }
+      for (; i < n; ++i) buf[i] = static_cast<float>(p[i]);
+      return buf;
+    }
+    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(p[i * sv]);
+    return buf;
+  }
+}
+
+template <typename acc_t>
+inline acc_t hmax(const Vectorized<acc_t>& v) {
+  __at_align__ acc_t tmp[Vectorized<acc_t>::size()];
+  v.store(tmp);
+  acc_t m = -inf_value<acc_t>();
+  for (int64_t k = 0; k < Vectorized<acc_t>::size(); ++k) m = max_nan(m, tmp[k]);
+  return m;
+}
+
+template <typename acc_t>
+inline acc_t hsum(const Vectorized<acc_t>& v) {
+  __at_align__ acc_t tmp[Vectorized<acc_t>::size()];
+  v.store(tmp);
+  acc_t s = 0;
+  for (int64_t k = 0; k < Vectorized<acc_t>::size(); ++k) s += tmp[k];
+  return s;
+}
+
+// Max of d[0, n) (NaN-propagating) and, with kSum, their plain sum.
+template <typename acc_t, bool kSum>
+inline void chunk_max_sum(const acc_t* d, int64_t n, acc_t& out_max, acc_t& out_sum) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  Vec m0(-inf_value<acc_t>()), m1(-inf_value<acc_t>());
+  Vec s0(acc_t(0)), s1(acc_t(0));
+  int64_t i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    const Vec x0 = Vec::loadu(d + i);
+    const Vec x1 = Vec::loadu(d + i + W);
+    m0 = at::vec::maximum(m0, x0);
+    m1 = at::vec::maximum(m1, x1);
+    if constexpr (kSum) {
+      s0 += x0;
+      s1 += x1;
+    }
+  }
+  acc_t m = hmax(at::vec::maximum(m0, m1));
+  acc_t s = 0;
+  if constexpr (kSum) s = hsum(s0 + s1);
+  for (; i < n; ++i) {
+    m = max_nan(m, d[i]);
+    if constexpr (kSum) s += d[i];
+  }
+  out_max = m;
+  out_sum = s;
+}
+
+// sum over d[0, n) of exp(d[i] - shift).
+template <typename acc_t>
+inline acc_t chunk_expsum(const acc_t* d, int64_t n, acc_t shift) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  const Vec vs(shift);
+  Vec a0(acc_t(0)), a1(acc_t(0)), a2(acc_t(0)), a3(acc_t(0));
+  int64_t i = 0;
+  for (; i + 4 * W <= n; i += 4 * W) {
+    a0 += vexp(Vec::loadu(d + i) - vs);
+    a1 += vexp(Vec::loadu(d + i + W) - vs);
+    a2 += vexp(Vec::loadu(d + i + 2 * W) - vs);
+    a3 += vexp(Vec::loadu(d + i + 3 * W) - vs);
+  }
+  for (; i + W <= n; i += W) a0 += vexp(Vec::loadu(d + i) - vs);
+  acc_t s = hsum((a0 + a1) + (a2 + a3));
+  for (; i < n; ++i) s += std::exp(d[i] - shift);
+  return s;
+}
+
+template <typename scalar_t, bool kSum>
+void forward_rows_impl(const FwdArgs& a, int64_t row_begin, int64_t row_end) {
+  using acc_t = typename AccType<scalar_t>::type;
+  const scalar_t* logits = static_cast<const scalar_t*>(a.logits);
+  acc_t* out_logp = static_cast<acc_t*>(a.logp);
+  acc_t* out_lse = static_cast<acc_t*>(a.lse);
+  acc_t* out_sum = static_cast<acc_t*>(a.logits_sum);
+  const int64_t V = a.V;
+  const int64_t sv = a.zs_v;
+  __at_align__ acc_t buf[kChunk];
+
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    const int64_t b = row / a.T;
+    const int64_t t = row - b * a.T;
+    const int64_t y = a.labels[b * a.ys_b + t * a.ys_t];
+    if (y == a.ignore_index) {  // no vocabulary pass, no logits read
+      out_logp[row] = 0;
+      out_lse[row] = 0;
+      if constexpr (kSum) out_sum[row] = 0;
+      continue;
+    }
+    const scalar_t* zrow = logits + b * a.zs_b + t * a.zs_t;
+    acc_t m = -inf_value<acc_t>();  // running max (NaN once a NaN was seen)
+    acc_t shift = 0;                // the running sum is of exp(z - shift); 0 while m is +-inf
+    acc_t s = 0;
+    acc_t zsum = 0;
+    for (int64_t c = 0; c < V; c += kChunk) {
+      const int64_t n = std::min(kChunk, V - c);
+      const acc_t* d = load_chunk<scalar_t, acc_t>(zrow + c * sv, sv, n, buf);
+      acc_t cmax, csum;
+      chunk_max_sum<acc_t, kSum>(d, n, cmax, csum);
+      if constexpr (kSum) zsum += csum;
+      m = max_nan(m, cmax);
+      if (std::isnan(m) || m == inf_value<acc_t>()) {
+        if constexpr (kSum) continue;  // lse is decided; only the logits sum still needs reading
+        else break;
+      }
+      if (m == -inf_value<acc_t>()) continue;  // nothing but -inf so far: the sum stays 0
+      if (m != shift) {
+        if (s != 0) s *= std::exp(shift - m);
+        shift = m;
+      }
+      s += chunk_expsum<acc_t>(d, n, shift);
+    }
+    acc_t lse;
+    if (std::isnan(m) || m == inf_value<acc_t>()) {
+      lse = m;  // NaN, or +inf as torch.logsumexp gives
+    } else if (s > 0) {
+      lse = shift + std::log(s);
+    } else {
+      lse = m;  // a row of -inf (or V == 0): -inf, never -inf - -inf
+    }
+    // The target logit is read only when the label lies inside the row.
+    out_logp[row] = (y >= 0 && y < V) ? static_cast<acc_t>(zrow[y * sv]) - lse : nan_value<acc_t>();
+    out_lse[row] = lse;
+    if constexpr (kSum) out_sum[row] = zsum;
+  }
+}
+
+// Stores acc values src[0, n) into a row of scalar_t with element stride gv.
+template <typename scalar_t, typename acc_t>
+inline void store_chunk(const acc_t* src, scalar_t* dst, int64_t gv, int64_t n) {
+  if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+    if (gv == 1) {
+      using VecF = Vectorized<float>;
+      constexpr int64_t W = VecF::size();
+      int64_t i = 0;
+      for (; i + 2 * W <= n; i += 2 * W) {
+        const auto out = at::vec::convert_from_float<scalar_t>(VecF::loadu(src + i), VecF::loadu(src + i + W));
+        out.store(dst + i);
+      }
+      for (; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
+      return;
+    }
+  }
+  for (int64_t i = 0; i < n; ++i) dst[i * gv] = static_cast<scalar_t>(src[i]);
+}
+
+template <typename scalar_t>
+void backward_rows_impl(const BwdArgs& a, int64_t row_begin, int64_t row_end) {
+  using acc_t = typename AccType<scalar_t>::type;
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  const scalar_t* logits = static_cast<const scalar_t*>(a.logits);
+  scalar_t* grad = static_cast<scalar_t*>(a.grad);
+  const acc_t* lse_in = static_cast<const acc_t*>(a.lse);
+  const acc_t* coef_in = static_cast<const acc_t*>(a.coef);
+  const int64_t V = a.V;
+  const int64_t sv = a.zs_v;
+  const int64_t gv = a.gs_v;
+  __at_align__ acc_t buf[kChunk];
+  __at_align__ acc_t obuf[kChunk];
+
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    const int64_t b = row / a.T;
+    const int64_t t = row - b * a.T;
+    const int64_t y = a.labels[b * a.ys_b + t * a.ys_t];
+    scalar_t* grow = grad + b * a.gs_b + t * a.gs_t;
+    if (y == a.ignore_index) {  // zero-written, logits not read
+      if (gv == 1) {
+        std::memset(static_cast<void*>(grow), 0, sizeof(scalar_t) * V);  // all-zero bits are +0.0
+      } else {
+        for (int64_t v = 0; v < V; ++v) grow[v * gv] = scalar_t(0);
+      }
+      continue;
+    }
+    const scalar_t* zrow = logits + b * a.zs_b + t * a.zs_t;
+    const acc_t coef = coef_in[row];
+    const acc_t lse = lse_in[row];
+    const bool hit = y >= 0 && y < V;
+    // Read before the row is overwritten (in place).
+    const acc_t z_target = hit ? static_cast<acc_t>(zrow[y * sv]) : acc_t(0);
+    const Vec vneg(-coef);
+    const Vec vlse(lse);
+    for (int64_t c = 0; c < V; c += kChunk) {
+      const int64_t n = std::min(kChunk, V - c);
+      const acc_t* d = load_chunk<scalar_t, acc_t>(zrow + c * sv, sv, n, buf);
+      // Contiguous same-type output: write straight into the gradient row.
+      const bool direct = std::is_same_v<scalar_t, acc_t> && gv == 1;
+      acc_t* out = direct ? reinterpret_cast<acc_t*>(grow + c) : obuf;
+      int64_t i = 0;
+      for (; i + 2 * W <= n; i += 2 * W) {
+        const Vec g0 = vneg * vexp(Vec::loadu(d + i) - vlse);
+        const Vec g1 = vneg * vexp(Vec::loadu(d + i + W) - vlse);
+        g0.store(out + i);
+        g1.store(out + i + W);
+      }
+      for (; i < n; ++i) out[i] = -coef * std::exp(d[i] - lse);
+      if (!direct) store_chunk<scalar_t, acc_t>(obuf, grow + c * gv, gv, n);
+    }
+    if (hit) {
+      // coef * (1 - p_y) in the accumulation type, rounded once.
+      grow[y * gv] = static_cast<scalar_t>(coef * (acc_t(1) - std::exp(z_target - lse)));
+    }
+  }
+}
+
+}  // namespace
+
+void forward_rows(const FwdArgs& args, int64_t row_begin, int64_t row_end) {
+  const bool with_sum = args.logits_sum != nullptr;
+  switch (args.dtype) {
+    case DType::Float:
+      return with_sum ? forward_rows_impl<float, true>(args, row_begin, row_end)
+                      : forward_rows_impl<float, false>(args, row_begin, row_end);
+    case DType::BFloat16:
+      return with_sum ? forward_rows_impl<c10::BFloat16, true>(args, row_begin, row_end)
+                      : forward_rows_impl<c10::BFloat16, false>(args, row_begin, row_end);
+    case DType::Half:
+      return with_sum ? forward_rows_impl<c10::Half, true>(args, row_begin, row_end)
+                      : forward_rows_impl<c10::Half, false>(args, row_begin, row_end);
+    case DType::Double:
+      return with_sum ? forward_rows_impl<double, true>(args, row_begin, row_end)
+                      : forward_rows_impl<double, false>(args, row_begin, row_end);
+  }
+}
+
+void backward_rows(const BwdArgs& args, int64_t row_begin, int64_t row_end) {
+  switch (args.dtype) {
+    case DType::Float:
+      return backward_rows_impl<float>(args, row_begin, row_end);
+    case DType::BFloat16:
+      return backward_rows_impl<c10::BFloat16>(args, row_begin, row_end);
+    case DType::Half:
+      return backward_rows_impl<c10::Half>(args, row_begin, row_end);
+    case DType::Double:
+      return backward_rows_impl<double>(args, row_begin, row_end);
+  }
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace dpo_kernels
