@@ -460,28 +460,34 @@ def run_bench(args) -> int:
         print("FAIL no backend to check on this device")
         all_passed = False
 
-    # 2. timing and memory
-    logits, labels = make_batch(shape, device, seed=args.seed)
-    ref = reference_logps(shape.sequences, device)
-
+    # 2. timing and memory; every variant gets the same fresh inputs (in-place variants overwrite
+    # the logits with their gradient on every call: the timing does not depend on the values)
     def ours(name, inplace):
-        def step():
-            out = fused_dpo_loss(logits, labels, ref_logps=ref, beta=BETA, backend=name,
-                                 inplace_backward=inplace, validate=False)
-            return torch.autograd.grad(out.loss, logits)[0]
-        return step
+        def make(logits, labels, ref):
+            def step():
+                out = fused_dpo_loss(logits, labels, ref_logps=ref, beta=BETA, backend=name,
+                                     inplace_backward=inplace, validate=False)
+                return torch.autograd.grad(out.loss, logits)[0]
+            return step
+        return make
 
-    def eager():
-        loss = dpo_sigmoid_loss(eager_sequence_logps(logits, labels), ref)
-        return torch.autograd.grad(loss, logits)[0]
+    def eager(logits, labels, ref):
+        def step():
+            loss = dpo_sigmoid_loss(eager_sequence_logps(logits, labels), ref)
+            return torch.autograd.grad(loss, logits)[0]
+        return step
 
     variants = [("eager (log_softmax(logits.float()).gather + autograd)", eager)]
     for name in backends:
         variants.append((f"fused_dpo_loss[{name}]", ours(name, False)))
-        # In place: each call overwrites the logits with their gradient (the timing does not
-        # depend on the values, and they stay finite).
         variants.append((f"fused_dpo_loss[{name}], inplace_backward", ours(name, True)))
-    results = [measure(label, fn, device, iters, warmup) for label, fn in variants]
+    ref = reference_logps(shape.sequences, device)
+    results = []
+    for label, make in variants:
+        logits, labels = make_batch(shape, device, seed=args.seed)
+        results.append(measure(label, make(logits, labels, ref), device, iters, warmup))
+        del logits, labels
+        release_memory(device)
 
     eager_ms = results[0].median_ms
     rows = []
