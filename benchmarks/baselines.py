@@ -13,7 +13,8 @@ missing, wrong device), so that suites and reports skip it cleanly. Baselines:
   (``trl/kernels/logprob_entropy.py::selective_log_softmax_and_entropy``, with ``row_mask``).
   CUDA only; ``trl`` must be importable (installed, or its directory on ``sys.path``).
 - ``liger_ce``: Liger's cross-entropy kernel with ``reduction='none'`` (``logp = -CE``), on a
-  clone of the logits since it writes its gradient into its input. CUDA only.
+  clone of the logits since it writes its gradient into its input. CUDA only. (Its per-token
+  losses come out in the logits dtype: bf16 per-sequence sums are coarse; timing is the point.)
 
 Ours: ``ours(backend, inplace)`` -- ``dpo_kernels.token_logprobs`` + ``sequence_logprobs``
 (no fused loss), with the in-place backward on or off.
