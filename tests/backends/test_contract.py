@@ -156,6 +156,32 @@ def test_out_of_range_labels_give_nan_and_no_out_of_bounds_read(backend, small_b
     assert torch.isnan(buffer[:, :, :32]).all() and torch.isnan(buffer[:, :, 32 + V :]).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("V", [5, 301, 1030])
+def test_rows_starting_anywhere_are_read_exactly_within_bounds(backend, small_block, dtype, V):
+    """Row stride V + 3 puts row starts at every offset modulo the 16-byte vector; the gaps and
+    the buffer's ends are NaN, so a read past any row boundary would poison the results."""
+    ops = load_backend(backend)
+    buffer = torch.full((2, 6, V + 3), float("nan"), dtype=dtype)
+    buffer[..., :V] = (torch.randn(2, 6, V) * 3).to(dtype)
+    logits = buffer[..., :V]
+    labels = torch.randint(0, V, (2, 6))
+    labels[1, 2] = IGNORE
+    logp, lse, logits_sum = ops.token_logprobs_forward(logits, labels, IGNORE, True)
+    want_logp, want_lse = token_logprobs(logits, labels)
+    torch.testing.assert_close(logp.double(), want_logp, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(lse.double(), want_lse, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(logits_sum.double(), torch.where(labels != IGNORE, logits.double().sum(-1), 0.0),
+                               rtol=2e-5, atol=2e-5 * V)
+    coef = torch.randn(2, 6)
+    grad = ops.token_logprobs_backward(logits, labels, lse, coef, IGNORE, False)
+    assert_close_grad(grad, _expected_grad(logits, labels, coef), dtype)
+    before = buffer.clone()
+    ops.token_logprobs_backward(logits, labels, lse, coef, IGNORE, True)
+    assert torch.isnan(buffer[..., V:]).all(), "the in-place backward wrote outside the rows"
+    assert_close_grad(buffer[..., :V], _expected_grad(before[..., :V], labels, coef), dtype)
+
+
 def test_masked_vocabulary_entries(backend):
     """-inf logits (a masked vocabulary) are legitimate: no NaN unless the whole row is -inf."""
     ops = load_backend(backend)

@@ -26,8 +26,10 @@ def codegen():
     return json.loads(run.stdout)["kernels"]
 
 
-def _rows(codegen, kernel, vocab_aligned=True):
-    return [r for r in codegen if r["kernel"] == kernel and (r["shape"][-1] % 16 == 0) == vocab_aligned]
+def _rows(codegen, kernel):
+    rows = [r for r in codegen if r["kernel"] == kernel]
+    assert any(r["shape"][-1] % 16 for r in rows), "an odd vocabulary (rows start unaligned) is covered"
+    return rows
 
 
 def test_every_kernel_compiles_without_spills(codegen):
@@ -39,14 +41,16 @@ def test_every_kernel_compiles_without_spills(codegen):
 
 
 def test_forward_reads_logits_with_16_byte_vectors(codegen):
+    """Whatever V: the vocabulary loop is vector loads; only label, target and the row's unaligned
+    head/tail (one masked element per thread) are scalar."""
     for row in _rows(codegen, "forward"):
-        # the vocabulary loop is 4 vector loads per thread per step; label + target are scalar
-        assert row["global_loads_16B"] >= 4 and row["global_loads"] - row["global_loads_16B"] <= 2, row
+        assert row["global_loads_16B"] >= 4 and row["global_loads"] - row["global_loads_16B"] <= 3, row
 
 
 def test_backward_reads_and_writes_16_byte_vectors(codegen):
     for row in _rows(codegen, "backward"):
-        assert row["global_loads_16B"] >= 4 and row["global_stores_16B"] == row["global_stores"], row
+        assert row["global_loads_16B"] >= 4, row
+        assert row["global_stores_16B"] >= 4 and row["global_stores"] - row["global_stores_16B"] <= 1, row
 
 
 def test_exp_is_the_fast_hardware_exp(codegen):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import triton
 import triton.language as tl
 
 # Accumulation type per logits dtype: fp32 for every training dtype; float64 stays float64 so that
@@ -12,6 +13,8 @@ _ACC_DTYPE = {
     torch.float16: tl.float32,
     torch.float64: tl.float64,
 }
+
+_VECTOR_BYTES = 16  # the widest global load/store of one thread (ld.global.v4.b32)
 
 
 def acc_dtype(dtype: torch.dtype):
@@ -25,3 +28,57 @@ def acc_dtype(dtype: torch.dtype):
 def out_dtype(dtype: torch.dtype) -> torch.dtype:
     """torch dtype of the per-token outputs (logp, lse, extras) for logits of ``dtype``."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def vector_width(*tensors: torch.Tensor) -> int:
+    """Elements per 16-byte vector that the kernels may assume for rows of all ``tensors``.
+
+    The kernels peel each row so that its main loop starts on a 16-byte boundary (see
+    :func:`row_split`); the peel is computed from the first tensor's row offsets, so every tensor
+    must have a contiguous vocabulary, a 16-byte-aligned base, and row strides congruent to the
+    first's modulo the vector. Otherwise 1: no alignment is claimed and loads stay scalar.
+    """
+    elem = tensors[0].element_size()
+    vec = _VECTOR_BYTES // elem
+    first = tensors[0]
+    for t in tensors:
+        if t.stride(-1) != 1 or t.data_ptr() % _VECTOR_BYTES or t.element_size() != elem:
+            return 1
+        if any((a - b) % vec for a, b in zip(t.stride()[:-1], first.stride()[:-1])):
+            return 1
+    return vec
+
+
+@triton.jit
+def row_split(row_start, n, VEC: tl.constexpr):
+    """Split ``n`` row elements starting at element offset ``row_start`` into an unaligned head,
+    a body of whole ``VEC``-element vectors starting on a ``VEC`` boundary, and a tail.
+
+    Returns ``(head, body)``: the body is ``[head, head + body)``; the tail ``[head + body, n)``
+    and the head each hold fewer than ``VEC`` elements. With a vocabulary that is not a multiple
+    of 16 bytes (GPT-2's 50257, or a vocabulary resized to ``len(tokenizer)``) rows start at any
+    element, and without this split Triton can prove no alignment and loads one element at a time.
+    """
+    head = tl.minimum((VEC - row_start % VEC) % VEC, n)
+    body = ((n - head) // VEC) * VEC
+    return head, body
+
+
+@triton.jit
+def peel_offsets(head, body, n, VEC: tl.constexpr):
+    """Row offsets of the head and tail elements (``2 * VEC`` lanes) and which lanes are real."""
+    lanes = tl.arange(0, 2 * VEC)
+    offs = tl.where(lanes < VEC, lanes, head + body + lanes - VEC)
+    real = tl.where(lanes < VEC, lanes < head, offs < n)
+    return offs, real
+
+
+@triton.jit
+def online_lse_update(z, running_max, running_sum):
+    """Fold a block ``z`` (masked lanes = -inf) into a running (max, sum of exp(z - max))."""
+    new_max = tl.maximum(running_max, tl.max(z, 0))
+    # A block (or row) of -inf logits keeps the max at -inf; shift by 0 then, not by -inf, so
+    # exp(-inf - -inf) never makes a NaN out of a legitimately masked vocabulary.
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+    running_sum = running_sum * tl.exp(running_max - shift) + tl.sum(tl.exp(z - shift), 0)
+    return new_max, running_sum

@@ -8,7 +8,9 @@ computed in fp32 and rounded once to the logits dtype; the true-class entry ``co
 is formed in fp32 before rounding, so it does not cancel when ``p_y -> 1`` in bf16.
 
 The grid is (token row, vocabulary block): a short batch still spreads over the whole chip, and
-each tile's work is independent. Ignored rows are written as zeros without reading the logits.
+each tile's work is independent. Tiles cover the 16-byte-aligned body of each row (see
+``row_split``), so loads and stores are 16-byte vectors whatever V is; the first tile of a row
+also handles the few unaligned elements at its head and tail. Ignored rows are written as zeros without reading the logits.
 With ``inplace=True`` the gradient overwrites the logits buffer (same strides, each element read
 then written by the same program), which saves a logits-sized allocation.
 """
@@ -18,8 +20,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype
+from ._common import acc_dtype, peel_offsets, row_split, vector_width
 from .config import pick_config
+
+
+@triton.jit
+def _grad_block(z, offs, label, lse, coef):
+    """``coef * (onehot(label) - exp(z - lse))`` for one block, in the accumulation dtype."""
+    prob = tl.exp(z - lse)
+    return tl.where(offs == label, coef * (1.0 - prob), -coef * prob)
 
 
 @triton.jit
@@ -31,6 +40,7 @@ def _token_logprobs_bwd_kernel(
     stride_gb, stride_gt, stride_gv,
     ignore_index,
     BLOCK_V: tl.constexpr,
+    VEC: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -42,24 +52,37 @@ def _token_logprobs_bwd_kernel(
     lse = tl.load(lse_ptr + row).to(ACC_DTYPE)
     # The loss may hand a gradient to an ignored token's (constant 0) logp; it must not leak.
     coef = tl.where(is_ignored, 0.0, tl.load(coef_ptr + row).to(ACC_DTYPE))
+    z_start = b * stride_zb + t * stride_zt
+    g_start = b * stride_gb + t * stride_gt
+    # Elements to read: none for an ignored row, whose gradient row is still written (zeros).
+    n_read = tl.where(is_ignored, 0, V)
+    # The split is the same for logits and gradient rows: the wrapper only passes VEC > 1 when
+    # both rows start at the same offset modulo the vector.
+    head, body = row_split(z_start, V, VEC)
 
+    # This tile's slice of the aligned body; out-of-row lanes are neither read nor written.
     offs = v_block * BLOCK_V + tl.arange(0, BLOCK_V)
-    in_vocab = offs < V
-    # Ignored rows read nothing: their load bound is 0 (a bound, not a scalar-and-block mask,
-    # which Triton's interpreter rejects).
+    body = tl.multiple_of(body, VEC)
     z = tl.load(
-        logits_ptr + b * stride_zb + t * stride_zt + offs * stride_zv,
-        mask=offs < tl.where(is_ignored, 0, V),
-        other=float("-inf"),
+        logits_ptr + tl.multiple_of(z_start + head * stride_zv, VEC) + offs * stride_zv,
+        mask=offs < tl.where(is_ignored, 0, body),  # a bound, not a scalar-and-block mask,
+        other=float("-inf"),                        # which Triton's interpreter rejects
     ).to(ACC_DTYPE)
-    prob = tl.exp(z - lse)
-    grad = tl.where(offs == label, coef * (1.0 - prob), -coef * prob)
+    grad = _grad_block(z, head + offs, label, lse, coef)
     grad = tl.where(is_ignored, 0.0, grad)
     tl.store(
-        grad_ptr + b * stride_gb + t * stride_gt + offs * stride_gv,
+        grad_ptr + tl.multiple_of(g_start + head * stride_gv, VEC) + offs * stride_gv,
         grad.to(grad_ptr.dtype.element_ty),
-        mask=in_vocab,
+        mask=offs < body,
     )
+
+    # The first tile also does the unaligned head and tail of the row.
+    if v_block == 0:
+        peel, peel_real = peel_offsets(head, body, V, VEC)
+        z_peel = tl.load(logits_ptr + z_start + peel * stride_zv, mask=peel_real & (peel < n_read),
+                         other=float("-inf")).to(ACC_DTYPE)
+        grad_peel = tl.where(is_ignored, 0.0, _grad_block(z_peel, peel, label, lse, coef))
+        tl.store(grad_ptr + g_start + peel * stride_gv, grad_peel.to(grad_ptr.dtype.element_ty), mask=peel_real)
 
 
 def token_logprobs_backward(
@@ -89,6 +112,7 @@ def token_logprobs_backward(
         grad.stride(0), grad.stride(1), grad.stride(2),
         ignore_index,
         BLOCK_V=cfg.block_v,
+        VEC=vector_width(logits, grad),
         ACC_DTYPE=acc_dtype(logits.dtype),
         num_warps=cfg.num_warps,
     )
