@@ -66,13 +66,13 @@ def token_logprobs_backward(
     for b, ts in _row_chunks(B, T, V):
         y = labels[b, ts]
         ignored = y == ignore_index
+        hit = (y >= 0) & (y < V) & ~ignored
         coef = torch.where(ignored, 0.0, grad_logp[b, ts].to(acc)).unsqueeze(-1)
-        prob = torch.exp(logits[b, ts].to(acc) - lse[b, ts].to(acc).unsqueeze(-1))
-        chunk_grad = -coef * prob
-        # The true-class entry is formed in the accumulation dtype and rounded once, with the rest.
-        hit = ((y >= 0) & (y < V) & ~ignored).unsqueeze(-1)
-        safe_y = torch.where(hit.squeeze(-1), y, 0).unsqueeze(-1)
-        true_class = coef * (1.0 - prob.gather(-1, safe_y))
-        chunk_grad.scatter_(-1, safe_y, torch.where(hit, true_class, chunk_grad.gather(-1, safe_y)))
-        grad[b, ts] = torch.where(ignored.unsqueeze(-1), 0.0, chunk_grad).to(logits.dtype)
+        # -coef * softmax, built in one working buffer; then + coef on the label entry, both in
+        # the accumulation dtype, so the true class gets coef * (1 - p) rounded once.
+        chunk_grad = logits[b, ts].to(acc, copy=True).sub_(lse[b, ts].to(acc).unsqueeze(-1)).exp_().mul_(-coef)
+        safe_y = torch.where(hit, y, 0).unsqueeze(-1)
+        chunk_grad.scatter_add_(-1, safe_y, torch.where(hit.unsqueeze(-1), coef, 0.0))
+        chunk_grad.masked_fill_(ignored.unsqueeze(-1), 0.0)  # even where an ignored row holds NaN
+        grad[b, ts] = chunk_grad
     return grad
