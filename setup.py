@@ -84,6 +84,7 @@ def _extension_setup():
     ext = CppExtension(
         name="dpo_kernels._C",
         sources=sources,
+        depends=["csrc/token_logprobs.h", "csrc/token_logprobs_kernel.h"],  # rebuild when they change
         define_macros=macros,
         extra_compile_args={"cxx": cxx_flags},
         extra_link_args=link_flags,
