@@ -55,8 +55,24 @@ def _extension_setup():
     else:
         cxx_flags, link_flags = ["-O3", "-fopenmp", "-Wno-unknown-pragmas"], ["-fopenmp"]
 
+    def _warn_failed(exc):
+        warnings.warn(
+            f"dpo_kernels: building the C++ CPU backend failed ({type(exc).__name__}: {exc}); installing "
+            "without it (backend='auto' falls back to 'reference' on CPU). Rebuild with "
+            "`pip install --no-build-isolation -e .` once the toolchain is fixed."
+        )
+
     class BuildOptionalExtension(BuildExtension):
         """BuildExtension with per-file capability flags, that never fails the install."""
+
+        def run(self):
+            try:
+                super().run()
+            except Exception as exc:  # e.g. no usable compiler: torch's ABI check fails before compiling
+                _warn_failed(exc)
+
+        def get_outputs(self):  # nothing to install when the build failed
+            return [path for path in super().get_outputs() if os.path.exists(path)]
 
         def build_extension(self, ext):
             original_compile = self.compiler._compile
@@ -73,11 +89,8 @@ def _extension_setup():
             self.compiler._compile = compile_with_capability
             try:
                 super().build_extension(ext)
-            except Exception as exc:  # compiler missing or failing: install without the extension
-                warnings.warn(
-                    f"dpo_kernels: building the C++ CPU backend failed ({exc}); installing without it. "
-                    "Rebuild with `pip install --no-build-isolation -e .` once the toolchain is fixed."
-                )
+            except Exception as exc:  # compile or link error: install without the extension
+                _warn_failed(exc)
             finally:
                 self.compiler._compile = original_compile
 
