@@ -37,6 +37,12 @@
 #error "compile with -DCPU_CAPABILITY=DEFAULT|AVX2|AVX512"
 #endif
 
+#if defined(__GNUC__) || defined(__clang__)
+#define DPO_KERNELS_PREFETCH(ptr) __builtin_prefetch(ptr)
+#else
+#define DPO_KERNELS_PREFETCH(ptr) ((void)(ptr))
+#endif
+
 namespace dpo_kernels {
 namespace CPU_CAPABILITY {
 namespace {
@@ -264,9 +270,12 @@ inline acc_t chunk_expsum(const acc_t* d, int64_t n, acc_t shift, const char* ne
   int64_t pf = 0;
   for (; i + 4 * W <= n; i += 4 * W) {
     if (pf < n_next) {
-      __builtin_prefetch(next + pf);
-      __builtin_prefetch(next + pf + kLine);
-      pf += 2 * kLine;
+      // 4 lines per 4 vectors: a whole chunk of fp32 ahead (bf16 / fp16 chunks take half of it).
+      DPO_KERNELS_PREFETCH(next + pf);
+      DPO_KERNELS_PREFETCH(next + pf + kLine);
+      DPO_KERNELS_PREFETCH(next + pf + 2 * kLine);
+      DPO_KERNELS_PREFETCH(next + pf + 3 * kLine);
+      pf += 4 * kLine;
     }
     a0 += vexp(Vec::loadu(d + i) - vs);
     a1 += vexp(Vec::loadu(d + i + W) - vs);
