@@ -196,6 +196,15 @@ def test_masked_vocabulary_entries(backend):
     assert torch.isfinite(logp[0, 2])
 
 
+def test_positive_infinity_gives_infinite_lse_like_torch(backend, small_block):
+    ops = load_backend(backend)
+    logits = torch.randn(1, 2, 300)
+    logits[0, 0, 250] = float("inf")
+    logp, lse, _ = ops.token_logprobs_forward(logits, torch.tensor([[3, 3]]), IGNORE, False)
+    assert lse[0, 0].item() == float("inf") and logp[0, 0].item() == float("-inf")
+    assert torch.isfinite(lse[0, 1]) and torch.isfinite(logp[0, 1])
+
+
 def test_nan_in_logits_propagates_to_that_row_only(backend):
     ops = load_backend(backend)
     logits = torch.randn(1, 3, 64)

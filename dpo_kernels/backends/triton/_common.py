@@ -77,8 +77,9 @@ def peel_offsets(head, body, n, VEC: tl.constexpr):
 def online_lse_update(z, running_max, running_sum):
     """Fold a block ``z`` (masked lanes = -inf) into a running (max, sum of exp(z - max))."""
     new_max = tl.maximum(running_max, tl.max(z, 0))
-    # A block (or row) of -inf logits keeps the max at -inf; shift by 0 then, not by -inf, so
-    # exp(-inf - -inf) never makes a NaN out of a legitimately masked vocabulary.
-    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+    # An infinite max is not a usable shift: with -inf (a block or row of masked vocabulary)
+    # exp(-inf - -inf) would make a NaN of a legitimate row, and with +inf the sum must become
+    # +inf (as torch.logsumexp gives), not inf - inf. Shift by 0 in both cases.
+    shift = tl.where(tl.abs(new_max) == float("inf"), 0.0, new_max)
     running_sum = running_sum * tl.exp(running_max - shift) + tl.sum(tl.exp(z - shift), 0)
     return new_max, running_sum
