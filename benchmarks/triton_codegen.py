@@ -31,6 +31,8 @@ from triton.compiler import ASTSource  # noqa: E402
 
 import importlib  # noqa: E402
 
+from dpo_kernels.backends import EXTRAS  # noqa: E402
+
 # By module path: the package re-exports functions under some of these names.
 loss_module = importlib.import_module("dpo_kernels.backends.triton.dpo_sigmoid_loss")
 bwd_module = importlib.import_module("dpo_kernels.backends.triton.token_logprobs_bwd")
@@ -39,6 +41,7 @@ fwd_module = importlib.import_module("dpo_kernels.backends.triton.token_logprobs
 # The design's shapes: [2B, T, V] logits of Llama-3's and Qwen's vocabularies, and an odd one.
 SHAPES = [(8, 1024, 128256), (4, 4096, 151936), (8, 512, 50257)]
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+ALL_EXTRAS = frozenset(EXTRAS)
 
 
 class _CapturedKernel:
@@ -124,19 +127,22 @@ def report(arch: int = 90) -> list[dict]:
     target = GPUTarget("cuda", arch, 32)
     rows = []
     for (rows_b, T, V) in SHAPES:
-        for dtype in DTYPES:
+        for dtype, extras in [(d, frozenset({"logits_sum"})) for d in DTYPES] + [(torch.bfloat16, ALL_EXTRAS)]:
             logits = torch.empty(rows_b, T, V, dtype=dtype, device="meta")
             labels = torch.empty(rows_b, T, dtype=torch.long, device="meta")
             lse = torch.empty(rows_b, T, dtype=torch.float32, device="meta")
             with capture(fwd_module, "_token_logprobs_fwd_kernel") as fwd:
-                fwd_module.token_logprobs_forward(logits, labels, -100, with_logits_sum=True)
+                fwd_module.token_logprobs_forward(logits, labels, -100, extras)
             with capture(bwd_module, "_token_logprobs_bwd_kernel") as bwd:
                 bwd_module.token_logprobs_backward(logits, labels, lse, lse, -100, inplace=False)
             for name, captured in (("forward", fwd), ("backward", bwd)):
                 grid, args, kwargs = captured.launches[0]
                 kernel = compile_launch(captured.fn, args, kwargs, target)
+                if name == "backward" and extras == ALL_EXTRAS:
+                    continue  # the backward has no extras: already compiled
                 rows.append({
-                    "kernel": name, "shape": [rows_b, T, V], "dtype": str(dtype).replace("torch.", ""),
+                    "kernel": name if extras != ALL_EXTRAS else "forward+all extras",
+                    "shape": [rows_b, T, V], "dtype": str(dtype).replace("torch.", ""),
                     "grid": list(grid), "block_v": kwargs["BLOCK_V"], "num_warps": kwargs["num_warps"],
                     **analyse(kernel),
                 })

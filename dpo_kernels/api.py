@@ -92,7 +92,7 @@ def fused_dpo_loss(
 
     policy = token_logprobs(
         logits, labels, ignore_index=ignore_index, shift=shift, backend=backend_name,
-        with_logits_sum=True, inplace_backward=inplace_backward,
+        extras=("logits_sum",), inplace_backward=inplace_backward,
     )
     if validate:
         _check_token_results(policy, ignore_index, vocab_size, "logits")
@@ -259,7 +259,7 @@ def _metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, pol
     """TRL's logged metrics, as detached device scalars."""
     lengths = completion_lengths(policy.labels, ignore_index)
     # Mean over completion tokens of the per-token vocabulary-mean logit.
-    logits_per_seq = policy.logits_sum.sum(-1) / vocab_size
+    logits_per_seq = policy.extras["logits_sum"].sum(-1) / vocab_size
 
     def token_mean(rows: slice) -> torch.Tensor:
         return logits_per_seq[rows].sum() / lengths[rows].sum().clamp(min=1)

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .backends import load_backend, resolve_backend
+from .backends import EXTRAS, load_backend, resolve_backend
 
 
 class TokenLogprobs(NamedTuple):
@@ -20,7 +20,7 @@ class TokenLogprobs(NamedTuple):
 
     logp: torch.Tensor  # differentiable; 0 where ignored
     lse: torch.Tensor  # detached log-sum-exp of each row; 0 where ignored
-    logits_sum: torch.Tensor | None  # detached sum of each row's logits; 0 where ignored
+    extras: dict[str, torch.Tensor]  # detached same-pass statistics (backends.EXTRAS); 0 where ignored
     labels: torch.Tensor  # aligned with the logits rows (shifted when shift=True)
 
 
@@ -45,21 +45,20 @@ def _bump_version(tensor: torch.Tensor) -> None:
 
 class _TokenLogprobsFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, labels, ignore_index, backend_name, with_logits_sum, inplace_backward):
+    def forward(ctx, logits, labels, ignore_index, backend_name, extras, inplace_backward):
         backend = load_backend(backend_name)
-        logp, lse, logits_sum = backend.token_logprobs_forward(logits, labels, ignore_index, with_logits_sum)
-        if logits_sum is None:
-            logits_sum = lse.new_empty(0)
+        logp, lse, extra_values = backend.token_logprobs_forward(logits, labels, ignore_index, extras)
+        extra_values = tuple(extra_values[name] for name in sorted(extras))
         ctx.save_for_backward(logits, labels, lse)
         ctx.ignore_index = ignore_index
         ctx.backend_name = backend_name
         ctx.inplace_backward = inplace_backward
         ctx.gradient_written = False
-        ctx.mark_non_differentiable(lse, logits_sum)
-        return logp, lse, logits_sum
+        ctx.mark_non_differentiable(lse, *extra_values)
+        return (logp, lse, *extra_values)
 
     @staticmethod
-    def backward(ctx, grad_logp, _grad_lse, _grad_logits_sum):
+    def backward(ctx, grad_logp, *_grad_lse_and_extras):
         if ctx.inplace_backward and ctx.gradient_written:
             raise RuntimeError(
                 "dpo_kernels: a second backward through a loss computed with inplace_backward=True; "
@@ -85,20 +84,26 @@ def token_logprobs(
     ignore_index: int = -100,
     shift: bool = False,
     backend: str = "auto",
-    with_logits_sum: bool = False,
+    extras: tuple[str, ...] | frozenset[str] = (),
     inplace_backward: bool = False,
 ) -> TokenLogprobs:
     """Per-token ``log_softmax(logits)[label]`` for ``logits[B, T, V]`` and ``labels[B, T]``.
 
-    Exact gradient in one pass over the logits. Inputs are not validated here (``fused_dpo_loss``
-    does that); the kernels still never read outside a row and report NaN for a bad label.
+    Exact gradient in one pass over the logits. ``extras`` names same-pass statistics to compute
+    as well (any of ``backends.EXTRAS``: "logits_sum", "entropy", "accuracy", "lse_2z"). Inputs
+    are not validated here (``fused_dpo_loss`` does that); the kernels still never read outside
+    a row and report NaN for a bad label.
     """
+    extras = frozenset(extras)
+    unknown = extras - set(EXTRAS)
+    if unknown:
+        raise ValueError(f"extras must be among {EXTRAS}, got {sorted(unknown)}")
     aligned = align_labels(labels, ignore_index, shift)
     name = resolve_backend(backend, logits.device)
-    logp, lse, logits_sum = _TokenLogprobsFunction.apply(
-        logits, aligned, ignore_index, name, with_logits_sum, inplace_backward
+    logp, lse, *extra_values = _TokenLogprobsFunction.apply(
+        logits, aligned, ignore_index, name, extras, inplace_backward
     )
-    return TokenLogprobs(logp, lse, logits_sum if with_logits_sum else None, aligned)
+    return TokenLogprobs(logp, lse, dict(zip(sorted(extras), extra_values)), aligned)
 
 
 def completion_lengths(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:

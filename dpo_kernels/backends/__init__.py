@@ -3,8 +3,9 @@
 A backend is a module with two functions over ``logits[B, T, V]`` (any strides) and
 ``labels[B, T]`` (already aligned: shifting is done by the caller):
 
-- ``token_logprobs_forward(logits, labels, ignore_index, with_logits_sum)``
-  -> ``(logp, lse, logits_sum | None)``, each ``[B, T]`` fp32 (fp64 for fp64 logits);
+- ``token_logprobs_forward(logits, labels, ignore_index, extras)``
+  -> ``(logp, lse, {name: tensor for name in extras})``, each ``[B, T]`` fp32 (fp64 for fp64
+  logits), 0 on ignored rows; ``extras`` is a subset of :data:`EXTRAS`, computed in the same pass;
 - ``token_logprobs_backward(logits, labels, lse, grad_logp, ignore_index, inplace)``
   -> the gradient w.r.t. ``logits`` in the logits dtype (``logits`` itself when ``inplace``);
 
@@ -18,6 +19,10 @@ import warnings
 from types import ModuleType
 
 import torch
+
+# Per-token statistics a forward pass can produce besides logp and lse (no gradient flows through
+# them): sum of the row's logits, its entropy, whether its argmax is the label, logsumexp(2z).
+EXTRAS = ("logits_sum", "entropy", "accuracy", "lse_2z")
 
 # name -> module path; "auto" picks among them per device.
 _BACKEND_MODULES = {

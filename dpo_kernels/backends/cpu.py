@@ -56,11 +56,15 @@ def token_logprobs_forward(
     logits: torch.Tensor,
     labels: torch.Tensor,
     ignore_index: int,
-    with_logits_sum: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``logits[B, T, V]`` (any strides), ``labels[B, T]`` -> ``(logp, lse, logits_sum | None)``."""
-    logp, lse, logits_sum = _ops.token_logprobs_fwd(logits, labels, int(ignore_index), bool(with_logits_sum))
-    return logp, lse, logits_sum if with_logits_sum else None
+    extras: frozenset[str] = frozenset(),
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """``logits[B, T, V]`` (any strides), ``labels[B, T]`` -> ``(logp, lse, extras)``."""
+    unsupported = set(extras) - {"logits_sum"}
+    if unsupported:
+        raise NotImplementedError(f"the cpu backend does not compute {sorted(unsupported)} yet")
+    with_logits_sum = "logits_sum" in extras
+    logp, lse, logits_sum = _ops.token_logprobs_fwd(logits, labels, int(ignore_index), with_logits_sum)
+    return logp, lse, {"logits_sum": logits_sum} if with_logits_sum else {}
 
 
 def token_logprobs_backward(

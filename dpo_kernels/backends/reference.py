@@ -28,14 +28,14 @@ def token_logprobs_forward(
     logits: torch.Tensor,
     labels: torch.Tensor,
     ignore_index: int,
-    with_logits_sum: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``logits[B, T, V]``, ``labels[B, T]`` -> ``(logp, lse, logits_sum)``, each ``[B, T]``."""
+    extras: frozenset[str] = frozenset(),
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """``logits[B, T, V]``, ``labels[B, T]`` -> ``(logp, lse, extras)``, each ``[B, T]``."""
     B, T, V = logits.shape
     acc = _acc_dtype(logits.dtype)
     logp = torch.empty((B, T), dtype=acc, device=logits.device)
     lse = torch.empty((B, T), dtype=acc, device=logits.device)
-    logits_sum = torch.empty((B, T), dtype=acc, device=logits.device) if with_logits_sum else None
+    out = {name: torch.empty((B, T), dtype=acc, device=logits.device) for name in sorted(extras)}
     for b, ts in _row_chunks(B, T, V):
         z = logits[b, ts].to(acc)
         y = labels[b, ts]
@@ -46,9 +46,21 @@ def token_logprobs_forward(
         chunk_logp = torch.where(in_range, target - chunk_lse, torch.full_like(target, float("nan")))
         logp[b, ts] = torch.where(ignored, 0.0, chunk_logp)
         lse[b, ts] = torch.where(ignored, 0.0, chunk_lse)
-        if logits_sum is not None:
-            logits_sum[b, ts] = torch.where(ignored, 0.0, z.sum(-1))
-    return logp, lse, logits_sum
+        for name, value in _extras(z, y, chunk_lse, extras):
+            out[name][b, ts] = torch.where(ignored, 0.0, value)
+    return logp, lse, out
+
+
+def _extras(z: torch.Tensor, y: torch.Tensor, lse: torch.Tensor, names: frozenset[str]):
+    if "logits_sum" in names:
+        yield "logits_sum", z.sum(-1)
+    if "entropy" in names:
+        p = torch.exp(z - lse.unsqueeze(-1))
+        yield "entropy", lse - torch.where(p > 0, p * z, 0.0).sum(-1)
+    if "accuracy" in names:
+        yield "accuracy", (z.argmax(-1) == y).to(z.dtype)
+    if "lse_2z" in names:
+        yield "lse_2z", torch.logsumexp(2.0 * z, dim=-1)
 
 
 def token_logprobs_backward(

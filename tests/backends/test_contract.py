@@ -35,7 +35,8 @@ def test_forward_and_backward_match_oracle(backend, small_block, dtype, V):
     B, T = 3, 5
     logits = (torch.randn(B, T, V) * 4).to(dtype)
     labels = _labels(B, T, V)
-    logp, lse, logits_sum = ops.token_logprobs_forward(logits, labels, IGNORE, True)
+    logp, lse, extras = ops.token_logprobs_forward(logits, labels, IGNORE, frozenset({"logits_sum"}))
+    logits_sum = extras["logits_sum"]
     want_logp, want_lse = token_logprobs(logits, labels)
     scored = labels != IGNORE
     want_sum = torch.where(scored, logits.double().sum(-1), 0.0)
@@ -48,17 +49,17 @@ def test_forward_and_backward_match_oracle(backend, small_block, dtype, V):
     assert (logp[~scored] == 0).all() and (lse[~scored] == 0).all()
 
     coef = torch.randn(B, T, dtype=expected_dtype)
-    grad = ops.token_logprobs_backward(logits, labels, lse, coef, IGNORE, False)
+    grad = ops.token_logprobs_backward(logits, labels, lse, coef, IGNORE, frozenset())
     assert grad.dtype == dtype and grad.shape == logits.shape
     assert_close_grad(grad, _expected_grad(logits, labels, coef), dtype)
     assert (grad[~scored] == 0).all()
 
 
-def test_without_logits_sum_returns_none(backend):
+def test_without_extras_returns_none(backend):
     ops = load_backend(backend)
     logits = torch.randn(2, 3, 50)
-    logp, lse, logits_sum = ops.token_logprobs_forward(logits, _labels(2, 3, 50), IGNORE, False)
-    assert logits_sum is None and logp.shape == lse.shape == (2, 3)
+    logp, lse, extras = ops.token_logprobs_forward(logits, _labels(2, 3, 50), IGNORE, frozenset())
+    assert extras == {} and logp.shape == lse.shape == (2, 3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -73,11 +74,11 @@ def test_strided_views_are_read_in_place(backend, small_block, dtype):
     for view in (logits, logits_t, vocab_stride):
         assert not view.is_contiguous()
         labels = _labels(view.shape[0], view.shape[1], view.shape[2])
-        logp, lse, _ = ops.token_logprobs_forward(view, labels, IGNORE, False)
+        logp, lse, _ = ops.token_logprobs_forward(view, labels, IGNORE, frozenset())
         want_logp, _ = token_logprobs(view, labels)
         torch.testing.assert_close(logp.double(), want_logp, rtol=2e-5, atol=2e-5)
         coef = torch.randn(view.shape[:2])
-        grad = ops.token_logprobs_backward(view, labels, lse, coef, IGNORE, False)
+        grad = ops.token_logprobs_backward(view, labels, lse, coef, IGNORE, frozenset())
         assert_close_grad(grad, _expected_grad(view, labels, coef), dtype)
 
 
@@ -86,7 +87,7 @@ def test_strided_labels(backend):
     logits = torch.randn(3, 6, 300)
     wide = torch.randint(0, 300, (3, 12))
     labels = wide[:, ::2]
-    logp, _, _ = ops.token_logprobs_forward(logits, labels, IGNORE, False)
+    logp, _, _ = ops.token_logprobs_forward(logits, labels, IGNORE, frozenset())
     torch.testing.assert_close(logp.double(), token_logprobs(logits, labels)[0], rtol=2e-5, atol=2e-5)
 
 
@@ -96,7 +97,7 @@ def test_label_dtypes_and_custom_ignore_index(backend, label_dtype):
     logits = torch.randn(2, 4, 100)
     labels = torch.randint(0, 100, (2, 4))
     labels[0, 1] = -1
-    logp, _, _ = ops.token_logprobs_forward(logits, labels.to(label_dtype), -1, False)
+    logp, _, _ = ops.token_logprobs_forward(logits, labels.to(label_dtype), -1, frozenset())
     want, _ = token_logprobs(logits, labels, ignore_index=-1)
     torch.testing.assert_close(logp.double(), want, rtol=2e-5, atol=2e-5)
 
@@ -106,10 +107,10 @@ def test_inplace_backward_overwrites_logits_with_the_gradient(backend, small_blo
     ops = load_backend(backend)
     logits = (torch.randn(2, 5, 700) * 3).to(dtype)
     labels = _labels(2, 5, 700)
-    _, lse, _ = ops.token_logprobs_forward(logits, labels, IGNORE, False)
+    _, lse, _ = ops.token_logprobs_forward(logits, labels, IGNORE, frozenset())
     coef = torch.randn(2, 5)
     expected = _expected_grad(logits, labels, coef)
-    out_of_place = ops.token_logprobs_backward(logits, labels, lse, coef, IGNORE, False)
+    out_of_place = ops.token_logprobs_backward(logits, labels, lse, coef, IGNORE, frozenset())
     buffer = logits.clone()
     grad = ops.token_logprobs_backward(buffer, labels, lse, coef, IGNORE, True)
     assert grad.data_ptr() == buffer.data_ptr()
@@ -126,9 +127,9 @@ def test_true_class_gradient_does_not_cancel_in_bf16(backend):
     logits[0, 0, 5] = 12.0  # p_y ~ 1 - 300 e^-12 ~ 0.998: bf16 rounds it to 1.0
     logits[0, 1, 9] = 9.0
     logits = logits.to(torch.bfloat16)
-    _, lse, _ = ops.token_logprobs_forward(logits, labels, IGNORE, False)
+    _, lse, _ = ops.token_logprobs_forward(logits, labels, IGNORE, frozenset())
     coef = torch.ones(1, 2)
-    grad = ops.token_logprobs_backward(logits, labels, lse, coef, IGNORE, False)
+    grad = ops.token_logprobs_backward(logits, labels, lse, coef, IGNORE, frozenset())
     expected = _expected_grad(logits, labels, coef)
     for t, y in ((0, 5), (1, 9)):
         assert grad[0, t, y].item() > 0
@@ -146,12 +147,13 @@ def test_out_of_range_labels_give_nan_and_no_out_of_bounds_read(backend, small_b
     labels[0, 1] = V  # one past the end
     labels[1, 2] = -7  # negative, not ignore_index
     labels[1, 3] = IGNORE
-    logp, lse, logits_sum = ops.token_logprobs_forward(logits, labels, IGNORE, True)
+    logp, lse, extras = ops.token_logprobs_forward(logits, labels, IGNORE, frozenset({"logits_sum"}))
+    logits_sum = extras["logits_sum"]
     bad = torch.zeros(2, 4, dtype=torch.bool)
     bad[0, 1] = bad[1, 2] = True
     assert torch.isnan(logp[bad]).all()
     assert torch.isfinite(logp[~bad]).all() and torch.isfinite(lse).all() and torch.isfinite(logits_sum).all()
-    grad = ops.token_logprobs_backward(logits, labels, lse, torch.ones(2, 4), IGNORE, False)
+    grad = ops.token_logprobs_backward(logits, labels, lse, torch.ones(2, 4), IGNORE, frozenset())
     assert torch.isfinite(grad).all()
     assert torch.isnan(buffer[:, :, :32]).all() and torch.isnan(buffer[:, :, 32 + V :]).all()
 
@@ -167,14 +169,15 @@ def test_rows_starting_anywhere_are_read_exactly_within_bounds(backend, small_bl
     logits = buffer[..., :V]
     labels = torch.randint(0, V, (2, 6))
     labels[1, 2] = IGNORE
-    logp, lse, logits_sum = ops.token_logprobs_forward(logits, labels, IGNORE, True)
+    logp, lse, extras = ops.token_logprobs_forward(logits, labels, IGNORE, frozenset({"logits_sum"}))
+    logits_sum = extras["logits_sum"]
     want_logp, want_lse = token_logprobs(logits, labels)
     torch.testing.assert_close(logp.double(), want_logp, rtol=2e-5, atol=2e-5)
     torch.testing.assert_close(lse.double(), want_lse, rtol=2e-5, atol=2e-5)
     torch.testing.assert_close(logits_sum.double(), torch.where(labels != IGNORE, logits.double().sum(-1), 0.0),
                                rtol=2e-5, atol=2e-5 * V)
     coef = torch.randn(2, 6)
-    grad = ops.token_logprobs_backward(logits, labels, lse, coef, IGNORE, False)
+    grad = ops.token_logprobs_backward(logits, labels, lse, coef, IGNORE, frozenset())
     assert_close_grad(grad, _expected_grad(logits, labels, coef), dtype)
     before = buffer.clone()
     ops.token_logprobs_backward(logits, labels, lse, coef, IGNORE, True)
@@ -189,7 +192,7 @@ def test_masked_vocabulary_entries(backend):
     logits[0, 0, 100:] = float("-inf")
     logits[0, 1, :] = float("-inf")
     labels = torch.tensor([[3, 3, 3]])
-    logp, lse, _ = ops.token_logprobs_forward(logits, labels, IGNORE, False)
+    logp, lse, _ = ops.token_logprobs_forward(logits, labels, IGNORE, frozenset())
     want, want_lse = token_logprobs(logits, labels)
     torch.testing.assert_close(logp[0, 0].double(), want[0, 0], rtol=1e-5, atol=1e-5)
     assert lse[0, 1].item() == float("-inf")
@@ -200,7 +203,7 @@ def test_positive_infinity_gives_infinite_lse_like_torch(backend, small_block):
     ops = load_backend(backend)
     logits = torch.randn(1, 2, 300)
     logits[0, 0, 250] = float("inf")
-    logp, lse, _ = ops.token_logprobs_forward(logits, torch.tensor([[3, 3]]), IGNORE, False)
+    logp, lse, _ = ops.token_logprobs_forward(logits, torch.tensor([[3, 3]]), IGNORE, frozenset())
     assert lse[0, 0].item() == float("inf") and logp[0, 0].item() == float("-inf")
     assert torch.isfinite(lse[0, 1]) and torch.isfinite(logp[0, 1])
 
@@ -209,7 +212,7 @@ def test_nan_in_logits_propagates_to_that_row_only(backend):
     ops = load_backend(backend)
     logits = torch.randn(1, 3, 64)
     logits[0, 1, 10] = float("nan")
-    logp, lse, _ = ops.token_logprobs_forward(logits, torch.tensor([[1, 2, 3]]), IGNORE, False)
+    logp, lse, _ = ops.token_logprobs_forward(logits, torch.tensor([[1, 2, 3]]), IGNORE, frozenset())
     assert torch.isnan(logp[0, 1]) and torch.isnan(lse[0, 1])
     assert torch.isfinite(logp[0, [0, 2]]).all()
 
@@ -218,8 +221,8 @@ def test_ignored_gradient_is_zero_even_with_nonzero_coef(backend):
     ops = load_backend(backend)
     logits = torch.randn(1, 3, 200)
     labels = torch.tensor([[IGNORE, 4, IGNORE]])
-    _, lse, _ = ops.token_logprobs_forward(logits, labels, IGNORE, False)
-    grad = ops.token_logprobs_backward(logits, labels, lse, torch.full((1, 3), 5.0), IGNORE, False)
+    _, lse, _ = ops.token_logprobs_forward(logits, labels, IGNORE, frozenset())
+    grad = ops.token_logprobs_backward(logits, labels, lse, torch.full((1, 3), 5.0), IGNORE, frozenset())
     assert (grad[0, 0] == 0).all() and (grad[0, 2] == 0).all() and (grad[0, 1] != 0).any()
 
 
@@ -227,7 +230,77 @@ def test_empty_batch(backend):
     ops = load_backend(backend)
     logits = torch.randn(0, 3, 10)
     labels = torch.zeros(0, 3, dtype=torch.long)
-    logp, lse, _ = ops.token_logprobs_forward(logits, labels, IGNORE, False)
+    logp, lse, _ = ops.token_logprobs_forward(logits, labels, IGNORE, frozenset())
     assert logp.shape == (0, 3)
-    grad = ops.token_logprobs_backward(logits, labels, lse, logp, IGNORE, False)
+    grad = ops.token_logprobs_backward(logits, labels, lse, logp, IGNORE, frozenset())
     assert grad.shape == logits.shape
+
+
+ALL_EXTRAS = frozenset({"logits_sum", "entropy", "accuracy", "lse_2z"})
+
+
+def _oracle_extras(logits, labels):
+    z = logits.double()
+    scored = labels != IGNORE
+    lse = torch.logsumexp(z, -1)
+    p = torch.softmax(z, -1)
+    want = {
+        "logits_sum": z.sum(-1),
+        "entropy": lse - torch.where(p > 0, p * z, 0.0).sum(-1),
+        "accuracy": (z.argmax(-1) == labels).double(),
+        "lse_2z": torch.logsumexp(2 * z, -1),
+    }
+    return {k: torch.where(scored, v, 0.0) for k, v in want.items()}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("V", [7, 301, 1030])
+def test_same_pass_extras_match_oracle(backend, small_block, dtype, V):
+    """Entropy, argmax == label, logsumexp(2z) and the logits sum, all from the one forward pass."""
+    ops = load_backend(backend)
+    logits = (torch.randn(3, 5, V) * 3).to(dtype)
+    labels = _labels(3, 5, V)
+    # Make about half of the scored tokens correct, so accuracy is not trivially 0.
+    argmax = logits.double().argmax(-1)
+    take = (torch.rand(3, 5) < 0.5) & (labels != IGNORE)
+    labels = torch.where(take, argmax, labels)
+    logp, lse, extras = ops.token_logprobs_forward(logits, labels, IGNORE, ALL_EXTRAS)
+    assert set(extras) == ALL_EXTRAS
+    want = _oracle_extras(logits, labels)
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    for name in ALL_EXTRAS:
+        assert extras[name].dtype == logp.dtype and extras[name].shape == (3, 5)
+        atol = tol * (V if name == "logits_sum" else 10)
+        torch.testing.assert_close(extras[name].double(), want[name], rtol=tol, atol=atol, msg=name)
+    assert extras["accuracy"].sum() > 0
+    # the extras change nothing else
+    logp0, lse0, _ = ops.token_logprobs_forward(logits, labels, IGNORE, frozenset())
+    assert torch.equal(logp, logp0) and torch.equal(lse, lse0)
+
+
+def test_accuracy_breaks_ties_at_the_first_index_like_argmax(backend, small_block):
+    """The max appears twice, across blocks and in the unaligned tail: only the first counts."""
+    ops = load_backend(backend)
+    V = 700
+    logits = torch.randn(1, 4, V)
+    for t, (i, j) in enumerate([(5, 600), (3, 699), (0, 1), (650, 699)]):
+        logits[0, t, i] = logits[0, t, j] = 50.0
+    labels_first = torch.tensor([[5, 3, 0, 650]])
+    labels_second = torch.tensor([[600, 699, 1, 699]])
+    for labels, want in ((labels_first, 1.0), (labels_second, 0.0)):
+        _, _, extras = ops.token_logprobs_forward(logits, labels, IGNORE, frozenset({"accuracy"}))
+        assert (extras["accuracy"] == want).all(), (labels, extras["accuracy"])
+
+
+def test_extras_of_masked_vocabulary_and_ignored_rows(backend):
+    ops = load_backend(backend)
+    logits = torch.randn(1, 3, 200)
+    logits[0, 0, 50:] = float("-inf")  # entropy over the 50 live entries only; no NaN from 0 * -inf
+    logits[0, 1] = float("nan")  # ignored: never read, extras 0
+    labels = torch.tensor([[7, IGNORE, 9]])
+    _, _, extras = ops.token_logprobs_forward(logits, labels, IGNORE, ALL_EXTRAS)
+    want = _oracle_extras(torch.where(torch.isnan(logits), 0.0, logits), labels)
+    for name in ("entropy", "accuracy", "lse_2z"):
+        torch.testing.assert_close(extras[name].double(), want[name], rtol=1e-5, atol=1e-5, msg=name)
+    assert extras["logits_sum"][0, 0] == float("-inf")
+    assert all((v[0, 1] == 0).all() for v in extras.values())

@@ -59,8 +59,10 @@ def row_split(row_start, n, VEC: tl.constexpr):
     of 16 bytes (GPT-2's 50257, or a vocabulary resized to ``len(tokenizer)``) rows start at any
     element, and without this split Triton can prove no alignment and loads one element at a time.
     """
-    head = tl.minimum((VEC - row_start % VEC) % VEC, n)
-    body = ((n - head) // VEC) * VEC
+    # Row-relative offsets fit in int32 (V < 2^31) and keep per-lane index math at half the
+    # registers of int64; addresses are formed in 64 bits by the callers.
+    head = tl.minimum((VEC - row_start % VEC) % VEC, n).to(tl.int32)
+    body = ((n - head) // VEC * VEC).to(tl.int32)
     return head, body
 
 
@@ -71,15 +73,3 @@ def peel_offsets(head, body, n, VEC: tl.constexpr):
     offs = tl.where(lanes < VEC, lanes, head + body + lanes - VEC)
     real = tl.where(lanes < VEC, lanes < head, offs < n)
     return offs, real
-
-
-@triton.jit
-def online_lse_update(z, running_max, running_sum):
-    """Fold a block ``z`` (masked lanes = -inf) into a running (max, sum of exp(z - max))."""
-    new_max = tl.maximum(running_max, tl.max(z, 0))
-    # An infinite max is not a usable shift: with -inf (a block or row of masked vocabulary)
-    # exp(-inf - -inf) would make a NaN of a legitimate row, and with +inf the sum must become
-    # +inf (as torch.logsumexp gives), not inf - inf. Shift by 0 in both cases.
-    shift = tl.where(tl.abs(new_max) == float("inf"), 0.0, new_max)
-    running_sum = running_sum * tl.exp(running_max - shift) + tl.sum(tl.exp(z - shift), 0)
-    return new_max, running_sum

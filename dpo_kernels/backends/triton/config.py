@@ -42,13 +42,25 @@ def set_block_override(block_v: int | None) -> None:
     _block_override = block_v
 
 
-def pick_config(vocab_size: int, dtype: torch.dtype) -> LaunchConfig:
+# Extras that keep a second per-lane value live through the block's reductions (entropy: e * z;
+# accuracy: the lane index). At 16 KB per step they need 94-143 registers per thread on sm_90
+# (benchmarks/triton_codegen.py), one 8-warp program per SM; 4 KB steps with 4 warps need ~76,
+# six programs per SM and more bytes in flight in total. (Chosen from compiled register counts;
+# not yet timed on a GPU.)
+_REGISTER_HEAVY_EXTRAS = frozenset({"entropy", "accuracy"})
+_HEAVY_BYTES_PER_STEP = 4096
+
+
+def pick_config(vocab_size: int, dtype: torch.dtype, extras: frozenset[str] = frozenset()) -> LaunchConfig:
     """Block of the vocabulary one program handles per step, and the warps behind it."""
     if _block_override is not None:
         return LaunchConfig(block_v=_block_override, num_warps=4)
     if interpreting():
         return LaunchConfig(block_v=min(_INTERPRETER_BLOCK, triton.next_power_of_2(vocab_size)), num_warps=1)
     elem = torch.empty((), dtype=dtype).element_size()
+    if extras & _REGISTER_HEAVY_EXTRAS:
+        block_v = max(min(_HEAVY_BYTES_PER_STEP // elem, triton.next_power_of_2(vocab_size)), 128)
+        return LaunchConfig(block_v=block_v, num_warps=4)
     block_v = min(_GPU_BYTES_PER_STEP // elem, triton.next_power_of_2(vocab_size))
     block_v = max(block_v, 128)
     num_warps = 8 if block_v >= 4096 else 4

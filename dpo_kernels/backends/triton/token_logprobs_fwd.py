@@ -2,17 +2,22 @@
 
 For a row ``z`` of logits (``V`` entries) and its label ``y``::
 
-    lse    = log(sum_v exp(z_v))            online over vocabulary blocks, accumulated in fp32
-    logp   = z_y - lse                      0 where y == ignore_index
-    zsum   = sum_v z_v                      optional (WITH_LOGITS_SUM), TRL's logits metric
+    lse        = log(sum_v exp(z_v))        online over vocabulary blocks, accumulated in fp32
+    logp       = z_y - lse                  0 where y == ignore_index
+  optional extras, each behind a constexpr flag (free when off; none costs another exp):
+    logits_sum = sum_v z_v                  TRL's logits/chosen|rejected metric
+    entropy    = lse - sum_v p_v z_v        TRL's entropy metric
+    accuracy   = [argmax_v z_v == y]        TRL's mean_token_accuracy (first index on ties)
+    lse_2z     = log(sum_v exp(2 z_v))      WPO's weights: log sum p^2 = lse_2z - 2 lse
 
 One program per token row. Rows are addressed as ``(b, t)`` of a ``[B, T, V]`` tensor with three
 independent strides, so ``logits[:, :-1]`` and any other strided view are read in place; all
 offsets are 64-bit (``B * T * V`` passes 2^31 at realistic shapes). Each row is split into an
 unaligned head and tail (read in one small masked step) and a body that starts on a 16-byte
 boundary, so the vocabulary loop uses 16-byte vector loads whatever V is (see ``row_split``).
-An ignored row makes no vocabulary pass at all. A label outside ``[0, V)`` that is not ``ignore_index`` is never used as
-an address: its row reports ``logp = NaN`` so the error cannot pass silently.
+An ignored row makes no vocabulary pass at all, and all its outputs are 0. A label outside
+``[0, V)`` that is not ``ignore_index`` is never used as an address: its row reports
+``logp = NaN`` so the error cannot pass silently.
 """
 from __future__ import annotations
 
@@ -20,13 +25,49 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, online_lse_update, out_dtype, peel_offsets, row_split, vector_width
+from ._common import acc_dtype, out_dtype, peel_offsets, row_split, vector_width
 from .config import pick_config
 
 
 @triton.jit
+def _fold_block(z, offs, real, running_max, running_sum, logits_sum, z_dot_e, sum_e2, best_z, best_idx,
+                V, WITH_LOGITS_SUM: tl.constexpr, WITH_ENTROPY: tl.constexpr, WITH_ACCURACY: tl.constexpr,
+                WITH_LSE_2Z: tl.constexpr):
+    """Fold one block of a row (``real`` lanes; others are -inf) into the running statistics.
+
+    All sums are relative to the running max M: S = sum e, e = exp(z - M); entropy needs
+    sum e * z, and logsumexp(2z) = 2M + log(sum e^2), so the extras cost no further exp.
+    """
+    block_max = tl.max(z, 0)
+    new_max = tl.maximum(running_max, block_max)
+    # An infinite max is not a usable shift: with -inf (a block or row of masked vocabulary)
+    # exp(-inf - -inf) would make a NaN of a legitimate row, and with +inf the sum must become
+    # +inf (as torch.logsumexp gives), not inf - inf. Shift by 0 in both cases.
+    shift = tl.where(tl.abs(new_max) == float("inf"), 0.0, new_max)
+    alpha = tl.exp(running_max - shift)
+    e = tl.exp(z - shift)
+    running_sum = running_sum * alpha + tl.sum(e, 0)
+    if WITH_LOGITS_SUM:
+        logits_sum += tl.sum(tl.where(real, z, 0.0), 0)
+    if WITH_ENTROPY:
+        # e == 0 where z == -inf: p * z -> 0 there, and 0 * -inf must not make a NaN.
+        z_dot_e = z_dot_e * alpha + tl.sum(tl.where(e > 0, e * z, 0.0), 0)
+    if WITH_LSE_2Z:
+        sum_e2 = sum_e2 * (alpha * alpha) + tl.sum(e * e, 0)
+    if WITH_ACCURACY:
+        # First index of the row's max, as torch.argmax breaks ties; blocks arrive out of index
+        # order (head and tail first), so ties are settled by index, not by arrival.
+        block_idx = tl.min(tl.where(real & (z == block_max), offs, V), 0)
+        take = (block_max > best_z) | ((block_max == best_z) & (block_idx < best_idx))
+        best_idx = tl.where(take, block_idx, best_idx)
+        best_z = tl.maximum(best_z, block_max)
+    return new_max, running_sum, logits_sum, z_dot_e, sum_e2, best_z, best_idx
+
+
+@triton.jit
 def _token_logprobs_fwd_kernel(
-    logits_ptr, labels_ptr, logp_ptr, lse_ptr, logits_sum_ptr,
+    logits_ptr, labels_ptr, logp_ptr, lse_ptr,
+    logits_sum_ptr, entropy_ptr, accuracy_ptr, lse_2z_ptr,
     T, V,
     stride_zb, stride_zt, stride_zv,
     stride_yb, stride_yt,
@@ -35,6 +76,9 @@ def _token_logprobs_fwd_kernel(
     VEC: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     WITH_LOGITS_SUM: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr,
+    WITH_ACCURACY: tl.constexpr,
+    WITH_LSE_2Z: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     b = row // T
@@ -48,17 +92,20 @@ def _token_logprobs_fwd_kernel(
     running_max = tl.full([], float("-inf"), ACC_DTYPE)
     running_sum = tl.zeros([], ACC_DTYPE)
     logits_sum = tl.zeros([], ACC_DTYPE)
+    z_dot_e = tl.zeros([], ACC_DTYPE)
+    sum_e2 = tl.zeros([], ACC_DTYPE)
+    best_z = tl.full([], float("-inf"), ACC_DTYPE)
+    best_idx = tl.zeros([], tl.int32)
     # An ignored row reads nothing: zero elements, zero loop trips.
     n = tl.where(is_ignored, 0, V)
     head, body = row_split(row_start, n, VEC)
 
     # Head and tail of the row (fewer than VEC elements each), in one masked step.
     peel, peel_real = peel_offsets(head, body, n, VEC)
-    z_peel = tl.load(logits_ptr + row_start + peel * stride_zv, mask=peel_real, other=float("-inf"))
-    z_peel = z_peel.to(ACC_DTYPE)
-    running_max, running_sum = online_lse_update(z_peel, running_max, running_sum)
-    if WITH_LOGITS_SUM:
-        logits_sum += tl.sum(tl.where(peel_real, z_peel, 0.0), 0)
+    z_peel = tl.load(logits_ptr + row_start + peel.to(tl.int64) * stride_zv, mask=peel_real, other=float("-inf"))
+    running_max, running_sum, logits_sum, z_dot_e, sum_e2, best_z, best_idx = _fold_block(
+        z_peel.to(ACC_DTYPE), peel, peel_real, running_max, running_sum, logits_sum, z_dot_e, sum_e2,
+        best_z, best_idx, V, WITH_LOGITS_SUM, WITH_ENTROPY, WITH_ACCURACY, WITH_LSE_2Z)
 
     # The body: whole 16-byte vectors from a 16-byte boundary (true by construction of head).
     body_ptr = logits_ptr + tl.multiple_of(row_start + head * stride_zv, VEC)
@@ -66,47 +113,59 @@ def _token_logprobs_fwd_kernel(
     for v_start in range(0, body, BLOCK_V):
         offs = v_start + tl.arange(0, BLOCK_V)
         in_body = offs < body
-        z = tl.load(body_ptr + offs * stride_zv, mask=in_body, other=float("-inf"))
-        z = z.to(ACC_DTYPE)  # upcast right after the load: all arithmetic in fp32
-        running_max, running_sum = online_lse_update(z, running_max, running_sum)
-        if WITH_LOGITS_SUM:
-            logits_sum += tl.sum(tl.where(in_body, z, 0.0), 0)
+        z = tl.load(body_ptr + offs.to(tl.int64) * stride_zv, mask=in_body, other=float("-inf"))
+        # upcast right after the load: all arithmetic in fp32
+        running_max, running_sum, logits_sum, z_dot_e, sum_e2, best_z, best_idx = _fold_block(
+            z.to(ACC_DTYPE), head + offs, in_body, running_max, running_sum, logits_sum, z_dot_e, sum_e2,
+            best_z, best_idx, V, WITH_LOGITS_SUM, WITH_ENTROPY, WITH_ACCURACY, WITH_LSE_2Z)
 
     # An ignored row (and a row of -inf) has running_sum == 0: log(1) keeps lse = running_max.
-    lse = running_max + tl.log(tl.where(running_sum == 0, 1.0, running_sum))
+    shift = tl.where(tl.abs(running_max) == float("inf"), 0.0, running_max)
+    lse = shift + tl.log(tl.where(running_sum == 0, 1.0, running_sum))
+    lse = tl.where(running_max == float("-inf"), float("-inf"), lse)
     # The target logit is one scalar load, clamped into the row so it can never leave it.
     target_offset = tl.where(in_range, label, 0)
     z_target = tl.load(logits_ptr + row_start + target_offset * stride_zv, mask=is_scored, other=0.0)
     logp = tl.where(in_range, z_target.to(ACC_DTYPE) - lse, float("nan"))
-    logp = tl.where(is_ignored, 0.0, logp)
-    lse = tl.where(is_ignored, 0.0, lse)
-    tl.store(logp_ptr + row, logp)
-    tl.store(lse_ptr + row, lse)
+    tl.store(logp_ptr + row, tl.where(is_ignored, 0.0, logp))
+    tl.store(lse_ptr + row, tl.where(is_ignored, 0.0, lse))
     if WITH_LOGITS_SUM:
         tl.store(logits_sum_ptr + row, tl.where(is_ignored, 0.0, logits_sum))
+    if WITH_ENTROPY:
+        # H = lse - sum_v p_v z_v, with p_v = e_v / S.
+        entropy = lse - z_dot_e / tl.where(running_sum == 0, 1.0, running_sum)
+        tl.store(entropy_ptr + row, tl.where(is_ignored, 0.0, entropy))
+    if WITH_ACCURACY:
+        hit = (best_idx == label).to(ACC_DTYPE)
+        tl.store(accuracy_ptr + row, tl.where(is_ignored, 0.0, hit))
+    if WITH_LSE_2Z:
+        lse_2z = 2.0 * shift + tl.log(tl.where(sum_e2 == 0, 1.0, sum_e2))
+        lse_2z = tl.where(running_max == float("-inf"), float("-inf"), lse_2z)
+        tl.store(lse_2z_ptr + row, tl.where(is_ignored, 0.0, lse_2z))
 
 
 def token_logprobs_forward(
     logits: torch.Tensor,
     labels: torch.Tensor,
     ignore_index: int,
-    with_logits_sum: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    extras: frozenset[str] = frozenset(),
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Launch the forward kernel on ``logits[B, T, V]`` (any strides) and ``labels[B, T]``.
 
-    Returns ``(logp, lse, logits_sum)``, each ``[B, T]`` contiguous fp32 (fp64 for fp64 logits);
-    ``logits_sum`` is None unless requested.
+    Returns ``(logp, lse, extras)``: ``[B, T]`` contiguous fp32 tensors (fp64 for fp64 logits),
+    ``extras`` holding one such tensor per requested name (see ``backends.EXTRAS``).
     """
     B, T, V = logits.shape
     dtype = out_dtype(logits.dtype)
     logp = torch.empty((B, T), dtype=dtype, device=logits.device)
     lse = torch.empty((B, T), dtype=dtype, device=logits.device)
-    logits_sum = torch.empty((B, T), dtype=dtype, device=logits.device) if with_logits_sum else None
+    out = {name: torch.empty((B, T), dtype=dtype, device=logits.device) for name in sorted(extras)}
     if B * T == 0:
-        return logp, lse, logits_sum
-    cfg = pick_config(V, logits.dtype)
+        return logp, lse, out
+    cfg = pick_config(V, logits.dtype, frozenset(extras))
     _token_logprobs_fwd_kernel[(B * T,)](
-        logits, labels, logp, lse, logits_sum if with_logits_sum else logp,
+        logits, labels, logp, lse,
+        out.get("logits_sum", logp), out.get("entropy", logp), out.get("accuracy", logp), out.get("lse_2z", logp),
         T, V,
         logits.stride(0), logits.stride(1), logits.stride(2),
         labels.stride(0), labels.stride(1),
@@ -114,7 +173,10 @@ def token_logprobs_forward(
         BLOCK_V=cfg.block_v,
         VEC=vector_width(logits),
         ACC_DTYPE=acc_dtype(logits.dtype),
-        WITH_LOGITS_SUM=with_logits_sum,
+        WITH_LOGITS_SUM="logits_sum" in extras,
+        WITH_ENTROPY="entropy" in extras,
+        WITH_ACCURACY="accuracy" in extras,
+        WITH_LSE_2Z="lse_2z" in extras,
         num_warps=cfg.num_warps,
     )
-    return logp, lse, logits_sum
+    return logp, lse, out
