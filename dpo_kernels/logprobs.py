@@ -111,15 +111,55 @@ def completion_lengths(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
     return (labels != ignore_index).sum(-1)
 
 
-def sequence_logprobs(token_logp: torch.Tensor, labels: torch.Tensor, ignore_index: int, average: bool) -> torch.Tensor:
+def sequence_logprobs(
+    token_logp: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int,
+    average: bool,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Sum (or mean, when ``average``) of the per-token log-probs of each sequence, ``[B]``.
 
     Ignored tokens already carry 0. A sequence with no completion tokens gives 0, never 0/0.
+    ``weights`` (``[B, T]``, e.g. :func:`ld_token_weights`) weight each token in the sum; the
+    mean still divides by the number of scored tokens.
     """
-    total = token_logp.sum(-1)
+    total = (token_logp if weights is None else token_logp * weights.to(token_logp.dtype)).sum(-1)
     if not average:
         return total
     return total / completion_lengths(labels, ignore_index).clamp(min=1).to(total.dtype)
+
+
+def ld_token_weights(labels: torch.Tensor, ignore_index: int, alpha: float) -> torch.Tensor:
+    """LD-DPO's per-token weights ``[2P, T]`` (Liu et al. 2024, arXiv:2409.06411), TRL's masks.
+
+    Rows ``0..P-1`` are chosen, ``P..2P-1`` rejected. In each pair the first
+    ``min(|y_c|, |y_r|)`` completion tokens of both sequences (the shared part) weigh 1, the
+    completion tokens past it (the verbose tail of the longer one) weigh ``alpha``; ignored
+    tokens weigh 0. So ``sum_t w_t logp_t = shared + alpha * tail``.
+    """
+    scored = labels != ignore_index
+    position = scored.cumsum(-1)  # 1-based position among the completion tokens
+    lengths = scored.sum(-1)
+    chosen, rejected = lengths.chunk(2)
+    shared = torch.minimum(chosen, rejected).repeat(2).unsqueeze(-1)
+    tail = scored & (position > shared)
+    weights = scored.to(torch.float32)
+    return torch.where(tail, torch.full_like(weights, alpha), weights)
+
+
+def wpo_weights(tokens: TokenLogprobs, ignore_index: int) -> torch.Tensor:
+    """WPO's per-sequence weights ``[2P]`` (Zhou et al. 2024, arXiv:2406.11827, Eq. 2), detached.
+
+    ``exp(mean_t (logp_t - log sum_v p_v^2))`` over the completion tokens, with
+    ``log sum_v p_v^2 = logsumexp(2z) - 2 logsumexp(z)`` from the same-pass "lse_2z" extra.
+    A pair's weight is the chosen weight times the rejected weight (TRL's).
+    """
+    scored = tokens.labels != ignore_index
+    log_sum_sq = tokens.extras["lse_2z"] - 2.0 * tokens.lse
+    aligned = torch.where(scored, tokens.logp.detach() - log_sum_sq, torch.zeros_like(log_sum_sq))
+    mean = aligned.sum(-1) / scored.sum(-1).clamp(min=1).to(aligned.dtype)
+    return torch.exp(mean)
 
 
 class _FusedSigmoidDPOFunction(torch.autograd.Function):
