@@ -1,6 +1,8 @@
 """Float64 PyTorch oracles, written from the formulas, independent of the code under test."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -41,41 +43,169 @@ def sequence_logps(token_logp, labels, average, ignore_index=IGNORE):
     return total
 
 
-def pair_loss(loss_type, margin, beta, label_smoothing):
-    """Per-pair losses from the float64 log-ratio margin, from the papers' formulas."""
-    if loss_type == "sigmoid":
-        x = beta * margin
-        return -(1 - label_smoothing) * torch.log(torch.sigmoid(x)) - label_smoothing * torch.log(torch.sigmoid(-x))
-    if loss_type == "hinge":
-        return torch.clamp(1 - beta * margin, min=0)
-    if loss_type == "ipo":
-        return (margin - 1 / (2 * beta)) ** 2
-    raise KeyError(loss_type)
+def _logsig(x):
+    return F.logsigmoid(x)  # log(sigmoid(x)) without its underflow at |x| > 700
 
 
-def dpo(logits, labels, *, ref_logps=None, ref_logits=None, beta=0.1, loss_type="sigmoid",
-        label_smoothing=0.0, average=False, shift=False, ignore_index=IGNORE):
-    """Everything fused_dpo_loss returns, in float64, plus d loss / d logits."""
-    average = average or loss_type == "ipo"
+def f_scores(logratio, kind="reverse_kl", alpha=0.5):
+    """f'(t) at t = pi/ref (f-DPO, Wang et al. 2023), written on t itself."""
+    if kind == "reverse_kl":
+        return logratio
+    t = torch.exp(logratio)
+    if kind == "forward_kl":
+        return 1 - 1 / t
+    if kind == "js_divergence":
+        return torch.log(2 * t / (t + 1))
+    if kind == "alpha_divergence":
+        if abs(alpha - 1) < 1e-6:
+            return logratio
+        # t^(alpha-1), with TRL's clamp of the exponent at 80
+        return (torch.exp(torch.clamp((alpha - 1) * logratio, max=80.0)) - 1) / (alpha - 1)
+    raise KeyError(kind)
+
+
+def zoo_loss(name, *, pc, pr, rc, rr, lc=None, lr=None, tok_c=None, mask_c=None, beta=0.1, eps=0.0,
+             fdiv="reverse_kl", alpha=0.5, tau=0.05, gamma=0.5, cpo_alpha=None, averaged=False):
+    """Per-pair losses [P] of loss type ``name`` from the per-sequence log-probs, from the papers'
+    formulas as TRL 1.16 writes them (float64; p = policy, r = reference, c/r = chosen/rejected,
+    l = completion lengths, tok_c/mask_c = chosen per-token log-probs and mask)."""
+    P = pc.shape[0]
+    lrc, lrr = pc - rc, pr - rr
+    sc, sr = f_scores(lrc, fdiv, alpha), f_scores(lrr, fdiv, alpha)
+
+    def per_token(x, n):
+        return x if averaged else x / n.clamp(min=1)
+
+    def nll():
+        m = mask_c.double()
+        return -(tok_c * m).sum() / m.sum().clamp(min=1)
+
+    def smoothed(x):
+        return -(1 - eps) * _logsig(x) - eps * _logsig(-x)
+
+    if name == "sigmoid":
+        return smoothed(beta * (sc - sr))
+    if name == "hinge":
+        return torch.clamp(1 - beta * (sc - sr), min=0)
+    if name == "ipo":
+        return (per_token(sc, lc) - per_token(sr, lr) - 1 / (2 * beta)) ** 2
+    if name == "exo_pair":
+        x = beta * (sc - sr)
+        q_w, q_l = torch.sigmoid(x), torch.sigmoid(-x)
+        return q_w * (torch.log(q_w) - math.log(1 - eps)) + q_l * (torch.log(q_l) - math.log(eps))
+    if name == "nca_pair":
+        a, b = beta * lrc, beta * lrr
+        return -_logsig(a) - 0.5 * _logsig(-a) - 0.5 * _logsig(-b)
+    if name == "robust":
+        x = beta * (sc - sr)
+        return ((1 - eps) * -_logsig(x) - eps * -_logsig(-x)) / (1 - 2 * eps)
+    if name == "bco_pair":
+        return -_logsig(beta * lrc) - _logsig(-beta * lrr)
+    if name == "sppo_hard":
+        return (lrc - 1 / (2 * beta)) ** 2 + (lrr + 1 / (2 * beta)) ** 2
+    if name == "aot":
+        d = torch.sort(pc - pr).values - torch.sort(rc - rr).values
+        return smoothed(beta * d)
+    if name == "aot_unpaired":
+        d = torch.sort(lrc).values - torch.sort(lrr).values
+        return smoothed(beta * d)
+    if name == "apo_zero":
+        return 1 - torch.sigmoid(beta * lrc) + torch.sigmoid(beta * lrr)
+    if name == "apo_down":
+        return torch.sigmoid(beta * lrc) + 1 - torch.sigmoid(beta * (lrc - lrr))
+    if name == "discopop":
+        x = beta * (sc - sr)
+        w = torch.sigmoid(x / tau)
+        return (1 - w) * -_logsig(x) + w * torch.exp(-x)
+    if name == "sft":
+        return nll() * torch.ones(P, dtype=torch.float64)
+    if name == "sigmoid_norm":
+        return -_logsig(beta * (per_token(sc, lc) - per_token(sr, lr)))
+    if name == "simpo":
+        x = beta * (per_token(pc, lc) - per_token(pr, lr)) - gamma
+        return smoothed(x) + (cpo_alpha or 0.0) * nll()
+    if name == "cpo":
+        return smoothed(beta * (pc - pr)) + (1.0 if cpo_alpha is None else cpo_alpha) * nll()
+    if name == "orpo":
+        ac, ar = per_token(pc, lc), per_token(pr, lr)
+        log_odds = torch.log(torch.exp(ac) / (1 - torch.exp(ac))) - torch.log(torch.exp(ar) / (1 - torch.exp(ar)))
+        return nll() - beta * _logsig(log_odds)
+    raise KeyError(name)
+
+
+REFERENCE_FREE = {"simpo", "cpo", "orpo", "sft"}
+
+
+def ld_weights(labels, alpha, ignore_index=IGNORE):
+    """LD-DPO token weights, by walking each pair's completions: 1 for the first min(|y_c|, |y_r|)
+    completion tokens, alpha after, 0 on ignored tokens."""
+    P = labels.shape[0] // 2
+    w = torch.zeros(labels.shape, dtype=torch.float64)
+    for i in range(P):
+        rows = (i, P + i)
+        shared = min(int((labels[r] != ignore_index).sum()) for r in rows)
+        for r in rows:
+            seen = 0
+            for t in range(labels.shape[1]):
+                if labels[r, t] != ignore_index:
+                    seen += 1
+                    w[r, t] = 1.0 if seen <= shared else alpha
+    return w
+
+
+def dpo(logits, labels, *, ref_logps=None, ref_logits=None, beta=0.1, loss_type="sigmoid", loss_weights=None,
+        label_smoothing=0.0, average=False, shift=False, ignore_index=IGNORE, ld_alpha=None,
+        use_weighting=False, token_metrics=False, f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5,
+        discopop_tau=0.05, simpo_gamma=0.5, cpo_alpha=None):
+    """Everything fused_dpo_loss returns, in float64, plus d loss / d logits (TRL 1.16 semantics:
+    per-sequence sums, losses normalize by length internally; ``average`` averages everywhere)."""
     y = aligned(labels, shift, ignore_index)
     z = logits.detach().double().requires_grad_(True)
     logp, _ = token_logprobs(z, y, ignore_index)
-    seq = sequence_logps(logp, y, average, ignore_index)
+    scored = y != ignore_index
+    lengths = scored.sum(-1).double()
+    # TRL's completion length for ipo/sigmoid_norm: the completion tokens of the input sequence
+    # (with shift, a completion token at position 0 counts although nothing predicts it).
+    completion = (labels != ignore_index).sum(-1).double()
+    w = ld_weights(y, ld_alpha, ignore_index) if ld_alpha is not None else scored.double()
+    seq = (logp * w).sum(-1)
+    if average:
+        seq = seq / lengths.clamp(min=1)
     P = logits.shape[0] // 2
     if ref_logits is not None:
         ref_tok, _ = token_logprobs(ref_logits.double(), y, ignore_index)
-        ref = sequence_logps(ref_tok, y, average, ignore_index)
+        ref = (ref_tok * w).sum(-1)
+        if average:
+            ref = ref / lengths.clamp(min=1)
     elif ref_logps is not None:
         ref = ref_logps.double()
     else:
         ref = torch.zeros(2 * P, dtype=torch.float64)
-    chosen_ratio = seq[:P] - ref[:P]
-    rejected_ratio = seq[P:] - ref[P:]
-    loss = pair_loss(loss_type, chosen_ratio - rejected_ratio, beta, label_smoothing).mean()
+    names = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    weights = loss_weights or [1.0] * len(names)
+    pair_w = 1.0
+    if use_weighting:
+        with torch.no_grad():
+            probs = torch.softmax(z, -1)
+            log_sum_sq = torch.log((probs * probs).sum(-1))
+            mean = torch.where(scored, logp - log_sum_sq, 0.0).sum(-1) / lengths.clamp(min=1)
+            seq_w = torch.exp(mean)
+            pair_w = seq_w[:P] * seq_w[P:]
+    loss = 0.0
+    for name, weight in zip(names, weights):
+        per_pair = zoo_loss(
+            name, pc=seq[:P], pr=seq[P:], rc=ref[:P], rr=ref[P:], lc=completion[:P], lr=completion[P:],
+            tok_c=logp[:P], mask_c=scored[:P], beta=beta, eps=label_smoothing, fdiv=f_divergence_type,
+            alpha=f_alpha_divergence_coef, tau=discopop_tau, gamma=simpo_gamma, cpo_alpha=cpo_alpha,
+            averaged=average,
+        )
+        loss = loss + weight * (per_pair * pair_w).mean()
     loss.backward()
-    cr, rr = beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
-    scored = (y != ignore_index).double()
-    vocab_mean = z.detach().mean(-1) * scored
+    chosen_ratio = seq[:P].detach() - ref[:P]
+    rejected_ratio = seq[P:].detach() - ref[P:]
+    cr, rr = beta * chosen_ratio, beta * rejected_ratio
+    scored_d = scored.double()
+    vocab_mean = z.detach().mean(-1) * scored_d
     metrics = {
         "rewards/chosen": cr.mean(),
         "rewards/rejected": rr.mean(),
@@ -83,9 +213,16 @@ def dpo(logits, labels, *, ref_logps=None, ref_logits=None, beta=0.1, loss_type=
         "rewards/margins": (cr - rr).mean(),
         "logps/chosen": seq[:P].detach().mean(),
         "logps/rejected": seq[P:].detach().mean(),
-        "logits/chosen": vocab_mean[:P].sum() / scored[:P].sum().clamp(min=1),
-        "logits/rejected": vocab_mean[P:].sum() / scored[P:].sum().clamp(min=1),
+        "logits/chosen": vocab_mean[:P].sum() / scored_d[:P].sum().clamp(min=1),
+        "logits/rejected": vocab_mean[P:].sum() / scored_d[P:].sum().clamp(min=1),
     }
+    if token_metrics:
+        zd = z.detach()
+        p = torch.softmax(zd, -1)
+        entropy = -(p * torch.log_softmax(zd, -1)).sum(-1)
+        correct = (zd.argmax(-1) == y).double()
+        metrics["entropy"] = (entropy * scored_d).sum() / scored_d.sum().clamp(min=1)
+        metrics["mean_token_accuracy"] = (correct * scored_d)[:P].sum() / scored_d[:P].sum().clamp(min=1)
     return {
         "loss": loss.detach(),
         "chosen_rewards": cr,

@@ -4,7 +4,7 @@ import re
 import pytest
 import torch
 
-from dpo_kernels import fused_dpo_loss
+from dpo_kernels import LOSSES, fused_dpo_loss
 from oracle import IGNORE, make_batch
 
 
@@ -109,7 +109,7 @@ def test_non_finite_ref_logits(backend, batch):
 
 def test_unknown_loss_type_lists_valid_ones(batch):
     logits, labels, ref = batch
-    with pytest.raises(ValueError, match=re.escape("loss_type must be one of ['hinge', 'ipo', 'sigmoid'], got 'dpo'")):
+    with pytest.raises(ValueError, match=re.escape(f"loss_type must be one of {sorted(LOSSES)}, got 'dpo'")):
         fused_dpo_loss(logits, labels, ref_logps=ref, loss_type="dpo")
 
 
@@ -189,3 +189,142 @@ def test_inplace_on_overlapping_logits(batch):
     # Reading overlapping logits is fine out of place.
     out = fused_dpo_loss(logits, labels, ref_logps=ref)
     assert torch.isfinite(out.loss)
+
+
+# ---------------------------------------------------------------------------------------------
+# The zoo's options: each error names the option and the loss type(s).
+
+
+@pytest.mark.parametrize("loss_type,match", [
+    ([], r"loss_type must be a loss name or a non-empty list of loss names, got \[\]"),
+    (3, r"loss_type must be a loss name or a non-empty list of loss names, got 3"),
+    (["sigmoid", "dpo"], r"loss_type must be one of \[.*\], got 'dpo'"),
+])
+def test_bad_loss_type_lists(batch, loss_type, match):
+    logits, labels, ref = batch
+    with pytest.raises(ValueError, match=match):
+        fused_dpo_loss(logits, labels, ref_logps=ref, loss_type=loss_type)
+
+
+@pytest.mark.parametrize("weights", [[1.0], [1.0, 2.0, 3.0], [1.0, float("nan")], ["a", 1.0]])
+def test_bad_loss_weights(batch, weights):
+    logits, labels, ref = batch
+    with pytest.raises(ValueError, match=r"loss_weights must be"):
+        fused_dpo_loss(logits, labels, ref_logps=ref, loss_type=["sigmoid", "sft"], loss_weights=weights)
+
+
+def test_loss_weights_count_names_the_loss_types(batch):
+    logits, labels, ref = batch
+    with pytest.raises(ValueError, match=re.escape("one weight per loss type (2 for loss_type=['sigmoid', 'sft'])")):
+        fused_dpo_loss(logits, labels, ref_logps=ref, loss_type=["sigmoid", "sft"], loss_weights=[1.0])
+
+
+def test_label_smoothing_must_apply_to_one_of_the_loss_types(batch):
+    logits, labels, ref = batch
+    with pytest.raises(ValueError, match=re.escape("label_smoothing=0.1 does not apply to loss_type=['hinge', 'ipo']")):
+        fused_dpo_loss(logits, labels, ref_logps=ref, loss_type=["hinge", "ipo"], label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("loss_type", ["robust", "aot", "exo_pair"])
+def test_label_smoothing_range_names_the_loss_type(batch, loss_type):
+    logits, labels, ref = batch
+    with pytest.raises(ValueError, match=rf"label_smoothing must be in \[0, 0.5\) \(loss_type='{loss_type}'\), got 0.5"):
+        fused_dpo_loss(logits, labels, ref_logps=ref, loss_type=loss_type, label_smoothing=0.5)
+
+
+def test_exo_pair_needs_label_smoothing(batch):
+    logits, labels, ref = batch
+    with pytest.raises(ValueError, match=r"loss_type='exo_pair' needs label_smoothing > 0 .*got label_smoothing=0.0"):
+        fused_dpo_loss(logits, labels, ref_logps=ref, loss_type="exo_pair")
+
+
+def test_unknown_f_divergence(batch):
+    logits, labels, ref = batch
+    with pytest.raises(ValueError, match=r"f_divergence_type must be one of \('reverse_kl', 'forward_kl'.*got 'kl'"):
+        fused_dpo_loss(logits, labels, ref_logps=ref, f_divergence_type="kl")
+
+
+@pytest.mark.parametrize("loss_type", ["nca_pair", "aot", ["sigmoid", "bco_pair"], "simpo"])
+def test_f_divergence_only_for_trls_loss_types(batch, loss_type):
+    logits, labels, ref = batch
+    kw = {} if loss_type == "simpo" else {"ref_logps": ref}
+    with pytest.raises(ValueError, match=r"f_divergence_type='forward_kl' does not apply to loss_type \["):
+        fused_dpo_loss(logits, labels, loss_type=loss_type, f_divergence_type="forward_kl", **kw)
+
+
+def test_f_alpha_divergence_coef_only_with_alpha_divergence(batch):
+    logits, labels, ref = batch
+    with pytest.raises(ValueError, match=r"f_alpha_divergence_coef=0.3 applies only with "
+                                         r"f_divergence_type='alpha_divergence', got f_divergence_type='reverse_kl' "
+                                         r"\(loss_type='sigmoid'\)"):
+        fused_dpo_loss(logits, labels, ref_logps=ref, f_alpha_divergence_coef=0.3)
+    with pytest.raises(ValueError, match="f_alpha_divergence_coef must be a finite number"):
+        fused_dpo_loss(logits, labels, ref_logps=ref, f_divergence_type="alpha_divergence",
+                       f_alpha_divergence_coef=float("inf"))
+
+
+@pytest.mark.parametrize("option,value,users", [
+    ("discopop_tau", 0.1, "discopop"), ("simpo_gamma", 0.3, "simpo"), ("cpo_alpha", 0.5, "cpo"),
+])
+def test_loss_specific_options_that_do_not_apply(batch, option, value, users):
+    logits, labels, ref = batch
+    with pytest.raises(ValueError, match=rf"{option}={value} does not apply to loss_type='ipo' \(it applies to \[.*'{users}'"):
+        fused_dpo_loss(logits, labels, ref_logps=ref, loss_type="ipo", **{option: value})
+
+
+@pytest.mark.parametrize("loss_type,option,value,match", [
+    ("discopop", "discopop_tau", 0.0, r"discopop_tau must be a finite number > 0 for loss_type='discopop', got 0.0"),
+    ("discopop", "discopop_tau", float("nan"), r"discopop_tau must be a finite number > 0"),
+    ("simpo", "simpo_gamma", float("inf"), r"simpo_gamma must be a finite number for loss_type='simpo'"),
+    ("cpo", "cpo_alpha", -0.1, r"cpo_alpha must be a finite number >= 0, got -0.1"),
+    ("simpo", "cpo_alpha", float("nan"), r"cpo_alpha must be a finite number >= 0"),
+])
+def test_loss_specific_options_out_of_range(batch, loss_type, option, value, match):
+    logits, labels, ref = batch
+    kw = {} if loss_type in ("simpo", "cpo") else {"ref_logps": ref}
+    with pytest.raises(ValueError, match=match):
+        fused_dpo_loss(logits, labels, loss_type=loss_type, **{option: value}, **kw)
+
+
+@pytest.mark.parametrize("alpha", [-0.1, 1.5, float("nan"), True, "0.5"])
+def test_bad_ld_alpha(batch, alpha):
+    logits, labels, ref = batch
+    with pytest.raises(ValueError, match=r"ld_alpha must be a number in \[0, 1\] \(or None\)"):
+        fused_dpo_loss(logits, labels, ref_logps=ref, ld_alpha=alpha)
+
+
+def test_ld_alpha_combinations(batch):
+    logits, labels, ref = batch
+    with pytest.raises(ValueError, match=r"ld_alpha does not combine with average_log_prob=True.*loss_type='sigmoid'"):
+        fused_dpo_loss(logits, labels, ref_logps=ref, ld_alpha=0.5, average_log_prob=True)
+    with pytest.raises(ValueError, match=r"ld_alpha=0.5 does not apply to loss_type='sft'"):
+        fused_dpo_loss(logits, labels, loss_type="sft", ld_alpha=0.5)
+
+
+@pytest.mark.parametrize("loss_type", ["aot", "aot_unpaired", ["sigmoid", "aot"]])
+def test_use_weighting_not_with_aot(batch, loss_type):
+    logits, labels, ref = batch
+    with pytest.raises(ValueError, match=r"use_weighting=True does not apply to loss_type \['aot"):
+        fused_dpo_loss(logits, labels, ref_logps=ref, loss_type=loss_type, use_weighting=True)
+
+
+@pytest.mark.parametrize("option", ["use_weighting", "token_metrics", "average_log_prob"])
+def test_flags_must_be_bools(batch, option):
+    logits, labels, ref = batch
+    with pytest.raises(TypeError, match=rf"{option} must be a bool, got 1"):
+        fused_dpo_loss(logits, labels, ref_logps=ref, **{option: 1})
+
+
+@pytest.mark.parametrize("loss_type", ["simpo", "cpo", "orpo", "sft", ["simpo", "sft"]])
+def test_reference_free_losses_need_no_reference_and_use_one_only_for_rewards(batch, loss_type):
+    logits, labels, ref = batch
+    free = fused_dpo_loss(logits, labels, loss_type=loss_type, backend="reference")
+    with_ref = fused_dpo_loss(logits, labels, ref_logps=ref, loss_type=loss_type, backend="reference")
+    torch.testing.assert_close(free.loss, with_ref.loss)
+    torch.testing.assert_close(free.chosen_rewards - with_ref.chosen_rewards, 0.1 * ref[:2])
+
+
+def test_a_reference_loss_in_the_list_needs_a_reference(batch):
+    logits, labels, _ = batch
+    with pytest.raises(ValueError, match="no reference: pass ref_logps or ref_logits, or reference_free=True"):
+        fused_dpo_loss(logits, labels, loss_type=["simpo", "sigmoid"])

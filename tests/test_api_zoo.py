@@ -1,0 +1,264 @@
+"""The DPO zoo through fused_dpo_loss: every loss type, combined losses, LD-DPO, WPO, f-divergences
+and the same-pass token metrics, against the float64 oracle (tests/oracle.py), values, metrics and
+the gradient w.r.t. the logits."""
+import pytest
+import torch
+
+import oracle
+from dpo_kernels import LOSSES, fused_dpo_loss
+from dpo_kernels.backends import load_backend
+from oracle import IGNORE, assert_close_grad, assert_close_values, make_batch
+
+F32 = torch.float32
+
+
+def _run(logits, labels, **kwargs):
+    leaf = logits.detach().clone().requires_grad_(True)
+    out = fused_dpo_loss(leaf, labels, **kwargs)
+    out.loss.backward()
+    return out, leaf.grad
+
+
+def _check(out, want, grad, dtype=F32):
+    assert_close_values(out.loss, want["loss"], dtype, "loss")
+    for name in ("chosen_rewards", "rejected_rewards", "chosen_logps", "rejected_logps"):
+        assert_close_values(getattr(out, name), want[name], dtype, name)
+    assert set(out.metrics) == set(want["metrics"])
+    for name, value in want["metrics"].items():
+        assert out.metrics[name].dim() == 0 and not out.metrics[name].requires_grad
+        assert_close_values(out.metrics[name], value, dtype, name)
+    assert_close_grad(grad, want["grad"], dtype)
+
+
+def _eps(name):
+    return {"exo_pair": 1e-3, "robust": 0.2, "aot": 0.1, "aot_unpaired": 0.1}.get(name, 0.0)
+
+
+def _reference_kwargs(name, logits, form):
+    if name in oracle.REFERENCE_FREE:
+        return {}, {}
+    if form == "ref_logits":
+        ref_logits = logits + torch.randn_like(logits)  # a nearby reference, fresh
+        return {"ref_logits": ref_logits}, {"ref_logits": ref_logits}
+    ref = torch.randn(logits.shape[0]) * 2 - 12
+    return {"ref_logps": ref}, {"ref_logps": ref}
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("form", ["ref_logits", "ref_logps"])
+def test_every_loss_type_on_the_reference_backend(name, form):
+    logits, labels = make_batch(3, 7, 60, F32)
+    ours, theirs = _reference_kwargs(name, logits, form)
+    kw = dict(beta=0.3, loss_type=name, label_smoothing=_eps(name), shift=True)
+    out, grad = _run(logits, labels, backend="reference", **ours, **kw)
+    want = oracle.dpo(logits, labels, **theirs, beta=0.3, loss_type=name, label_smoothing=_eps(name), shift=True)
+    _check(out, want, grad)
+
+
+@pytest.mark.parametrize("name", ["sigmoid", "ipo", "aot", "simpo", "orpo"])
+def test_representative_losses_on_every_backend(backend, small_block, name):
+    logits, labels = make_batch(2, 6, 300, torch.bfloat16)
+    ours, theirs = _reference_kwargs(name, logits, "ref_logps")
+    out, grad = _run(logits, labels, backend=backend, beta=0.5, loss_type=name, shift=True, **ours)
+    want = oracle.dpo(logits, labels, **theirs, beta=0.5, loss_type=name, shift=True)
+    _check(out, want, grad, torch.bfloat16)
+
+
+@pytest.mark.parametrize("loss_type,weights", [
+    (["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0]),  # MPO
+    (["sigmoid", "sft"], [1.0, 0.5]),  # RPO
+    (["ipo", "hinge", "sigmoid_norm"], None),
+])
+def test_loss_weights_backward_matches_float64_autograd(backend, loss_type, weights):
+    logits, labels = make_batch(2, 6, 120, F32)
+    ref_logits = logits + torch.randn_like(logits)
+    out, grad = _run(logits, labels, ref_logits=ref_logits, loss_type=loss_type, loss_weights=weights,
+                     beta=0.2, backend=backend)
+    want = oracle.dpo(logits, labels, ref_logits=ref_logits, loss_type=loss_type, loss_weights=weights, beta=0.2)
+    _check(out, want, grad)
+
+
+def test_reference_free_combination():
+    """CPO-SimPO-style combination of reference-free losses: no reference needed."""
+    logits, labels = make_batch(2, 6, 80, F32)
+    kw = dict(loss_type=["simpo", "cpo", "orpo"], loss_weights=[1.0, 0.5, 0.25], beta=1.5, simpo_gamma=0.3,
+              cpo_alpha=0.7, label_smoothing=0.1)
+    out, grad = _run(logits, labels, backend="reference", **kw)
+    want = oracle.dpo(logits, labels, loss_type=kw["loss_type"], loss_weights=kw["loss_weights"], beta=1.5,
+                      simpo_gamma=0.3, cpo_alpha=0.7, label_smoothing=0.1)
+    _check(out, want, grad)
+
+
+def test_ipo_with_precomputed_sums_equals_ipo_with_ref_logits():
+    """TRL's convention: ref_logps are sums (precompute_ref_log_probs), IPO normalizes inside."""
+    logits, labels = make_batch(3, 7, 90, F32)
+    ref_logits = torch.randn_like(logits) * 2
+    ref_tok, _ = oracle.token_logprobs(ref_logits, oracle.aligned(labels, True))
+    ref_sums = ref_tok.sum(-1).float()
+    a, ga = _run(logits, labels, ref_logits=ref_logits, loss_type="ipo", shift=True, backend="reference")
+    b, gb = _run(logits, labels, ref_logps=ref_sums, loss_type="ipo", shift=True, backend="reference")
+    torch.testing.assert_close(a.loss, b.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-9)
+    want = oracle.dpo(logits, labels, ref_logps=ref_sums, loss_type="ipo", shift=True)
+    _check(b, want, gb)
+
+
+@pytest.mark.parametrize("name", ["ipo", "sigmoid_norm", "simpo", "orpo", "sigmoid"])
+def test_average_log_prob_everywhere(name):
+    """average_log_prob=True: averaged log-probs everywhere, and no second division inside."""
+    logits, labels = make_batch(2, 6, 70, F32)
+    ours, theirs = _reference_kwargs(name, logits, "ref_logits")
+    out, grad = _run(logits, labels, backend="reference", loss_type=name, average_log_prob=True, beta=0.4, **ours)
+    want = oracle.dpo(logits, labels, **theirs, loss_type=name, average=True, beta=0.4)
+    _check(out, want, grad)
+
+
+@pytest.mark.parametrize("f_div,coef", [("forward_kl", None), ("js_divergence", None), ("alpha_divergence", 0.3),
+                                        ("alpha_divergence", None)])
+@pytest.mark.parametrize("name", ["sigmoid", "ipo", "robust", "discopop"])
+def test_f_divergences(name, f_div, coef):
+    logits, labels = make_batch(2, 6, 50, F32, scale=1.0)
+    ref_logits = logits + 0.3 * torch.randn_like(logits)  # keeps exp(-log ratio) moderate
+    kw = dict(loss_type=name, f_divergence_type=f_div, beta=0.5, label_smoothing=_eps(name))
+    if coef is not None:
+        kw["f_alpha_divergence_coef"] = coef
+    out, grad = _run(logits, labels, ref_logits=ref_logits, backend="reference", **kw)
+    kw["f_alpha_divergence_coef"] = 0.5 if coef is None else coef
+    want = oracle.dpo(logits, labels, ref_logits=ref_logits, loss_type=name, f_divergence_type=f_div, beta=0.5,
+                      label_smoothing=_eps(name), f_alpha_divergence_coef=kw["f_alpha_divergence_coef"])
+    _check(out, want, grad)
+
+
+def test_f_divergence_sigmoid_on_every_backend(backend):
+    """Not the fused Triton sigmoid: the registry path, on each backend."""
+    logits, labels = make_batch(2, 5, 100, F32, scale=1.0)
+    ref = torch.randn(4) - 14
+    out, grad = _run(logits, labels, ref_logps=ref, loss_type="sigmoid", f_divergence_type="js_divergence",
+                     backend=backend)
+    want = oracle.dpo(logits, labels, ref_logps=ref, f_divergence_type="js_divergence")
+    _check(out, want, grad)
+
+
+@pytest.mark.parametrize("name", ["ipo", "sigmoid_norm", "simpo", "orpo", "sft"])
+def test_empty_prompt_completion_length_counts_the_first_token(name):
+    """With shift=True and an empty prompt, the first completion token has no prediction; the
+    length that ipo/sigmoid_norm/simpo/orpo divide by still counts it (TRL's completion_mask.sum())."""
+    logits, labels = make_batch(2, 6, 50, F32)
+    labels[1, :2] = torch.randint(0, 50, (2,))  # chosen pair 1: no prompt
+    labels[2, 0] = 7  # rejected pair 0: a completion token at position 0 only
+    ours, theirs = _reference_kwargs(name, logits, "ref_logps")
+    out, grad = _run(logits, labels, backend="reference", loss_type=name, shift=True, **ours)
+    _check(out, oracle.dpo(logits, labels, **theirs, loss_type=name, shift=True), grad)
+
+
+def _ragged_batch(V=80):
+    logits, labels = make_batch(3, 8, V, F32)
+    labels[0, 5:] = IGNORE  # pair 0: chosen shorter than rejected
+    labels[4, 4:] = IGNORE  # pair 1: rejected shorter than chosen
+    return logits, labels
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.35, 1.0])
+@pytest.mark.parametrize("loss_type", ["sigmoid", ["sigmoid_norm", "sft"]])
+def test_ld_alpha_with_ref_logits(backend, alpha, loss_type):
+    logits, labels = _ragged_batch()
+    ref_logits = logits + torch.randn_like(logits)
+    out, grad = _run(logits, labels, ref_logits=ref_logits, loss_type=loss_type, ld_alpha=alpha, beta=0.3,
+                     backend=backend)
+    want = oracle.dpo(logits, labels, ref_logits=ref_logits, loss_type=loss_type, ld_alpha=alpha, beta=0.3)
+    _check(out, want, grad)
+
+
+def test_ld_alpha_with_precomputed_ld_weighted_ref_logps():
+    logits, labels = _ragged_batch()
+    ref_logits = logits + torch.randn_like(logits)
+    y = oracle.aligned(labels, True)
+    ref_tok, _ = oracle.token_logprobs(ref_logits, y)
+    ref = (ref_tok * oracle.ld_weights(y, 0.5)).sum(-1).float()  # what TRL's precompute stores
+    a, ga = _run(logits, labels, ref_logps=ref, ld_alpha=0.5, shift=True, loss_type="apo_zero", backend="reference")
+    b, gb = _run(logits, labels, ref_logits=ref_logits, ld_alpha=0.5, shift=True, loss_type="apo_zero",
+                 backend="reference")
+    torch.testing.assert_close(a.loss, b.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-9)
+    _check(a, oracle.dpo(logits, labels, ref_logps=ref, ld_alpha=0.5, shift=True, loss_type="apo_zero"), ga)
+
+
+def test_ld_alpha_zero_masks_the_tail_and_one_changes_nothing():
+    logits, labels = _ragged_batch()
+    ref = torch.randn(6) - 20
+    plain, _ = _run(logits, labels, ref_logps=ref, backend="reference")
+    one, _ = _run(logits, labels, ref_logps=ref, ld_alpha=1.0, backend="reference")
+    zero, _ = _run(logits, labels, ref_logps=ref, ld_alpha=0.0, backend="reference")
+    torch.testing.assert_close(one.chosen_logps, plain.chosen_logps)
+    # pair 0: chosen has 3 completion tokens, rejected 6: with alpha=0 rejected keeps its first 3
+    assert not torch.allclose(zero.rejected_logps[0], plain.rejected_logps[0])
+    torch.testing.assert_close(zero.chosen_logps[0], plain.chosen_logps[0])
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", ["sigmoid", "bco_pair", "sft"], "ipo"])
+def test_use_weighting(backend, loss_type):
+    logits, labels = make_batch(2, 6, 90, F32, scale=1.5)
+    ref = torch.randn(4) - 10
+    out, grad = _run(logits, labels, ref_logps=ref, loss_type=loss_type, use_weighting=True, backend=backend)
+    want = oracle.dpo(logits, labels, ref_logps=ref, loss_type=loss_type, use_weighting=True)
+    _check(out, want, grad)
+
+
+def test_use_weighting_and_token_metrics_read_the_logits_in_one_forward_pass(monkeypatch):
+    """WPO's logsumexp(2z) and the token metrics come from the policy's single kernel pass."""
+    backend = load_backend("reference")
+    calls = []
+    original = backend.token_logprobs_forward
+
+    def counting(logits, labels, ignore_index, extras=frozenset()):
+        calls.append(frozenset(extras))
+        return original(logits, labels, ignore_index, extras)
+
+    monkeypatch.setattr(backend, "token_logprobs_forward", counting)
+    logits, labels = make_batch(2, 5, 40, F32)
+    fused_dpo_loss(logits, labels, ref_logps=torch.randn(4), use_weighting=True, token_metrics=True,
+                   backend="reference")
+    assert calls == [frozenset({"logits_sum", "lse_2z", "entropy", "accuracy"})]
+
+
+def test_token_metrics(backend):
+    logits, labels = make_batch(2, 7, 150, F32)
+    # make some labels the argmax so that mean_token_accuracy is neither 0 nor 1
+    top = logits.argmax(-1)
+    hit = (torch.rand(labels.shape) < 0.5) & (labels != IGNORE)
+    labels = torch.where(hit, top, labels)
+    ref = torch.randn(4) - 15
+    out, grad = _run(logits, labels, ref_logps=ref, token_metrics=True, backend=backend)
+    want = oracle.dpo(logits, labels, ref_logps=ref, token_metrics=True)
+    assert 0 < want["metrics"]["mean_token_accuracy"] < 1
+    _check(out, want, grad)
+
+
+def test_token_metrics_shifted_with_ld_alpha_and_weighting():
+    logits, labels = _ragged_batch(V=120)
+    ref_logits = logits + torch.randn_like(logits)
+    kw = dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.3], ld_alpha=0.4, use_weighting=True,
+              token_metrics=True, shift=True, beta=0.25)
+    out, grad = _run(logits, labels, ref_logits=ref_logits, backend="reference", **kw)
+    _check(out, oracle.dpo(logits, labels, ref_logits=ref_logits, **kw), grad)
+
+
+def test_token_metrics_without_completion_tokens_are_zero():
+    logits, labels = make_batch(1, 3, 40, F32)
+    labels[:] = IGNORE
+    out = fused_dpo_loss(logits, labels, ref_logps=torch.randn(2), token_metrics=True, backend="reference")
+    assert out.metrics["entropy"] == 0 and out.metrics["mean_token_accuracy"] == 0
+
+
+def test_fused_triton_sigmoid_equals_the_registry_with_all_metrics():
+    pytest.importorskip("triton")
+    logits, labels = make_batch(2, 6, 300, F32)
+    ref = torch.randn(4)
+    fused, gf = _run(logits, labels, ref_logps=ref, token_metrics=True, label_smoothing=0.1, backend="triton")
+    registry, gr = _run(logits, labels, ref_logps=ref, token_metrics=True, label_smoothing=0.1,
+                        backend="reference")
+    for name in ("loss", "chosen_rewards", "rejected_rewards", "chosen_logps", "rejected_logps"):
+        torch.testing.assert_close(getattr(fused, name), getattr(registry, name), rtol=1e-6, atol=1e-6)
+    for name in registry.metrics:
+        torch.testing.assert_close(fused.metrics[name], registry.metrics[name], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gf, gr, rtol=1e-5, atol=1e-9)
