@@ -484,6 +484,18 @@ def test_what_trl_refuses_is_refused(case):
         fused_dpo_loss(logits, labels, shift=True, ref_logps=torch.zeros(4), **case.our_kwargs())
 
 
+def test_trl_sigmoid_ignores_label_smoothing():
+    """TRL 1.16's ``sigmoid`` is plain DPO: it ignores ``label_smoothing`` (only robust, exo_pair, aot and
+    aot_unpaired read it), while ``fused_dpo_loss(loss_type="sigmoid", label_smoothing=eps)`` is cDPO.
+    A TRL config therefore maps to ``fused_dpo_loss`` WITHOUT label_smoothing for sigmoid (what an
+    integration must do); this pins both facts."""
+    case = _case("sigmoid", id="sigmoid-ls0.1-in-trl", label_smoothing=0.1)
+    r = _run(case, False)
+    plain = _run(CASES[0], False)  # sigmoid, no label smoothing on either side
+    _close(plain["loss"], r["trl_loss"], "loss (TRL with label_smoothing=0.1)", case, False)
+    assert not math.isclose(r["loss"], r["trl_loss"], rel_tol=1e-3), "ours with label_smoothing should be cDPO"
+
+
 def test_the_batch_is_not_degenerate():
     """The tiny world exercises both signs of the margins, ragged lengths and a non-zero log-ratio."""
     r = _run(CASES[0], False)
