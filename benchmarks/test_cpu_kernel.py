@@ -12,7 +12,9 @@ fp32 and bf16. Variants (same inputs, same process, one group per shape):
 - ``eager``: ``torch.log_softmax(logits.float(), -1).gather(...)`` and autograd's backward;
 - ``reference``: ``dpo_kernels.token_logprobs(..., backend="reference")``;
 - ``cpu`` / ``cpu_inplace``: ``dpo_kernels.token_logprobs(..., backend="cpu")``, with the
-  in-place backward off / on (the in-place rounds start from restored logits, outside the timing).
+  in-place backward off / on (the in-place rounds start from restored logits, outside the timing);
+- ``cpu_extras``: ``cpu`` with every same-pass extra (``backends.EXTRAS``: logits sum, entropy,
+  argmax == label, logsumexp(2z)) computed by the forward: the price of the extras.
 
 ``extra_info`` records the shape, dtype, threads, the logits size, the peak extra memory of one
 step (RSS high-water mark growth, Linux: ``/proc/self/clear_refs`` + ``VmHWM``; allocations here
@@ -30,6 +32,7 @@ import pytest
 import torch
 
 from dpo_kernels import token_logprobs
+from dpo_kernels.backends import EXTRAS
 
 try:
     from dpo_kernels.backends import cpu as _cpu_backend
@@ -38,7 +41,7 @@ except ImportError:  # extension not built
 
 N_TOKENS = 2048
 SHAPES = [(V, dtype) for V in (32000, 128256) for dtype in (torch.float32, torch.bfloat16)]
-VARIANTS = ["exp_floor", "eager", "reference", "cpu", "cpu_inplace"]  # ours last: ratios need the others
+VARIANTS = ["exp_floor", "eager", "reference", "cpu", "cpu_inplace", "cpu_extras"]  # ours last: ratios need the others
 ROUNDS = 5
 WARMUP_ROUNDS = 1
 
@@ -113,9 +116,10 @@ class _Case:
             return eager
         backend = "cpu" if variant.startswith("cpu") else variant
         inplace = variant == "cpu_inplace"
+        extras = EXTRAS if variant == "cpu_extras" else ()
 
         def ours():
-            logp = token_logprobs(leaf, labels, backend=backend, inplace_backward=inplace).logp
+            logp = token_logprobs(leaf, labels, backend=backend, inplace_backward=inplace, extras=extras).logp
             return torch.autograd.grad(logp, leaf, coef)[0]
 
         return ours
@@ -147,9 +151,10 @@ def summary_lines() -> list[str]:
         "",
         f"CPU backend, forward + backward, N={N_TOKENS} tokens, {torch.get_num_threads()} threads "
         "(min of rounds, ms; ratios = other / ours, floor ratio = ours / floor)",
-        "| V | dtype | exp floor | eager | reference | cpu | cpu in place | eager / cpu | reference / cpu "
-        "| cpu / floor | cpu in place / floor | extra mem cpu / in place (x logits) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| V | dtype | exp floor | eager | reference | cpu | cpu in place | cpu all extras | eager / cpu "
+        "| reference / cpu | cpu / floor | cpu in place / floor | cpu all extras / cpu "
+        "| extra mem cpu / in place (x logits) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (V, dtype_name), res in _results.items():
         t = {k: v["min_ms"] for k, v in res.items()}
@@ -166,7 +171,8 @@ def summary_lines() -> list[str]:
         lines.append(
             f"| {V} | {dtype_name} | " + " | ".join(f"{t[k]:.1f}" if k in t else "-" for k in VARIANTS)
             + f" | {ratio('eager', 'cpu')} | {ratio('reference', 'cpu')} | {ratio('cpu', 'exp_floor')} "
-            f"| {ratio('cpu_inplace', 'exp_floor')} | {mem('cpu')} / {mem('cpu_inplace')} |"
+            f"| {ratio('cpu_inplace', 'exp_floor')} | {ratio('cpu_extras', 'cpu')} "
+            f"| {mem('cpu')} / {mem('cpu_inplace')} |"
         )
     return lines
 
@@ -199,8 +205,9 @@ def test_cpu_kernel(benchmark, cases, V, dtype, variant):
         "peak_extra_over_logits": None if peak is None else peak / case.logits_bytes,
     }
     if variant.startswith("cpu"):
-        # What ours must allocate: the gradient (none in place) and three [N] fp32 vectors.
-        expected = (0 if inplace else case.logits_bytes) + 3 * N_TOKENS * 4
+        # What ours must allocate: the gradient (none in place), three [N] fp32 vectors and the extras.
+        n_vectors = 3 + (len(EXTRAS) if variant == "cpu_extras" else 0)
+        expected = (0 if inplace else case.logits_bytes) + n_vectors * N_TOKENS * 4
         info["expected_extra_bytes"] = expected
         info["expected_extra_over_logits"] = expected / case.logits_bytes
     benchmark.extra_info.update(info)

@@ -5,8 +5,10 @@
 // token_logprobs_kernel.h, compiled once per CPU capability and chosen here at run time.
 //
 // Schemas (fake / meta impls are registered in Python, dpo_kernels/backends/cpu.py):
-//   token_logprobs_fwd(Tensor logits, Tensor labels, int ignore_index, bool with_logits_sum)
-//       -> (Tensor logp, Tensor lse, Tensor logits_sum)     logits_sum is empty ([0]) unless asked
+//   token_logprobs_fwd(Tensor logits, Tensor labels, int ignore_index, int extras_mask)
+//       -> (Tensor logp, Tensor lse, Tensor extras)         extras: [K, B, T], one slice per bit
+//          of extras_mask (K = its popcount), in bit order: 1 logits_sum, 2 entropy, 4 accuracy,
+//          8 lse_2z (the order of backends.EXTRAS); [0, B, T] when the mask is 0
 //   token_logprobs_bwd(Tensor logits, Tensor labels, Tensor lse, Tensor grad_logp, int ignore_index)
 //       -> Tensor                                           strides of empty_like(logits)
 //   token_logprobs_bwd_(Tensor(a!) logits, Tensor labels, Tensor lse, Tensor grad_logp,
@@ -19,6 +21,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <bitset>
 #include <cstdint>
 #include <string>
 #include <tuple>
@@ -106,17 +109,24 @@ int64_t grain_rows(int64_t V) {
   return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(V, 1));
 }
 
+// Bits of extras_mask, in the order of backends.EXTRAS (and of the slices of the extras output).
+enum ExtraBit : int64_t { kLogitsSum = 1, kEntropy = 2, kAccuracy = 4, kLse2z = 8, kAllExtras = 15 };
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd(const at::Tensor& logits,
                                                                    const at::Tensor& labels, int64_t ignore_index,
-                                                                   bool with_logits_sum) {
+                                                                   int64_t extras_mask) {
   const char* op = "dpo_kernels::token_logprobs_fwd";
   const at::Tensor y = check_inputs(logits, labels, op);
+  TORCH_CHECK(extras_mask >= 0 && extras_mask <= kAllExtras, op,
+              ": extras_mask must be a combination of 1 (logits_sum), 2 (entropy), 4 (accuracy) and "
+              "8 (lse_2z), got ", extras_mask);
   const int64_t B = logits.size(0), T = logits.size(1), V = logits.size(2);
   const auto opts = logits.options().dtype(acc_dtype(logits));
   at::Tensor logp = at::empty({B, T}, opts);
   at::Tensor lse = at::empty({B, T}, opts);
-  at::Tensor logits_sum = with_logits_sum ? at::empty({B, T}, opts) : at::empty({0}, opts);
-  if (B * T == 0) return {logp, lse, logits_sum};
+  const int64_t K = static_cast<int64_t>(std::bitset<4>(static_cast<unsigned long long>(extras_mask)).count());
+  at::Tensor extras = at::empty({K, B, T}, opts);
+  if (B * T == 0) return {logp, lse, extras};
 
   FwdArgs a;
   a.logits = logits.const_data_ptr();
@@ -128,14 +138,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd(const at::Tens
   a.ys_t = y.stride(1);
   a.logp = logp.mutable_data_ptr();
   a.lse = lse.mutable_data_ptr();
-  a.logits_sum = with_logits_sum ? logits_sum.mutable_data_ptr() : nullptr;
+  int64_t slot = 0;
+  auto extra_out = [&](ExtraBit bit) -> void* {
+    return (extras_mask & bit) ? extras[slot++].mutable_data_ptr() : nullptr;
+  };
+  a.logits_sum = extra_out(kLogitsSum);  // in bit order: the slices follow the mask's bits
+  a.entropy = extra_out(kEntropy);
+  a.accuracy = extra_out(kAccuracy);
+  a.lse_2z = extra_out(kLse2z);
   a.T = T;
   a.V = V;
   a.ignore_index = ignore_index;
   a.dtype = logits_dtype(logits);
   const ForwardRowsFn fn = kernels().forward;
   at::parallel_for(0, B * T, grain_rows(V), [&](int64_t begin, int64_t end) { fn(a, begin, end); });
-  return {logp, lse, logits_sum};
+  return {logp, lse, extras};
 }
 
 void run_backward(const at::Tensor& logits, const at::Tensor& y, const at::Tensor& lse, const at::Tensor& coef,
@@ -212,8 +229,8 @@ void token_logprobs_bwd_(at::Tensor& logits, const at::Tensor& labels, const at:
 
 TORCH_LIBRARY(dpo_kernels, m) {
   m.set_python_module("dpo_kernels.backends.cpu");
-  m.def("token_logprobs_fwd(Tensor logits, Tensor labels, int ignore_index, bool with_logits_sum) "
-        "-> (Tensor, Tensor, Tensor)");
+  m.def("token_logprobs_fwd(Tensor logits, Tensor labels, int ignore_index, int extras_mask) "
+        "-> (Tensor logp, Tensor lse, Tensor extras)");
   m.def("token_logprobs_bwd(Tensor logits, Tensor labels, Tensor lse, Tensor grad_logp, int ignore_index) "
         "-> Tensor");
   m.def("token_logprobs_bwd_(Tensor(a!) logits, Tensor labels, Tensor lse, Tensor grad_logp, "

@@ -18,9 +18,13 @@ struct FwdArgs {
   int64_t zs_b, zs_t, zs_v;
   const int64_t* labels;  // [B, T]
   int64_t ys_b, ys_t;
-  void* logp;        // [B * T] contiguous, fp32 (fp64 for fp64 logits)
-  void* lse;         // idem
-  void* logits_sum;  // idem, or nullptr when not requested
+  void* logp;  // [B * T] contiguous, fp32 (fp64 for fp64 logits)
+  void* lse;   // idem
+  // Same-pass extras (backends.EXTRAS): each [B * T] contiguous like logp, nullptr when not asked.
+  void* logits_sum;  // sum_v z_v
+  void* entropy;     // lse - sum_v p_v z_v
+  void* accuracy;    // 1 where the first index of the row's max is the label, else 0
+  void* lse_2z;      // logsumexp(2 z)
   int64_t T, V, ignore_index;
   DType dtype;
 };

@@ -12,9 +12,11 @@
 //
 // A row is processed in chunks of kChunk elements that stay in L1:
 //   forward,  per chunk: (a) load (converting bf16/fp16 to fp32, or gathering a strided row into
-//             a small buffer) and take the chunk max (and the chunk sum of logits when asked);
-//             (b) sum exp(z - shift) over the chunk, shift = running max, rescaling the running
-//             sum once per chunk when the max grows. One exp per element.
+//             a small buffer) and take the chunk max (and the chunk sum of logits when asked; and,
+//             for accuracy, the first index of the max when the chunk raises the row's max);
+//             (b) sum e = exp(z - shift) over the chunk, shift = running max, rescaling the running
+//             sums once per chunk when the max grows; entropy adds sum e (z - shift) and
+//             logsumexp(2z) sum e^2 from the same e. One exp per element, whatever the extras.
 //   backward, per chunk: grad = -coef * exp(z - lse), converted and stored once; the true-class
 //             element is then rewritten as coef * (1 - p_y), formed in the accumulation type
 //             from the target logit read before the row was written (in place safe).
@@ -26,10 +28,12 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <utility>
 
 #include "token_logprobs.h"
 
@@ -256,16 +260,29 @@ inline const acc_t* load_chunk_max_sum(const scalar_t* p, int64_t sv, int64_t n,
   return d;
 }
 
-// sum over d[0, n) of exp(d[i] - shift). While this (compute-bound) loop runs from L1, the
-// next chunk of a contiguous row, `next` (n_next bytes), is prefetched: the load-and-max pass
-// over it then finds it in cache, so memory traffic and exp arithmetic overlap.
+// Sums over d[0, n) of e_i = exp(x_i), x_i = d[i] - shift: s = sum e_i and, with kEnt / kL2,
+// ex = sum e_i x_i (entropy) and e2 = sum e_i^2 (logsumexp(2z)), from the same exp.
 template <typename acc_t>
-inline acc_t chunk_expsum(const acc_t* d, int64_t n, acc_t shift, const char* next, int64_t n_next) {
+struct ExpSums {
+  acc_t s = 0, ex = 0, e2 = 0;
+};
+
+// While this (compute-bound) loop runs from L1, the next chunk of a contiguous row, `next`
+// (n_next bytes), is prefetched: the load-and-max pass over it then finds it in cache, so memory
+// traffic and exp arithmetic overlap.
+//
+// x_i = -inf (a -inf logit) has e_i = 0: its entropy term is e_i * max(x_i, lowest) = 0, never
+// 0 * -inf. (No NaN reaches this loop: a NaN row stops at its first NaN chunk.)
+template <typename acc_t, bool kEnt, bool kL2>
+inline ExpSums<acc_t> chunk_expsum(const acc_t* d, int64_t n, acc_t shift, const char* next, int64_t n_next) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
   constexpr int64_t kLine = 64;
   const Vec vs(shift);
+  const Vec vlow(std::numeric_limits<acc_t>::lowest());
   Vec a0(acc_t(0)), a1(acc_t(0)), a2(acc_t(0)), a3(acc_t(0));
+  Vec h0(acc_t(0)), h1(acc_t(0)), h2(acc_t(0)), h3(acc_t(0));  // sum e * x (kEnt)
+  Vec q0(acc_t(0)), q1(acc_t(0)), q2(acc_t(0)), q3(acc_t(0));  // sum e * e (kL2)
   int64_t i = 0;
   int64_t pf = 0;
   for (; i + 4 * W <= n; i += 4 * W) {
@@ -277,26 +294,99 @@ inline acc_t chunk_expsum(const acc_t* d, int64_t n, acc_t shift, const char* ne
       DPO_KERNELS_PREFETCH(next + pf + 3 * kLine);
       pf += 4 * kLine;
     }
-    a0 += vexp(Vec::loadu(d + i) - vs);
-    a1 += vexp(Vec::loadu(d + i + W) - vs);
-    a2 += vexp(Vec::loadu(d + i + 2 * W) - vs);
-    a3 += vexp(Vec::loadu(d + i + 3 * W) - vs);
+    if constexpr (!kEnt && !kL2) {
+      a0 += vexp(Vec::loadu(d + i) - vs);
+      a1 += vexp(Vec::loadu(d + i + W) - vs);
+      a2 += vexp(Vec::loadu(d + i + 2 * W) - vs);
+      a3 += vexp(Vec::loadu(d + i + 3 * W) - vs);
+    } else {
+      const Vec x0 = Vec::loadu(d + i) - vs;
+      const Vec x1 = Vec::loadu(d + i + W) - vs;
+      const Vec x2 = Vec::loadu(d + i + 2 * W) - vs;
+      const Vec x3 = Vec::loadu(d + i + 3 * W) - vs;
+      const Vec e0 = vexp(x0), e1 = vexp(x1), e2 = vexp(x2), e3 = vexp(x3);
+      a0 += e0;
+      a1 += e1;
+      a2 += e2;
+      a3 += e3;
+      if constexpr (kEnt) {
+        h0 = at::vec::fmadd(e0, at::vec::maximum(x0, vlow), h0);
+        h1 = at::vec::fmadd(e1, at::vec::maximum(x1, vlow), h1);
+        h2 = at::vec::fmadd(e2, at::vec::maximum(x2, vlow), h2);
+        h3 = at::vec::fmadd(e3, at::vec::maximum(x3, vlow), h3);
+      }
+      if constexpr (kL2) {
+        q0 = at::vec::fmadd(e0, e0, q0);
+        q1 = at::vec::fmadd(e1, e1, q1);
+        q2 = at::vec::fmadd(e2, e2, q2);
+        q3 = at::vec::fmadd(e3, e3, q3);
+      }
+    }
   }
-  for (; i + W <= n; i += W) a0 += vexp(Vec::loadu(d + i) - vs);
-  acc_t s = hsum((a0 + a1) + (a2 + a3));
-  for (; i < n; ++i) s += std::exp(d[i] - shift);
-  return s;
+  for (; i + W <= n; i += W) {
+    const Vec x = Vec::loadu(d + i) - vs;
+    const Vec e = vexp(x);
+    a0 += e;
+    if constexpr (kEnt) h0 = at::vec::fmadd(e, at::vec::maximum(x, vlow), h0);
+    if constexpr (kL2) q0 = at::vec::fmadd(e, e, q0);
+  }
+  ExpSums<acc_t> r;
+  r.s = hsum((a0 + a1) + (a2 + a3));
+  if constexpr (kEnt) r.ex = hsum((h0 + h1) + (h2 + h3));
+  if constexpr (kL2) r.e2 = hsum((q0 + q1) + (q2 + q3));
+  for (; i < n; ++i) {
+    const acc_t x = d[i] - shift;
+    const acc_t e = std::exp(x);
+    r.s += e;
+    if constexpr (kEnt) {
+      if (e > 0) r.ex += e * x;
+    }
+    if constexpr (kL2) r.e2 += e * e;
+  }
+  return r;
 }
 
-template <typename scalar_t, bool kSum>
+// Offset of the first element of d[0, n) equal to `target` (the first NaN when target is NaN);
+// n when there is none. Runs only when a chunk raises the row's max, so a few times per row.
+template <typename acc_t>
+inline int64_t first_index_of(const acc_t* d, int64_t n, acc_t target) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  int64_t i = 0;
+  if (std::isnan(target)) {  // once per NaN row
+    for (; i < n; ++i)
+      if (std::isnan(d[i])) return i;
+    return n;
+  }
+  const Vec vt(target);
+  for (; i + W <= n; i += W) {
+    // (x == target) is all-ones (not zero) in the equal lanes: zero_mask() has their bits clear.
+    const int not_equal = (Vec::loadu(d + i) == vt).zero_mask();
+    if (not_equal != (1 << W) - 1) break;  // the first equal element is in this vector
+  }
+  for (; i < n; ++i)
+    if (d[i] == target) return i;
+  return n;
+}
+
+// The forward over rows [row_begin, row_end). kSum / kEnt / kL2 (logits_sum, entropy, lse_2z)
+// add work to the per-element loops, so they are template flags: with all three off this is the
+// plain logp / lse kernel. accuracy costs a compare per chunk (and a scan of the chunks that raise
+// the row's max), so it is a run-time flag.
+template <typename scalar_t, bool kSum, bool kEnt, bool kL2>
 void forward_rows_impl(const FwdArgs& a, int64_t row_begin, int64_t row_end) {
   using acc_t = typename AccType<scalar_t>::type;
   const scalar_t* logits = static_cast<const scalar_t*>(a.logits);
   acc_t* out_logp = static_cast<acc_t*>(a.logp);
   acc_t* out_lse = static_cast<acc_t*>(a.lse);
   acc_t* out_sum = static_cast<acc_t*>(a.logits_sum);
+  acc_t* out_ent = static_cast<acc_t*>(a.entropy);
+  acc_t* out_acc = static_cast<acc_t*>(a.accuracy);
+  acc_t* out_l2 = static_cast<acc_t*>(a.lse_2z);
+  const bool with_acc = out_acc != nullptr;
   const int64_t V = a.V;
   const int64_t sv = a.zs_v;
+  constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
   __at_align__ acc_t buf[kChunk];
 
   for (int64_t row = row_begin; row < row_end; ++row) {
@@ -307,44 +397,63 @@ void forward_rows_impl(const FwdArgs& a, int64_t row_begin, int64_t row_end) {
       out_logp[row] = 0;
       out_lse[row] = 0;
       if constexpr (kSum) out_sum[row] = 0;
+      if constexpr (kEnt) out_ent[row] = 0;
+      if constexpr (kL2) out_l2[row] = 0;
+      if (with_acc) out_acc[row] = 0;
       continue;
     }
     const scalar_t* zrow = logits + b * a.zs_b + t * a.zs_t;
-    acc_t m = -inf_value<acc_t>();  // running max (NaN once a NaN was seen)
-    acc_t shift = 0;                // the running sum is of exp(z - shift); 0 while m is +-inf
-    acc_t s = 0;
+    acc_t m = -kInf;  // running max (NaN once a NaN was seen)
+    acc_t shift = 0;  // the running sums are of exp(z - shift); 0 while m is +-inf
+    acc_t s = 0;      // sum e,      e = exp(z - shift)
+    acc_t ex = 0;     // sum e (z - shift)   (kEnt)
+    acc_t e2 = 0;     // sum e^2             (kL2)
     acc_t zsum = 0;
+    int64_t argmax = 0;  // first index of the max (torch.argmax; the first NaN once there is one)
     for (int64_t c = 0; c < V; c += kChunk) {
       const int64_t n = std::min(kChunk, V - c);
       acc_t cmax, csum;
       const acc_t* d = load_chunk_max_sum<scalar_t, acc_t, kSum>(zrow + c * sv, sv, n, buf, cmax, csum);
       if constexpr (kSum) zsum += csum;
+      // Chunks come in index order: only a strictly greater max (or a first NaN) moves the argmax.
+      if (with_acc && !(cmax <= m)) argmax = c + first_index_of(d, n, cmax);
       m = max_nan(m, cmax);
-      if (std::isnan(m) || m == inf_value<acc_t>()) {
-        if constexpr (kSum) continue;  // lse is decided; only the logits sum still needs reading
-        else break;
-      }
-      if (m == -inf_value<acc_t>()) continue;  // nothing but -inf so far: the sum stays 0
+      if (std::isnan(m)) break;  // every statistic of the row is NaN (or decided: the argmax)
+      if (m == kInf) continue;   // lse is +inf unless a NaN follows: keep reading, no exp
+      if (m == -kInf) continue;  // nothing but -inf so far: the sums stay 0
       if (m != shift) {
-        if (s != 0) s *= std::exp(shift - m);
+        if (s != 0) {
+          // Rescale to the new shift: e' = alpha e, z - m = (z - shift) + delta.
+          const acc_t delta = shift - m;
+          const acc_t alpha = std::exp(delta);
+          if constexpr (kEnt) ex = alpha == 0 ? acc_t(0) : alpha * (ex + delta * s);
+          if constexpr (kL2) e2 *= alpha * alpha;
+          s *= alpha;
+        }
         shift = m;
       }
       // Prefetch the next chunk of a contiguous row (a strided row is gathered element-wise).
       const int64_t n_next = (sv == 1) ? std::min(kChunk, V - c - n) * int64_t(sizeof(scalar_t)) : 0;
-      s += chunk_expsum<acc_t>(d, n, shift, reinterpret_cast<const char*>(zrow + c + n), n_next);
+      const ExpSums<acc_t> r =
+          chunk_expsum<acc_t, kEnt, kL2>(d, n, shift, reinterpret_cast<const char*>(zrow + c + n), n_next);
+      s += r.s;
+      if constexpr (kEnt) ex += r.ex;
+      if constexpr (kL2) e2 += r.e2;
     }
-    acc_t lse;
-    if (std::isnan(m) || m == inf_value<acc_t>()) {
-      lse = m;  // NaN, or +inf as torch.logsumexp gives
-    } else if (s > 0) {
-      lse = shift + std::log(s);
-    } else {
-      lse = m;  // a row of -inf (or V == 0): -inf, never -inf - -inf
-    }
+    // NaN, +inf (as torch.logsumexp gives) and a row of -inf (or V == 0; never -inf - -inf) decide
+    // lse, entropy and logsumexp(2z) alike, as the reference's formulas do.
+    const bool finite = s > 0 && !std::isnan(m) && m != kInf;
+    const acc_t log_s = finite ? std::log(s) : acc_t(0);
+    const acc_t lse = finite ? shift + log_s : m;
     // The target logit is read only when the label lies inside the row.
     out_logp[row] = (y >= 0 && y < V) ? static_cast<acc_t>(zrow[y * sv]) - lse : nan_value<acc_t>();
     out_lse[row] = lse;
-    if constexpr (kSum) out_sum[row] = zsum;
+    if constexpr (kSum) out_sum[row] = std::isnan(m) ? m : zsum;
+    // H = lse - sum p z = log(s) - sum e (z - shift) / s.
+    if constexpr (kEnt) out_ent[row] = finite ? log_s - ex / s : m;
+    // logsumexp(2z) = 2 shift + log(sum e^2); e^2 >= 1 at the max.
+    if constexpr (kL2) out_l2[row] = finite ? 2 * shift + std::log(e2) : m;
+    if (with_acc) out_acc[row] = (V > 0 && y == argmax) ? acc_t(1) : acc_t(0);
   }
 }
 
@@ -443,23 +552,35 @@ void backward_rows_impl(const BwdArgs& a, int64_t row_begin, int64_t row_end) {
   }
 }
 
+using ForwardImplFn = void (*)(const FwdArgs&, int64_t, int64_t);
+
+// forward_rows_impl<scalar_t, kSum, kEnt, kL2> for the 8 flag combinations, indexed by
+// kSum | kEnt << 1 | kL2 << 2.
+template <typename scalar_t, size_t... I>
+constexpr std::array<ForwardImplFn, sizeof...(I)> forward_table(std::index_sequence<I...>) {
+  return {&forward_rows_impl<scalar_t, (I & 1) != 0, (I & 2) != 0, (I & 4) != 0>...};
+}
+
+template <typename scalar_t>
+void forward_rows_for(const FwdArgs& args, int64_t row_begin, int64_t row_end) {
+  static constexpr auto table = forward_table<scalar_t>(std::make_index_sequence<8>{});
+  const size_t k = (args.logits_sum != nullptr ? 1 : 0) | (args.entropy != nullptr ? 2 : 0) |
+                   (args.lse_2z != nullptr ? 4 : 0);
+  table[k](args, row_begin, row_end);
+}
+
 }  // namespace
 
 void forward_rows(const FwdArgs& args, int64_t row_begin, int64_t row_end) {
-  const bool with_sum = args.logits_sum != nullptr;
   switch (args.dtype) {
     case DType::Float:
-      return with_sum ? forward_rows_impl<float, true>(args, row_begin, row_end)
-                      : forward_rows_impl<float, false>(args, row_begin, row_end);
+      return forward_rows_for<float>(args, row_begin, row_end);
     case DType::BFloat16:
-      return with_sum ? forward_rows_impl<c10::BFloat16, true>(args, row_begin, row_end)
-                      : forward_rows_impl<c10::BFloat16, false>(args, row_begin, row_end);
+      return forward_rows_for<c10::BFloat16>(args, row_begin, row_end);
     case DType::Half:
-      return with_sum ? forward_rows_impl<c10::Half, true>(args, row_begin, row_end)
-                      : forward_rows_impl<c10::Half, false>(args, row_begin, row_end);
+      return forward_rows_for<c10::Half>(args, row_begin, row_end);
     case DType::Double:
-      return with_sum ? forward_rows_impl<double, true>(args, row_begin, row_end)
-                      : forward_rows_impl<double, false>(args, row_begin, row_end);
+      return forward_rows_for<double>(args, row_begin, row_end);
   }
 }
 

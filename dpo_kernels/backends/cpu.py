@@ -2,8 +2,10 @@
 
 The extension registers three operators in the ``dpo_kernels`` namespace (CPU kernels only):
 
-- ``torch.ops.dpo_kernels.token_logprobs_fwd(logits, labels, ignore_index, with_logits_sum)``
-  -> ``(logp, lse, logits_sum)`` (``logits_sum`` is an empty tensor unless requested);
+- ``torch.ops.dpo_kernels.token_logprobs_fwd(logits, labels, ignore_index, extras_mask)``
+  -> ``(logp, lse, extras)``: ``extras`` is ``[K, B, T]``, one slice per bit set in
+  ``extras_mask`` (bit ``i`` is ``backends.EXTRAS[i]``: 1 logits_sum, 2 entropy, 4 accuracy,
+  8 lse_2z), in bit order, all computed in the one pass over each row;
 - ``torch.ops.dpo_kernels.token_logprobs_bwd(logits, labels, lse, grad_logp, ignore_index)``
   -> the gradient, allocated like ``torch.empty_like(logits)``;
 - ``torch.ops.dpo_kernels.token_logprobs_bwd_(...)``, same arguments: the gradient overwrites
@@ -19,7 +21,12 @@ import torch
 
 from dpo_kernels import _C  # noqa: F401  (loads the library: registers torch.ops.dpo_kernels.*)
 
+from . import EXTRAS
+
 _ops = torch.ops.dpo_kernels
+
+# Bit of each extra in ``extras_mask``; the slices of the op's ``extras`` output follow this order.
+_EXTRA_BITS = {name: 1 << i for i, name in enumerate(EXTRAS)}
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -27,14 +34,15 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 
 
 @torch.library.register_fake("dpo_kernels::token_logprobs_fwd")
-def _token_logprobs_fwd_fake(logits, labels, ignore_index, with_logits_sum):
+def _token_logprobs_fwd_fake(logits, labels, ignore_index, extras_mask):
     torch._check(logits.dim() == 3, lambda: f"logits must be [B, T, V], got {tuple(logits.shape)}")
+    torch._check(0 <= extras_mask < 1 << len(EXTRAS), lambda: f"extras_mask out of range: {extras_mask}")
     B, T, _ = logits.shape
     dtype = _acc(logits.dtype)
     logp = logits.new_empty((B, T), dtype=dtype)
     lse = logits.new_empty((B, T), dtype=dtype)
-    logits_sum = logits.new_empty((B, T) if with_logits_sum else (0,), dtype=dtype)
-    return logp, lse, logits_sum
+    extras = logits.new_empty((bin(extras_mask).count("1"), B, T), dtype=dtype)
+    return logp, lse, extras
 
 
 @torch.library.register_fake("dpo_kernels::token_logprobs_bwd")
@@ -59,12 +67,13 @@ def token_logprobs_forward(
     extras: frozenset[str] = frozenset(),
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """``logits[B, T, V]`` (any strides), ``labels[B, T]`` -> ``(logp, lse, extras)``."""
-    unsupported = set(extras) - {"logits_sum"}
-    if unsupported:
-        raise NotImplementedError(f"the cpu backend does not compute {sorted(unsupported)} yet")
-    with_logits_sum = "logits_sum" in extras
-    logp, lse, logits_sum = _ops.token_logprobs_fwd(logits, labels, int(ignore_index), with_logits_sum)
-    return logp, lse, {"logits_sum": logits_sum} if with_logits_sum else {}
+    unknown = set(extras) - set(EXTRAS)
+    if unknown:
+        raise ValueError(f"extras must be among {EXTRAS}, got {sorted(unknown)}")
+    names = [name for name in EXTRAS if name in extras]  # the op's slice order
+    mask = sum(_EXTRA_BITS[name] for name in names)
+    logp, lse, stacked = _ops.token_logprobs_fwd(logits, labels, int(ignore_index), mask)
+    return logp, lse, dict(zip(names, stacked.unbind(0)))
 
 
 def token_logprobs_backward(

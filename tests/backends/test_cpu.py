@@ -2,9 +2,10 @@
 
 ``test_contract.py`` runs the shared contract on every backend (this one included); the tests here
 aim at what is specific to the C++ kernels: vocabularies that span several 2048-element chunks,
-the contiguous / converted / gathered row paths, every CPU-capability build, thread-count
-independence, 64-bit offsets, non-finite logits across chunk boundaries, the registered operators
-(opcheck, fake impls) and the backend selection. Skipped when the extension is not built.
+the contiguous / converted / gathered row paths, the same-pass extras (every flag combination of
+the kernel, ties and non-finite logits across chunk boundaries), every CPU-capability build,
+thread-count independence, 64-bit offsets, the registered operators (opcheck, fake impls) and the
+backend selection. Skipped when the extension is not built.
 """
 import os
 import subprocess
@@ -19,11 +20,14 @@ from oracle import IGNORE, assert_close_grad, token_logprobs
 cpu = pytest.importorskip("dpo_kernels.backends.cpu", reason="C++ extension dpo_kernels._C not built")
 
 import dpo_kernels.backends as backends  # noqa: E402
+from dpo_kernels.backends import EXTRAS  # noqa: E402
 from dpo_kernels import token_logprobs as token_logprobs_autograd  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 VOCABS = [1, 7, 1000, 5003]  # 5003: three 2048-element chunks, the last one partial
 OPS = torch.ops.dpo_kernels
+ALL = frozenset(EXTRAS)
+NONE = frozenset()
 
 
 def _acc(dtype):
@@ -48,21 +52,41 @@ def _oracle_grad(logits, labels, coef):
     return z.grad
 
 
-def _check_forward(logits, labels, logp, lse, logits_sum=None):
+def _oracle_extras(logits, labels):
+    """The extras in float64 (the definitions of backends/reference.py); 0 on ignored rows."""
+    z = logits.double()
+    lse = torch.logsumexp(z, -1)
+    p = torch.exp(z - lse.unsqueeze(-1))
+    want = {
+        "logits_sum": z.sum(-1),
+        "entropy": lse - torch.where(p > 0, p * z, 0.0).sum(-1),
+        "accuracy": (z.argmax(-1) == labels).double(),
+        "lse_2z": torch.logsumexp(2 * z, -1),
+    }
+    return {k: torch.where(labels == IGNORE, 0.0, v) for k, v in want.items()}
+
+
+def _check_forward(logits, labels, logp, lse, extras=None, equal_nan=False):
     dtype = logits.dtype
     tol = _tol(dtype)
     want_logp, want_lse = token_logprobs(logits, labels)
     assert logp.dtype == lse.dtype == _acc(dtype)
     assert logp.is_contiguous() and lse.is_contiguous() and logp.shape == labels.shape
-    torch.testing.assert_close(logp.double(), want_logp, rtol=tol, atol=tol * 10)
-    torch.testing.assert_close(lse.double(), want_lse, rtol=tol, atol=tol * 10)
+    torch.testing.assert_close(logp.double(), want_logp, rtol=tol, atol=tol * 10, equal_nan=equal_nan)
+    torch.testing.assert_close(lse.double(), want_lse, rtol=tol, atol=tol * 10, equal_nan=equal_nan)
     ignored = labels == IGNORE
     assert (logp[ignored] == 0).all() and (lse[ignored] == 0).all()
-    if logits_sum is not None:
-        V = logits.shape[-1]
-        want_sum = torch.where(ignored, 0.0, logits.double().sum(-1))
-        torch.testing.assert_close(logits_sum.double(), want_sum, rtol=tol, atol=tol * 10 * V**0.5)
-        assert (logits_sum[ignored] == 0).all()
+    want = _oracle_extras(logits, labels)
+    V = logits.shape[-1]
+    for name, value in (extras or {}).items():
+        assert value.dtype == logp.dtype and value.shape == labels.shape and value.is_contiguous(), name
+        atol = tol * 10 * (V**0.5 if name == "logits_sum" else 1)
+        if name == "accuracy":
+            assert torch.equal(value.double(), want[name]), (value, want[name])
+        else:
+            torch.testing.assert_close(value.double(), want[name], rtol=tol, atol=atol, equal_nan=equal_nan,
+                                       msg=name)
+        assert (value[ignored] == 0).all(), name
 
 
 def _check_backward(logits, labels, coef, grad):
@@ -78,9 +102,12 @@ def test_forward_backward_match_oracle(dtype, V):
     B, T = 3, 6
     logits = (torch.randn(B, T, V) * 3).to(dtype)
     labels = _labels(B, T, V)
-    logp, lse, logits_sum = cpu.token_logprobs_forward(logits, labels, IGNORE, True)
-    _check_forward(logits, labels, logp, lse, logits_sum)
-    assert cpu.token_logprobs_forward(logits, labels, IGNORE, False)[2] is None
+    labels = torch.where(torch.rand(B, T) < 0.5, logits.double().argmax(-1), labels)  # some hits
+    labels[0, 0] = IGNORE
+    logp, lse, extras = cpu.token_logprobs_forward(logits, labels, IGNORE, ALL)
+    assert set(extras) == ALL
+    _check_forward(logits, labels, logp, lse, extras)
+    assert cpu.token_logprobs_forward(logits, labels, IGNORE, NONE)[2] == {}
     coef = torch.randn(B, T, dtype=_acc(dtype))
     _check_backward(logits, labels, coef, cpu.token_logprobs_backward(logits, labels, lse, coef, IGNORE, False))
 
@@ -102,8 +129,8 @@ def _views(dtype):
 def test_strided_views(dtype):
     for name, logits, labels in _views(dtype):
         assert not logits.is_contiguous(), name
-        logp, lse, logits_sum = cpu.token_logprobs_forward(logits, labels, IGNORE, True)
-        _check_forward(logits, labels, logp, lse, logits_sum)
+        logp, lse, extras = cpu.token_logprobs_forward(logits, labels, IGNORE, ALL)
+        _check_forward(logits, labels, logp, lse, extras)
         coef = torch.randn(labels.shape, dtype=_acc(dtype))
         grad = cpu.token_logprobs_backward(logits, labels, lse, coef, IGNORE, False)
         _check_backward(logits, labels, coef, grad)
@@ -131,13 +158,17 @@ def test_out_of_range_labels_give_nan_and_no_out_of_bounds_read(label_dtype):
     labels_typed = labels.to(label_dtype)
     ignore = IGNORE if label_dtype != torch.uint8 else 250
     labels[labels_typed.long() == 250] = IGNORE  # what the oracle should ignore (uint8 only)
-    logp, lse, logits_sum = cpu.token_logprobs_forward(logits, labels_typed[:, :], ignore, True)
+    logp, lse, extras = cpu.token_logprobs_forward(logits, labels_typed[:, :], ignore, ALL)
     assert torch.isnan(logp[bad]).all()
     ok = ~bad
     want_logp, want_lse = token_logprobs(logits, torch.where(bad, 0, labels))
     torch.testing.assert_close(logp[ok].double(), want_logp[ok], rtol=2e-5, atol=2e-4)
     torch.testing.assert_close(lse.double(), want_lse, rtol=2e-5, atol=2e-4)
-    assert torch.isfinite(lse).all() and torch.isfinite(logits_sum).all()
+    assert torch.isfinite(lse).all() and all(torch.isfinite(v).all() for v in extras.values())
+    assert (extras["accuracy"][bad] == 0).all()  # a label outside the row is never the argmax
+    want = _oracle_extras(logits, labels)
+    for name in ("logits_sum", "entropy", "lse_2z"):
+        torch.testing.assert_close(extras[name].double(), want[name], rtol=2e-5, atol=2e-3, msg=name)
     coef = torch.randn(3, 4)
     grad = cpu.token_logprobs_backward(logits, labels_typed, lse, coef, ignore, False)
     # A bad label has no true class in the row: its gradient is -coef * softmax.
@@ -157,7 +188,7 @@ def test_inplace_backward_matches_out_of_place_bitwise(dtype):
     B, T, V = 2, 7, 3000
     logits = (torch.randn(B, T, V) * 3).to(dtype)
     labels = _labels(B, T, V)
-    _, lse, _ = cpu.token_logprobs_forward(logits, labels, IGNORE, False)
+    _, lse, _ = cpu.token_logprobs_forward(logits, labels, IGNORE, NONE)
     coef = torch.randn(B, T, dtype=_acc(dtype))
     out_of_place = cpu.token_logprobs_backward(logits, labels, lse, coef, IGNORE, False)
     _check_backward(logits, labels, coef, out_of_place)
@@ -178,7 +209,7 @@ def test_inplace_backward_matches_out_of_place_bitwise(dtype):
 def test_inplace_on_overlapping_logits_is_refused():
     logits = torch.randn(1, 3, 50).expand(2, 3, 50)
     labels = torch.randint(0, 50, (2, 3))
-    _, lse, _ = cpu.token_logprobs_forward(logits, labels, IGNORE, False)
+    _, lse, _ = cpu.token_logprobs_forward(logits, labels, IGNORE, NONE)
     want_logp, want_lse = token_logprobs(logits, labels)
     torch.testing.assert_close(lse.double(), want_lse, rtol=2e-5, atol=2e-4)
     with pytest.raises(RuntimeError, match="internal overlap"):
@@ -195,13 +226,13 @@ def test_results_do_not_depend_on_the_thread_count():
     try:
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
-            logp, lse, logits_sum = cpu.token_logprobs_forward(logits, labels, IGNORE, True)
+            logp, lse, extras = cpu.token_logprobs_forward(logits, labels, IGNORE, ALL)
             grad = cpu.token_logprobs_backward(logits, labels, lse, coef, IGNORE, False)
-            results.append((logp, lse, logits_sum, grad))
+            results.append((logp, lse, *(extras[name] for name in EXTRAS), grad))
     finally:
         torch.set_num_threads(before)
-    _check_forward(logits, labels, *results[0][:3])
-    _check_backward(logits, labels, coef, results[0][3])
+    _check_forward(logits, labels, *results[0][:2], dict(zip(EXTRAS, results[0][2:-1])))
+    _check_backward(logits, labels, coef, results[0][-1])
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)
@@ -209,29 +240,81 @@ def test_results_do_not_depend_on_the_thread_count():
 
 def test_non_finite_logits_across_chunks():
     V = 5003
-    rows = torch.randn(6, V) * 3
+    rows = torch.randn(10, V) * 3
     rows[0, :4500] = float("-inf")  # masked prefix: the running max starts at -inf for two chunks
     rows[1, :] = float("-inf")  # whole row masked: lse = -inf, never -inf - -inf inside
     rows[2, 4100] = float("inf")  # +inf in the last chunk: lse = +inf (torch.logsumexp)
     rows[3, 3000] = float("nan")  # NaN in the middle chunk
     rows[4] -= 200.0  # far below zero everywhere: exp(z) alone would underflow to 0
-    rows[5, 4999] = 80.0  # the max arrives in the last chunk: the running sum is rescaled
+    rows[5, 4999] = 80.0  # the max arrives in the last chunk: the running sums are rescaled
+    rows[6, 100] = float("inf")  # +inf, then a NaN two chunks later: NaN wins, as in torch
+    rows[6, 4500] = float("nan")
+    rows[7, [10, 2047, 4000]] = float("inf")  # several +inf (argmax: the first), and a -inf
+    rows[7, 20] = float("-inf")
+    rows[8, [2100, 4000]] = float("nan")  # argmax: the first NaN
+    rows[9, 3] = float("-inf")  # one masked entry: no 0 * -inf in the entropy
     logits = rows[None]
-    labels = torch.tensor([[4600, 3, 4100, 3, 17, 4999]])
-    logp, lse, logits_sum = cpu.token_logprobs_forward(logits, labels, IGNORE, True)
+    labels = torch.tensor([[4600, 3, 4100, 3000, 17, 4999, 4500, 10, 2100, 5]])
+    logp, lse, extras = cpu.token_logprobs_forward(logits, labels, IGNORE, ALL)
     want_logp, want_lse = token_logprobs(logits, labels)
     torch.testing.assert_close(lse.double(), want_lse, rtol=2e-5, atol=2e-4, equal_nan=True)
     torch.testing.assert_close(logp.double(), want_logp, rtol=2e-5, atol=2e-4, equal_nan=True)
     assert lse[0, 1] == float("-inf") and lse[0, 2] == float("inf") and torch.isnan(lse[0, 3])
-    assert torch.isfinite(logp[0, [0, 4, 5]]).all()
-    torch.testing.assert_close(logits_sum.double(), logits.double().sum(-1), rtol=2e-5, atol=1e-2, equal_nan=True)
-    coef = torch.randn(1, 6)
+    assert torch.isnan(lse[0, 6]) and lse[0, 7] == float("inf") and torch.isnan(lse[0, 8])
+    assert torch.isfinite(logp[0, [0, 4, 5, 9]]).all()
+    want = _oracle_extras(logits, labels)
+    for name in ("entropy", "lse_2z"):
+        torch.testing.assert_close(extras[name].double(), want[name], rtol=2e-5, atol=2e-4, equal_nan=True,
+                                   msg=name)
+    torch.testing.assert_close(extras["logits_sum"].double(), want["logits_sum"], rtol=2e-5, atol=1e-2,
+                               equal_nan=True)
+    assert torch.equal(extras["accuracy"].double(), want["accuracy"])
+    assert extras["accuracy"][0, [2, 3, 6, 7, 8]].tolist() == [1.0, 1.0, 1.0, 1.0, 1.0]
+    assert extras["entropy"][0, 2] == float("inf") and extras["entropy"][0, 1] == float("-inf")
+    coef = torch.randn(1, 10)
     grad = cpu.token_logprobs_backward(logits, labels, lse, coef, IGNORE, False)
     want = _oracle_grad(logits, labels, coef)
-    finite = [0, 4, 5]
+    finite = [0, 4, 5, 9]
     assert_close_grad(grad[0, finite], want[0, finite], torch.float32)
     assert torch.isnan(grad[0, 3]).all()  # NaN propagates as in torch.exp
     assert (grad[0, 0, :4500] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_accuracy_ties_across_chunks(dtype):
+    """The row max appears twice, at chunk edges (2047 | 2048, 4095 | 4096) or in one chunk."""
+    V = 5003
+    pairs = [(2047, 2048), (2048, 4096), (4095, 4096), (100, 200), (0, 5002), (4096, 5002)]
+    logits = (torch.randn(1, len(pairs), V) * 3).to(dtype)
+    for t, (i, j) in enumerate(pairs):
+        logits[0, t, i] = logits[0, t, j] = 50.0
+    first = torch.tensor([[i for i, _ in pairs]])
+    second = torch.tensor([[j for _, j in pairs]])
+    assert cpu.token_logprobs_forward(logits, first, IGNORE, {"accuracy"})[2]["accuracy"].eq(1).all()
+    assert cpu.token_logprobs_forward(logits, second, IGNORE, {"accuracy"})[2]["accuracy"].eq(0).all()
+    # A row that rises chunk after chunk moves the argmax every time.
+    rising = torch.arange(V, dtype=torch.float32).to(dtype)[None, None]
+    last = torch.tensor([[int(rising.float().argmax())]])
+    assert cpu.token_logprobs_forward(rising, last, IGNORE, {"accuracy"})[2]["accuracy"].item() == 1.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_every_extras_combination_gives_the_same_bits(dtype):
+    """Each of the kernel's flag combinations: logp and lse never change, each extra is the same."""
+    V = 4500  # three chunks, the last one partial
+    logits = (torch.randn(2, 3, V) * 3).to(dtype)
+    logits[0, 1, 3000:] = float("-inf")
+    labels = _labels(2, 3, V)
+    labels[1, 2] = int(logits[1, 2].double().argmax())
+    logp, lse, full = cpu.token_logprobs_forward(logits, labels, IGNORE, ALL)
+    _check_forward(logits, labels, logp, lse, full)
+    for mask in range(1 << len(EXTRAS)):
+        names = frozenset(name for i, name in enumerate(EXTRAS) if mask >> i & 1)
+        logp_k, lse_k, extras = cpu.token_logprobs_forward(logits, labels, IGNORE, names)
+        assert set(extras) == names
+        assert torch.equal(logp_k, logp) and torch.equal(lse_k, lse), names
+        for name in names:
+            assert torch.equal(extras[name], full[name]), (names, name)
 
 
 def test_offsets_beyond_two_to_the_31():
@@ -245,8 +328,8 @@ def test_offsets_beyond_two_to_the_31():
     logits = buffer.as_strided((2, 2, V), (stride_b, V, 1))
     logits.copy_(torch.randn(2, 2, V) * 3)
     labels = torch.tensor([[5, 2999], [7, 1234]], dtype=torch.int32)
-    logp, lse, logits_sum = cpu.token_logprobs_forward(logits, labels, IGNORE, True)
-    _check_forward(logits, labels.long(), logp, lse, logits_sum)
+    logp, lse, extras = cpu.token_logprobs_forward(logits, labels, IGNORE, ALL)
+    _check_forward(logits, labels.long(), logp, lse, extras)
     coef = torch.randn(2, 2)
     grad = cpu.token_logprobs_backward(logits, labels, lse, coef, IGNORE, False)
     assert_close_grad(grad, _oracle_grad(logits, labels.long(), coef), torch.bfloat16)
@@ -274,15 +357,20 @@ def test_gradcheck_float64_through_autograd():
 def test_opcheck_every_operator(dtype):
     logits = (torch.randn(2, 5, 300) * 3).to(dtype)
     labels = _labels(2, 5, 300)
-    _, lse, _ = cpu.token_logprobs_forward(logits, labels, IGNORE, False)
+    _, lse, _ = cpu.token_logprobs_forward(logits, labels, IGNORE, NONE)
     coef = torch.randn(2, 5, dtype=_acc(dtype))
-    torch.library.opcheck(OPS.token_logprobs_fwd.default, (logits, labels, IGNORE, True))
-    torch.library.opcheck(OPS.token_logprobs_fwd.default, (logits[:, 1:, ::2], labels[:, 1:].remainder(150), IGNORE, False))
+    torch.library.opcheck(OPS.token_logprobs_fwd.default, (logits, labels, IGNORE, 15))
+    torch.library.opcheck(OPS.token_logprobs_fwd.default, (logits[:, 1:, ::2], labels[:, 1:].remainder(150), IGNORE, 0))
+    torch.library.opcheck(OPS.token_logprobs_fwd.default, (logits, labels, IGNORE, 2 | 8))
     torch.library.opcheck(OPS.token_logprobs_bwd.default, (logits, labels, lse, coef, IGNORE))
     torch.library.opcheck(OPS.token_logprobs_bwd_.default, (logits.clone(), labels, lse, coef, IGNORE))
-    # The operators themselves compute what the oracle says.
-    logp, lse2, _ = OPS.token_logprobs_fwd(logits, labels, IGNORE, False)
+    # The operators themselves compute what the oracle says; extras are stacked in bit order.
+    logp, lse2, extras = OPS.token_logprobs_fwd(logits, labels, IGNORE, 0)
+    assert extras.shape == (0, 2, 5)
     _check_forward(logits, labels, logp, lse2)
+    logp, lse2, extras = OPS.token_logprobs_fwd(logits, labels, IGNORE, 1 | 4)  # logits_sum, accuracy
+    assert extras.shape == (2, 2, 5) and extras.is_contiguous()
+    _check_forward(logits, labels, logp, lse2, {"logits_sum": extras[0], "accuracy": extras[1]})
     _check_backward(logits, labels, coef, OPS.token_logprobs_bwd(logits, labels, lse, coef, IGNORE))
 
 
@@ -292,23 +380,27 @@ def test_compiles_with_torch_compile():
 
     @torch.compile(backend="aot_eager", fullgraph=True)
     def fwd(z, y):
-        logp, lse, _ = OPS.token_logprobs_fwd(z, y, IGNORE, False)
-        return logp.sum(), lse
+        logp, lse, extras = OPS.token_logprobs_fwd(z, y, IGNORE, 2)
+        return logp.sum(), lse, extras[0]
 
-    total, lse = fwd(logits, labels)
+    total, lse, entropy = fwd(logits, labels)
     want_logp, want_lse = token_logprobs(logits, labels)
     torch.testing.assert_close(total.double(), want_logp.sum(), rtol=2e-5, atol=2e-4)
     torch.testing.assert_close(lse.double(), want_lse, rtol=2e-5, atol=2e-4)
+    torch.testing.assert_close(entropy.double(), _oracle_extras(logits, labels)["entropy"], rtol=2e-5, atol=2e-4)
 
 
 @pytest.mark.parametrize(
     "call, match",
     [
-        (lambda z, y, l: OPS.token_logprobs_fwd(z, y.float(), IGNORE, False), "integer"),
-        (lambda z, y, l: OPS.token_logprobs_fwd(z, y.bool(), IGNORE, False), "integer"),
-        (lambda z, y, l: OPS.token_logprobs_fwd(z.int(), y, IGNORE, False), "float32, bfloat16"),
-        (lambda z, y, l: OPS.token_logprobs_fwd(z[0], y, IGNORE, False), r"\[B, T, V\]"),
-        (lambda z, y, l: OPS.token_logprobs_fwd(z, y[:, :3], IGNORE, False), "do not match"),
+        (lambda z, y, l: OPS.token_logprobs_fwd(z, y.float(), IGNORE, 0), "integer"),
+        (lambda z, y, l: OPS.token_logprobs_fwd(z, y.bool(), IGNORE, 0), "integer"),
+        (lambda z, y, l: OPS.token_logprobs_fwd(z.int(), y, IGNORE, 0), "float32, bfloat16"),
+        (lambda z, y, l: OPS.token_logprobs_fwd(z[0], y, IGNORE, 0), r"\[B, T, V\]"),
+        (lambda z, y, l: OPS.token_logprobs_fwd(z, y[:, :3], IGNORE, 0), "do not match"),
+        (lambda z, y, l: OPS.token_logprobs_fwd(z, y, IGNORE, 16), "extras_mask"),
+        (lambda z, y, l: OPS.token_logprobs_fwd(z, y, IGNORE, -1), "extras_mask"),
+        (lambda z, y, l: cpu.token_logprobs_forward(z, y, IGNORE, {"perplexity"}), "extras must be among"),
         (lambda z, y, l: OPS.token_logprobs_bwd(z, y, l[:, :3], l, IGNORE), "lse must be"),
         (lambda z, y, l: OPS.token_logprobs_bwd(z, y, l, l.long(), IGNORE), "floating point"),
     ],
@@ -317,7 +409,7 @@ def test_bad_inputs_raise_clear_errors(call, match):
     logits = torch.randn(2, 4, 30)
     labels = torch.randint(0, 30, (2, 4))
     lse = torch.logsumexp(logits, -1)
-    with pytest.raises(RuntimeError, match=match):
+    with pytest.raises((RuntimeError, ValueError), match=match):
         call(logits, labels, lse)
 
 
@@ -343,6 +435,8 @@ _VARIANT_SCRIPT = r"""
 import sys, torch
 sys.path.insert(0, {tests!r})
 import dpo_kernels.backends.cpu as cpu
+import dpo_kernels.backends.reference as reference
+from dpo_kernels.backends import EXTRAS
 from oracle import token_logprobs, assert_close_grad
 print(cpu.cpu_capability())
 torch.manual_seed(0)
@@ -350,10 +444,18 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
     base = (torch.randn(3, 5, 4200) * 3).to(dtype)
     for z in (base[..., :4133], base[..., 1::2]):  # contiguous rows (with a tail) and stride 2
         y = torch.randint(0, z.shape[-1], (3, 5)); y[0, 0] = -100
-        logp, lse, _ = cpu.token_logprobs_forward(z, y, -100, False)
+        y[1] = z[1].double().argmax(-1)
+        logp, lse, _ = cpu.token_logprobs_forward(z, y, -100, frozenset())
         want, want_lse = token_logprobs(z, y)
         tol = 1e-12 if dtype == torch.float64 else 2e-5
         torch.testing.assert_close(logp.double(), want, rtol=tol, atol=10 * tol)
+        # every extra, from the same pass: logp and lse unchanged (bitwise), extras as the reference
+        logp2, lse2, extras = cpu.token_logprobs_forward(z, y, -100, frozenset(EXTRAS))
+        assert torch.equal(logp2, logp) and torch.equal(lse2, lse)
+        _, _, want_extras = reference.token_logprobs_forward(z.double(), y, -100, frozenset(EXTRAS))
+        for name, value in extras.items():
+            atol = 10 * tol * (z.shape[-1] ** 0.5 if name == "logits_sum" else 1)
+            torch.testing.assert_close(value.double(), want_extras[name], rtol=tol, atol=atol, msg=name)
         coef = torch.randn(3, 5, dtype=lse.dtype)
         grad = cpu.token_logprobs_backward(z, y, lse, coef, -100, False)
         zd = z.double().requires_grad_(True)
