@@ -39,9 +39,12 @@ _INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 class DPOOutput:
     """Result of one DPO loss evaluation on ``P`` preference pairs.
 
-    ``loss`` is the mean over pairs (differentiable); ``chosen_logps``/``rejected_logps`` are the
-    per-sequence policy log-probs ``[P]`` (differentiable); rewards are ``beta * (pi - ref)``,
-    detached. ``metrics`` holds detached scalar tensors under TRL's names (no host sync).
+    ``loss`` is the (weighted sum of the) mean over pairs (differentiable);
+    ``chosen_logps``/``rejected_logps`` are the per-sequence policy log-probs ``[P]``
+    (differentiable): sums over the completion tokens (LD-weighted with ``ld_alpha``, averages with
+    ``average_log_prob``); rewards are ``beta * (pi - ref)`` (``ref`` = 0 without a reference),
+    detached. ``metrics`` holds detached scalar tensors under TRL's names (no host sync), plus
+    ``entropy`` and ``mean_token_accuracy`` with ``token_metrics=True``.
     """
 
     loss: torch.Tensor

@@ -34,7 +34,8 @@ class PreferencePair:
 
     ``*_logps`` are ``[P]``: sums over the completion tokens (TRL's convention; LD-DPO weighted
     when ``ld_alpha`` is used), or per-token averages when ``averaged`` is True. ``*_lengths`` are
-    the completion token counts ``[P]`` (floating). ``chosen_token_logps``/``chosen_mask`` are the
+    the completion lengths ``[P]`` (floating) that length-normalized losses divide by (TRL's
+    ``completion_mask.sum()``). ``chosen_token_logps``/``chosen_mask`` are the
     policy's per-token log-probs ``[P, T]`` of the chosen completions and which tokens are scored
     (for the NLL terms: ``sft``, ``cpo``, ``orpo``). Losses that need a field that is ``None``
     raise a ValueError naming it.
@@ -126,7 +127,7 @@ class LossSpec:
 
 LOSSES: dict[str, LossSpec] = {}
 
-# Loss-specific options: (field, default). The generic validation rejects a value for one that no
+# Loss-specific options (LossOptions fields). The generic validation rejects a value for one that no
 # chosen loss reads.
 LOSS_SPECIFIC_OPTIONS = ("discopop_tau", "simpo_gamma", "cpo_alpha")
 
