@@ -206,6 +206,9 @@ def test_positive_infinity_gives_infinite_lse_like_torch(backend, small_block):
     logp, lse, _ = ops.token_logprobs_forward(logits, torch.tensor([[3, 3]]), IGNORE, frozenset())
     assert lse[0, 0].item() == float("inf") and logp[0, 0].item() == float("-inf")
     assert torch.isfinite(lse[0, 1]) and torch.isfinite(logp[0, 1])
+    _, _, extras = ops.token_logprobs_forward(logits, torch.tensor([[3, 3]]), IGNORE, ALL_EXTRAS)
+    assert extras["entropy"][0, 0].item() == float("inf") and extras["lse_2z"][0, 0].item() == float("inf")
+    assert torch.isfinite(extras["entropy"][0, 1]) and torch.isfinite(extras["lse_2z"][0, 1])
 
 
 def test_nan_in_logits_propagates_to_that_row_only(backend):

@@ -134,6 +134,9 @@ def _token_logprobs_fwd_kernel(
     if WITH_ENTROPY:
         # H = lse - sum_v p_v z_v, with p_v = e_v / S.
         entropy = lse - z_dot_e / tl.where(running_sum == 0, 1.0, running_sum)
+        # A row with +inf (or all -inf) has an infinite lse: report it as the entropy, as the
+        # other backends do, instead of inf - inf / inf.
+        entropy = tl.where(tl.abs(lse) == float("inf"), lse, entropy)
         tl.store(entropy_ptr + row, tl.where(is_ignored, 0.0, entropy))
     if WITH_ACCURACY:
         hit = (best_idx == label).to(ACC_DTYPE)
