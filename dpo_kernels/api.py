@@ -5,7 +5,6 @@ losses come from the registry in ``losses``.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -208,33 +207,47 @@ def fused_dpo_loss(
 # Validation: every message names the argument at fault.
 
 
-def _check_inputs(logits, labels, ignore_index) -> tuple[int, int]:
+def _check_logits_labels(logits, labels, ignore_index, *, logits_name="logits", labels_name="labels",
+                         layout="[B, T, V]") -> tuple[int, int]:
+    """Types, shapes and devices of a logits tensor and its labels; returns ``(rows, V)``.
+
+    Shared by every front door (``fused_dpo_loss``, ``fused_kto_loss``); ``layout`` is what the
+    caller's logits must look like, for the message.
+    """
     if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+        raise TypeError(f"{logits_name} must be a torch.Tensor, got {type(logits).__name__}")
     if logits.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"logits must be a floating tensor (fp32, bf16, fp16, fp64), got {logits.dtype}")
+        raise TypeError(f"{logits_name} must be a floating tensor (fp32, bf16, fp16, fp64), got {logits.dtype}")
     if logits.dim() != 3:
-        raise ValueError(f"logits must be [2B, T, V] (chosen rows then rejected rows), got shape {tuple(logits.shape)}")
+        raise ValueError(f"{logits_name} must be {layout}, got shape {tuple(logits.shape)}")
     if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+        raise TypeError(f"{labels_name} must be a torch.Tensor, got {type(labels).__name__}")
     if labels.dtype not in _INT_DTYPES:
-        raise TypeError(f"labels must be an integer tensor of token ids, got {labels.dtype}")
+        raise TypeError(f"{labels_name} must be an integer tensor of token ids, got {labels.dtype}")
+    rows_name = layout.split(",")[0].lstrip("[")
     if labels.shape != logits.shape[:2]:
         raise ValueError(
-            f"labels shape {tuple(labels.shape)} does not match logits shape {tuple(logits.shape)}: "
-            f"labels must be [2B, T] = {tuple(logits.shape[:2])}"
+            f"{labels_name} shape {tuple(labels.shape)} does not match {logits_name} shape "
+            f"{tuple(logits.shape)}: {labels_name} must be [{rows_name}, T] = {tuple(logits.shape[:2])}"
         )
     if labels.device != logits.device:
-        raise ValueError(f"labels are on {labels.device} but logits are on {logits.device}")
-    rows, _, vocab_size = logits.shape
+        raise ValueError(f"{labels_name} are on {labels.device} but {logits_name} are on {logits.device}")
+    if logits.shape[2] == 0:
+        raise ValueError(f"{logits_name} has an empty vocabulary dimension (V = 0)")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    return logits.shape[0], logits.shape[2]
+
+
+def _check_inputs(logits, labels, ignore_index) -> tuple[int, int]:
+    """The paired batch of ``fused_dpo_loss``; returns ``(P, V)``."""
+    rows, vocab_size = _check_logits_labels(
+        logits, labels, ignore_index, layout="[2B, T, V] (chosen rows then rejected rows)"
+    )
     if rows == 0 or rows % 2:
         raise ValueError(
             f"logits batch must be 2B > 0 sequences (B chosen then B rejected), got {rows}"
         )
-    if vocab_size == 0:
-        raise ValueError("logits has an empty vocabulary dimension (V = 0)")
-    if not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     return rows // 2, vocab_size
 
 

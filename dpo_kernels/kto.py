@@ -34,7 +34,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .api import _FLOAT_DTYPES, _INT_DTYPES, _check_token_results, _rows_may_overlap
+from .api import _FLOAT_DTYPES, _check_logits_labels, _check_token_results, _rows_may_overlap
 from .backends import resolve_backend
 from .logprobs import TokenLogprobs, completion_lengths, sequence_logprobs, token_logprobs
 
@@ -167,7 +167,9 @@ def fused_kto_loss(
     """
     loss_type = _check_loss_options(loss_type, beta, desirable_weight, undesirable_weight,
                                     bco_running_mean, bco_update, entropy)
-    batch, vocab_size = _check_logits_labels(logits, labels, ignore_index, "logits", "labels")
+    batch, vocab_size = _check_logits_labels(logits, labels, ignore_index)
+    if batch == 0:
+        raise ValueError("logits has an empty batch (B = 0)")
     if inplace_backward and logits.requires_grad and _rows_may_overlap(logits):
         raise ValueError(
             "inplace_backward=True needs logits whose elements do not overlap in memory "
@@ -332,34 +334,6 @@ def _check_loss_options(loss_type, beta, desirable_weight, undesirable_weight, b
     return loss_type
 
 
-def _check_logits_labels(logits, labels, ignore_index, logits_name, labels_name) -> tuple[int, int]:
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"{logits_name} must be a torch.Tensor, got {type(logits).__name__}")
-    if logits.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{logits_name} must be a floating tensor (fp32, bf16, fp16, fp64), got {logits.dtype}")
-    if logits.dim() != 3:
-        raise ValueError(f"{logits_name} must be [B, T, V], got shape {tuple(logits.shape)}")
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"{labels_name} must be a torch.Tensor, got {type(labels).__name__}")
-    if labels.dtype not in _INT_DTYPES:
-        raise TypeError(f"{labels_name} must be an integer tensor of token ids, got {labels.dtype}")
-    if labels.shape != logits.shape[:2]:
-        raise ValueError(
-            f"{labels_name} shape {tuple(labels.shape)} does not match {logits_name} shape "
-            f"{tuple(logits.shape)}: {labels_name} must be [B, T] = {tuple(logits.shape[:2])}"
-        )
-    if labels.device != logits.device:
-        raise ValueError(f"{labels_name} are on {labels.device} but {logits_name} are on {logits.device}")
-    rows, _, vocab_size = logits.shape
-    if rows == 0:
-        raise ValueError(f"{logits_name} has an empty batch (B = 0)")
-    if vocab_size == 0:
-        raise ValueError(f"{logits_name} has an empty vocabulary dimension (V = 0)")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    return rows, vocab_size
-
-
 def _check_desirable(desirable, batch, device) -> torch.Tensor:
     if isinstance(desirable, torch.Tensor):
         if desirable.dtype != torch.bool:
@@ -429,7 +403,10 @@ def _check_kl_inputs(loss_type, logits, kl_logits, kl_labels, kl_logps, ref_kl_l
     if uses_logits:
         like = kl_logits if kl_logits is not None else ref_kl_logits
         like_name = "kl_logits" if kl_logits is not None else "ref_kl_logits"
-        size, vocab = _check_logits_labels(like, kl_labels, ignore_index, like_name, "kl_labels")
+        size, vocab = _check_logits_labels(like, kl_labels, ignore_index, logits_name=like_name,
+                                           labels_name="kl_labels")
+        if size == 0:
+            raise ValueError(f"{like_name} has an empty batch (K = 0)")
         if vocab != logits.shape[-1]:
             raise ValueError(f"{like_name} vocabulary V={vocab} differs from logits V={logits.shape[-1]}")
         if like.device != logits.device:

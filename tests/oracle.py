@@ -252,3 +252,16 @@ def assert_close_grad(actual, expected, dtype):
     expected = expected.double().cpu()
     atol = rtol * expected.abs().amax().clamp(min=1e-12).item() * 0.05 + 1e-12
     torch.testing.assert_close(actual.double().cpu(), expected, rtol=rtol, atol=atol)
+
+
+def assert_matches_oracle(out, want: dict, logits_grad, dtype=torch.float32):
+    """Every output and metric of a ``DPOOutput`` and the logits gradient against ``dpo()``."""
+    assert_close_values(out.loss, want["loss"], dtype, "loss")
+    for name in ("chosen_rewards", "rejected_rewards", "chosen_logps", "rejected_logps"):
+        assert_close_values(getattr(out, name), want[name], dtype, name)
+    assert set(out.metrics) == set(want["metrics"])
+    for name, value in want["metrics"].items():
+        assert out.metrics[name].dim() == 0 and not out.metrics[name].requires_grad
+        assert_close_values(out.metrics[name], value, dtype, name)
+    assert logits_grad.dtype == dtype
+    assert_close_grad(logits_grad, want["grad"], dtype)
