@@ -58,7 +58,17 @@ def parse_args(argv=None):
     p.add_argument("--budget-s", type=float, default=540.0,
                    help="stop starting new measurements after this many seconds (default 540)")
     p.add_argument("--commit", default=None, help="git commit to record when the checkout has no .git")
-    return p.parse_args(argv)
+    p.add_argument("--sections", default="logits,hidden",
+                   help="comma-separated parts to run: logits (the logits path), hidden (the hidden-state "
+                        "path: fused lm_head + DPO); default both")
+    p.add_argument("--hidden-shapes", default=None,
+                   help="comma-separated indices of the hidden-path shapes to run (default all)")
+    args = p.parse_args(argv)
+    args.sections = {x.strip() for x in args.sections.split(",") if x.strip()}
+    unknown = args.sections - {"logits", "hidden"}
+    if unknown or not args.sections:
+        p.error(f"--sections takes logits and/or hidden, got {sorted(unknown) or 'nothing'}")
+    return args
 
 
 ARGS = parse_args()
@@ -70,7 +80,9 @@ sys.path.insert(0, HERE)  # baselines
 import torch  # noqa: E402
 
 import baselines  # noqa: E402
+import baselines_hidden  # noqa: E402
 from baselines import Unavailable, logits_path_variants  # noqa: E402
+from baselines_hidden import HIDDEN_VARIANTS, HiddenShape, make_hidden_batch, near_reference_logps  # noqa: E402
 from dpo_kernels.bench import (  # noqa: E402
     BETA,
     IGNORE_INDEX,
@@ -107,7 +119,8 @@ class Report:
         self.md_path = os.path.join(out_dir, "gpu_report.md")
         self.json_path = os.path.join(out_dir, "gpu_report.json")
         self.blocks: list[tuple[str, object]] = []  # ("text", str) | ("table", (header, rows))
-        self.records: dict = {"env": {}, "ceilings": {}, "checks": [], "timings": []}
+        self.records: dict = {"env": {}, "ceilings": {}, "checks": [], "timings": [],
+                              "hidden_checks": [], "hidden_timings": []}
 
     def text(self, s: str) -> None:
         self.blocks.append(("text", s))
@@ -236,6 +249,14 @@ def environment(device: torch.device, args) -> dict:
         env["Liger CE kernel"] = "liger_kernel.ops.cross_entropy.LigerCrossEntropyFunction"
     except Unavailable as exc:
         env["Liger CE kernel"] = f"unavailable: {exc}"
+    if "hidden" in args.sections:
+        try:
+            _, notes = baselines_hidden.load_trl_chunked()
+            env["TRL fused lm head"] = "ChunkedLogProbFunction: " + "; ".join(notes)
+        except Unavailable as exc:
+            env["TRL fused lm head"] = f"unavailable: {exc}"
+        env["fused_linear_dpo_loss"] = ("present" if baselines_hidden.has_ours()
+                                        else "not available (dpo_kernels has no fused_linear_dpo_loss)")
     return env
 
 
@@ -443,6 +464,275 @@ def timing_row(r: dict) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------
+# 5. The hidden-state path: fused lm_head + DPO
+
+
+HIDDEN_CHECK_VARIANTS = ("ours_one_pass", "ours_two_phase", "eager")
+# Base tolerances of the hidden-path check per dtype: (loss abs, gradient rows rel to the row's
+# largest entry). Ours passes when each error is within max(base, 2 x eager's error in the same
+# dtype): no worse than materializing the logits in that dtype.
+_HIDDEN_TOL = {torch.float32: (1e-4, 1e-3), torch.bfloat16: (1e-2, 2e-2), torch.float16: (1e-3, 5e-3)}
+
+
+def hidden_shapes(smoke: bool) -> list[HiddenShape]:
+    if smoke:
+        return [
+            HiddenShape(pairs=2, seq=32, hidden=64, vocab=1000, dtype=torch.bfloat16, prompt_frac=0.25),
+            HiddenShape(pairs=1, seq=64, hidden=64, vocab=3000, dtype=torch.bfloat16, prompt_frac=0.25),
+        ]
+    return [
+        HiddenShape(pairs=4, seq=1024, hidden=4096, vocab=128256, dtype=torch.bfloat16, prompt_frac=0.25),
+        HiddenShape(pairs=2, seq=2048, hidden=3584, vocab=152064, dtype=torch.bfloat16, prompt_frac=0.25),
+        HiddenShape(pairs=1, seq=16384, hidden=4096, vocab=128256, dtype=torch.bfloat16, prompt_frac=0.25),  # long
+    ]
+
+
+def _row_rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max over rows of max |got - want| / max |want| of the row (inf where want's row is 0 and
+    got's is not)."""
+    g, e = got.double(), want.double()
+    diff = (g - e).abs().amax(-1)
+    scale = e.abs().amax(-1)
+    rel = torch.where(scale > 0, diff / scale.clamp(min=1e-300), torch.where(diff > 0, torch.inf, 0.0))
+    return float(rel.max()) if rel.numel() else 0.0
+
+
+def check_hidden(shape: HiddenShape, device, ctx: Context, seed: int = 11) -> list[dict]:
+    """Ours (both modes) and eager at ``shape`` against a float64 oracle (materialized fp64
+    logits by autograd): the loss, every hidden-gradient row (ignored rows must be exactly 0)
+    and a slice of weight-gradient rows (the rows of the labels present, plus random rows)."""
+    hidden, weight, labels = make_hidden_batch(shape, device, seed=seed)
+    ref = near_reference_logps(hidden, weight, labels, seed=seed + 1)
+    mask = labels != IGNORE_INDEX
+    gen = torch.Generator(device="cpu").manual_seed(seed + 2)
+    label_rows = torch.unique(labels[mask])[:256]
+    random_rows = torch.randint(0, shape.vocab, (64,), generator=gen).to(device)
+    wrows = torch.unique(torch.cat([label_rows, random_rows]))
+    h64 = hidden.detach().double().requires_grad_(True)
+    w64 = weight.detach().double().requires_grad_(True)
+    loss64 = baselines_hidden.eager(h64, w64, labels, ref.double(), BETA)
+    gh64, gw64 = torch.autograd.grad(loss64, (h64, w64))
+    gw64 = gw64[wrows]
+    del h64, w64
+    release_memory(device)
+    results, eager_errs = [], None
+    order = ["eager"] + [v for v in HIDDEN_CHECK_VARIANTS if v != "eager"]
+    for vid in order:
+        variant = baselines_hidden.HIDDEN_BY_ID[vid]
+        record = {"shape": shape.describe(), "dtype": dtype_name(shape.dtype), "variant": vid,
+                  "description": variant.description}
+        reason = ctx.stop_reason()
+        if reason:
+            record.update(passed=None, detail=reason)
+            results.append(record)
+            continue
+        try:
+            variant.check(device)
+        except Unavailable as exc:
+            record.update(passed=None, detail=f"unavailable: {exc}")
+            results.append(record)
+            continue
+        try:
+            loss = variant.fn(hidden, weight, labels, ref, BETA)
+            gh, gw = torch.autograd.grad(loss, (hidden, weight))
+            errs = {
+                "loss_err": abs(float(loss) - float(loss64)),
+                "grad_hidden_err": _row_rel_err(gh[mask], gh64[mask]),
+                "grad_weight_err": _row_rel_err(gw[wrows], gw64),
+            }
+            ignored_nonzero = int((gh[~mask] != 0).any(-1).sum())
+            record.update(errs, ignored_rows_nonzero=ignored_nonzero, weight_rows_checked=int(wrows.numel()))
+            if vid == "eager":
+                eager_errs = errs
+                record.update(passed=None, detail="reference: materialized logits in this dtype")
+            else:
+                base_loss, base_grad = _HIDDEN_TOL.get(shape.dtype, (1e-4, 1e-3))
+                e = eager_errs or {}
+                tol = {"loss_err": max(base_loss, 2 * e.get("loss_err", 0.0)),
+                       "grad_hidden_err": max(base_grad, 2 * e.get("grad_hidden_err", 0.0)),
+                       "grad_weight_err": max(base_grad, 2 * e.get("grad_weight_err", 0.0))}
+                bad = [k for k in tol if not errs[k] <= tol[k]]
+                if ignored_nonzero:
+                    bad.append("ignored hidden rows with a nonzero gradient")
+                record.update(passed=not bad, tolerances=tol,
+                              detail=("out of tolerance: " + ", ".join(bad)) if bad else "")
+            del loss, gh, gw
+        except OOM_ERRORS as exc:
+            record.update(passed=False, detail=f"out of memory: {first_line(exc)}")
+        except Exception as exc:
+            record.update(passed=False, detail=f"raised {first_line(exc)}")
+            log(traceback.format_exc(limit=4))
+            ctx.after_error(exc, f"hidden check {vid}")
+        results.append(record)
+        if ctx.lost:
+            break
+        release_memory(device)
+    del hidden, weight, labels, gh64, gw64
+    release_memory(device)
+    return results
+
+
+def hidden_check_row(r: dict) -> list[str]:
+    if "loss_err" not in r:
+        verdict = r.get("detail", "")
+        return [r["shape"], r["variant"], "", "", "", "", ("FAIL " + verdict) if r.get("passed") is False else verdict]
+    verdict = r.get("detail", "") if r.get("passed") is None else ("PASS" if r["passed"] else "FAIL " + r["detail"])
+    return [r["shape"], r["variant"], f"{r['loss_err']:.2e}", f"{r['grad_hidden_err']:.2e}",
+            f"{r['grad_weight_err']:.2e} ({r['weight_rows_checked']} rows)", str(r["ignored_rows_nonzero"]), verdict]
+
+
+def time_hidden_shape(shape: HiddenShape, device, ctx: Context, iters: int, warmup: int,
+                      tflops: float | None, on_row) -> None:
+    hidden, weight, labels = make_hidden_batch(shape, device, seed=0)
+    ref = near_reference_logps(hidden, weight, labels)
+    floors = {k: k * shape.matmul_flops / (tflops * 1e12) * 1e3 if tflops else None for k in (3, 4)}
+    for variant in HIDDEN_VARIANTS:
+        record = {"shape": shape.describe(), "variant": variant.id, "description": variant.description,
+                  "floor3_ms": floors[3], "floor4_ms": floors[4], "grads_bytes": shape.grads_bytes}
+        reason = ctx.stop_reason()
+        if reason:
+            record["status"] = reason
+            on_row(record)
+            continue
+        try:
+            variant.check(device)
+        except Unavailable as exc:
+            record["status"] = f"unavailable: {exc}"
+            on_row(record)
+            continue
+        step = variant.step(hidden, weight, labels, ref)
+        log(f"timing {variant.id} on {shape.describe()}")
+        try:
+            times = time_ms(step, device, iters=iters, warmup=warmup)
+            peak = peak_extra_bytes(step, device)
+            record.update(status="ok", times_ms=times, median_ms=statistics.median(times), min_ms=min(times),
+                          peak_extra_bytes=peak)
+        except OOM_ERRORS as exc:
+            record["status"] = f"out of memory: {first_line(exc)}"
+        except Exception as exc:
+            record["status"] = f"error: {first_line(exc)}"
+            log(traceback.format_exc(limit=4))
+            ctx.after_error(exc, variant.id)
+        step = None
+        if not ctx.lost:
+            release_memory(device)
+        on_row(record)
+    del hidden, weight, labels, ref
+
+
+def hidden_timing_row(r: dict) -> list[str]:
+    if r.get("status") != "ok":
+        return [r["description"], "", "", "", "", "", r.get("status", "")]
+    x3 = f"{r['median_ms'] / r['floor3_ms']:.2f}x" if r.get("floor3_ms") else "n/a"
+    x4 = f"{r['median_ms'] / r['floor4_ms']:.2f}x" if r.get("floor4_ms") else "n/a"
+    peak = r.get("peak_extra_bytes")
+    mem = fmt_bytes(peak) + (f" ({peak / r['grads_bytes']:.2f}x the gradients)" if peak is not None else "")
+    return [r["description"], f"{r['median_ms']:.3f}", f"{r['min_ms']:.3f}", x3, x4, mem, ""]
+
+
+def run_hidden_section(report: Report, args, device, ctx: Context, ceil: dict, iters: int, warmup: int) -> int:
+    """The hidden-state path: correctness at reduced shapes, then timing per shape. Returns the
+    number of correctness failures."""
+    smoke = args.smoke
+    shapes = hidden_shapes(smoke)
+    if args.hidden_shapes:
+        shapes = [shapes[int(i)] for i in args.hidden_shapes.split(",")]
+    tflops = ceil.get("matmul_TFLOPs")
+    failures = 0
+    report.text("# Hidden-state path: fused lm_head + DPO sigmoid loss\n\n"
+                "`loss(hidden[2B, T, H], weight[V, H], labels, ref_logps)` -> `torch.autograd.grad(loss, "
+                "(hidden, weight))`; no bias, no shift; per-sequence summed log-probs, first half chosen. "
+                + ("`fused_linear_dpo_loss` is present." if baselines_hidden.has_ours() else
+                   "**`fused_linear_dpo_loss` is not available in this checkout: its rows say so.**"))
+    if not args.no_check:
+        report.text("## Hidden-state path: correctness against float64\n\n"
+                    "At a reduced batch (2 pairs x 128 tokens, same H, V; smoke: the tiny shapes) in bf16 and fp32: "
+                    "the loss (abs error), every valid hidden-gradient row and the weight-gradient rows of the "
+                    "labels present plus 64 random rows (each row's max error relative to its largest entry), "
+                    "against float64 autograd through materialized fp64 logits of the same inputs; every ignored "
+                    "hidden row's gradient must be exactly 0. Eager (materialized logits in the same dtype) is the "
+                    "yardstick: ours passes within max(base tolerance, 2x eager's error); base tolerances "
+                    "(loss, grad rows): fp32 1e-4, 1e-3; bf16 1e-2, 2e-2.")
+        rows = report.table(["shape", "variant", "loss err", "grad hidden err (rel to row)",
+                             "grad weight err (rel to row)", "ignored rows != 0", "verdict"])
+        seen = set()
+        for shape in shapes:
+            for dtype in (torch.bfloat16, torch.float32):
+                reduced = shape.replace(dtype=dtype) if smoke else shape.replace(pairs=2, seq=128, dtype=dtype)
+                key = (reduced.pairs, reduced.seq, reduced.hidden, reduced.vocab, dtype)
+                if key in seen:
+                    continue
+                seen.add(key)
+                reason = ctx.stop_reason()
+                if reason:
+                    rows.append([reduced.describe(), "(all)", "", "", "", "", reason])
+                    report.write()
+                    continue
+                log(f"hidden check on {reduced.describe()}")
+                try:
+                    results = check_hidden(reduced, device, ctx)
+                except OOM_ERRORS as exc:
+                    results = [{"shape": reduced.describe(), "variant": "(oracle)", "passed": False,
+                                "detail": f"out of memory in the check: {first_line(exc)}"}]
+                    release_memory(device)
+                except Exception as exc:
+                    results = [{"shape": reduced.describe(), "variant": "(oracle)", "passed": False,
+                                "detail": f"check raised {first_line(exc)}"}]
+                    log(traceback.format_exc(limit=4))
+                    ctx.after_error(exc, "hidden correctness check")
+                for r in results:
+                    report.records["hidden_checks"].append(r)
+                    failures += r.get("passed") is False
+                    rows.append(hidden_check_row(r))
+                report.write()
+
+    if not args.no_timing:
+        report.text(f"## Hidden-state path: forward + backward\n\n"
+                    f"{'perf_counter' if smoke else 'CUDA events'}, median of {iters} after {warmup} warm-up. "
+                    "Floors: 3 and 4 matmuls over the valid tokens only (2 x N_valid x H x V flops each) at the "
+                    "bf16 matmul rate measured above"
+                    + (f" ({tflops:.1f} TFLOP/s)" if tflops else " (not measured: no floors)")
+                    + ". Extra peak memory: what one step allocates beyond its inputs (hidden, weight, labels, "
+                    "reference log-probs), both gradients included. Reference log-probs sit within ~5 nats of "
+                    "the policy's (unsaturated margins). Liger takes no precomputed reference: it runs with a "
+                    "zero reference (same work). TRL: log-probs only, valid tokens only, chunk 32768.")
+        for shape in shapes:
+            floor_text = (f"floors: 3 matmuls {3 * shape.matmul_flops / (tflops * 1e12) * 1e3:.3f} ms, "
+                          f"4 matmuls {4 * shape.matmul_flops / (tflops * 1e12) * 1e3:.3f} ms "
+                          f"({shape.matmul_flops / 1e12:.3f} TFLOP each); the gradients themselves: "
+                          f"{fmt_bytes(shape.grads_bytes)}" if tflops else "floors: n/a")
+            report.text(f"### {shape.describe()}\n\n{floor_text}")
+            rows = report.table(["variant", "median ms", "min ms", "x floor (3 mm)", "x floor (4 mm)",
+                                 "extra peak memory", "note"])
+
+            def on_row(record, rows=rows):
+                report.records["hidden_timings"].append(record)
+                rows.append(hidden_timing_row(record))
+                report.write()
+
+            if ctx.stop_reason():
+                for v in HIDDEN_VARIANTS:
+                    on_row({"shape": shape.describe(), "variant": v.id, "description": v.description,
+                            "status": ctx.stop_reason()})
+                continue
+            log(f"hidden timing on {shape.describe()}")
+            try:
+                time_hidden_shape(shape, device, ctx, iters, warmup, tflops, on_row)
+            except OOM_ERRORS as exc:
+                on_row({"shape": shape.describe(), "variant": "-", "description": "(inputs)",
+                        "status": f"out of memory allocating the inputs: {first_line(exc)}"})
+                release_memory(device)
+            except Exception as exc:
+                on_row({"shape": shape.describe(), "variant": "-", "description": "(shape)",
+                        "status": f"error: {first_line(exc)}"})
+                log(traceback.format_exc(limit=4))
+                ctx.after_error(exc, "hidden timing setup")
+            if not ctx.lost:
+                release_memory(device)
+    return failures
+
+
+# --------------------------------------------------------------------------------------------
 
 
 def main(args) -> int:
@@ -479,7 +769,9 @@ def main(args) -> int:
     if args.shapes:
         shapes = [shapes[int(i)] for i in args.shapes.split(",")]
 
-    report.text("# dpo_kernels GPU report: logits path" + (" (SMOKE RUN on CPU)" if smoke else ""))
+    report.text("# dpo_kernels GPU report: " + " and ".join(
+        name for key, name in (("logits", "logits path"), ("hidden", "hidden-state path")) if key in args.sections)
+        + (" (SMOKE RUN on CPU)" if smoke else ""))
     env = environment(device, args)
     report.records["env"] = env
     report.text("## Environment\n\n" + markdown_table(["", ""], [[k, str(v)] for k, v in env.items()]))
@@ -503,7 +795,7 @@ def main(args) -> int:
     log("ceilings: " + "; ".join(lines))
 
     failures = 0
-    if not args.no_check:
+    if "logits" in args.sections and not args.no_check:
         report.text("## Correctness against float64\n\n"
                     "Per-sequence log-probs and the loss against float64 sums over every row (computed in "
                     "row chunks); the gradient on a subset of rows per sequence (prompt rows, the first and "
@@ -545,7 +837,7 @@ def main(args) -> int:
                             rows.append([r["shape"], r["variant"], "", "", "", "", "FAIL " + r.get("detail", "")])
                     report.write()
 
-    if not args.no_timing:
+    if "logits" in args.sections and not args.no_timing:
         report.text(f"## Forward + backward of the DPO sigmoid loss from the logits\n\n"
                     f"{'perf_counter' if smoke else 'CUDA events'}, median of {iters} after {warmup} warm-up; "
                     "`torch.autograd.grad(loss, logits)`. Extra peak memory: "
@@ -588,6 +880,14 @@ def main(args) -> int:
                 ctx.after_error(exc, "timing setup")
             if not ctx.lost:
                 release_memory(device)
+
+    if "hidden" in args.sections:
+        try:
+            failures += run_hidden_section(report, args, device, ctx, ceil, iters, warmup)
+        except Exception as exc:  # never lose what was measured
+            report.text(f"hidden-state section stopped: {first_line(exc)}")
+            log(traceback.format_exc(limit=6))
+            failures += 1
 
     summary = (f"Done in {time.perf_counter() - T0:.0f} s; correctness failures: {failures}"
                + (f"; CUDA context lost {ctx.lost}" if ctx.lost else ""))

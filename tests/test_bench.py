@@ -81,3 +81,35 @@ def test_gpu_report_smoke(tmp_path):
     for name in ("eager `log_softmax", "TRL's older per-row loop", "full fused_dpo_loss sigmoid step"):
         assert name in report
     assert "unavailable: trl_triton is a Triton GPU kernel" in report  # skipped cleanly, not crashed
+    # the hidden-state path section (fused lm_head): eager and Liger time on the CPU, CCE is skipped
+    assert "# Hidden-state path: fused lm_head + DPO sigmoid loss" in report
+    assert "## Hidden-state path: correctness against float64" in report
+    assert "## Hidden-state path: forward + backward" in report
+    assert "| variant | median ms | min ms | x floor (3 mm) | x floor (4 mm) | extra peak memory | note |" in report
+    assert "unavailable: cce is a Triton GPU kernel" in report
+    import dpo_kernels
+
+    if not hasattr(dpo_kernels, "fused_linear_dpo_loss"):
+        assert "dpo_kernels has no fused_linear_dpo_loss" in report
+        pytest.skip("fused_linear_dpo_loss does not exist yet: its hidden-path rows are not checked")
+    hidden = report[report.index("# Hidden-state path"):]
+    for mode in ("one_pass", "two_phase"):
+        assert f"| ours_{mode} |" in hidden and f"fused_linear_dpo_loss(mode='{mode}')" in hidden
+    check_rows = [line for line in hidden.splitlines() if "| ours_" in line]
+    assert check_rows and all(line.rstrip().endswith("| PASS |") for line in check_rows), check_rows
+
+
+def test_gpu_report_sections(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu_report.py"), "--smoke", "--iters", "1",
+         "--sections", "hidden", "--hidden-shapes", "0", "--no-check"],
+        capture_output=True, text=True, timeout=180, env=_env(tmp_path), cwd=tmp_path,
+    )
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    report = (tmp_path / "gpu_report.md").read_text()
+    assert "## Hidden-state path: forward + backward" in report
+    assert "## Correctness against float64" not in report and "from the logits" not in report
+    assert "LigerFusedLinearDPOLoss" in report and "eager `hidden @ weight.T`" in report
+    bad = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_report.py"), "--smoke", "--sections", "x"],
+                         capture_output=True, text=True, timeout=60, env=_env(tmp_path), cwd=tmp_path)
+    assert bad.returncode != 0 and "--sections" in bad.stderr
