@@ -5,6 +5,7 @@ losses come from the registry in ``losses``.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -13,6 +14,7 @@ import torch
 from .backends import resolve_backend
 from .logprobs import (
     TokenLogprobs,
+    align_labels,
     completion_lengths,
     fused_sigmoid_dpo,
     ld_token_weights,
@@ -21,6 +23,7 @@ from .logprobs import (
     wpo_weights,
 )
 from .losses import (
+    LossOptions,
     PreferencePair,
     combined_loss,
     describe,
@@ -136,71 +139,292 @@ def fused_dpo_loss(
         backend: "auto" (Triton on CUDA, the C++ or PyTorch reference on CPU), "triton", "cpu",
             "reference".
     """
-    specs = resolve_loss_types(loss_type)
-    weights = resolve_loss_weights(specs, loss_weights)
-    opts = loss_options(
-        specs, beta=beta, label_smoothing=label_smoothing, f_divergence_type=f_divergence_type,
-        f_alpha_divergence_coef=f_alpha_divergence_coef, discopop_tau=discopop_tau,
-        simpo_gamma=simpo_gamma, cpo_alpha=cpo_alpha,
+    specs, weights, opts = _loss_setup(
+        loss_type, loss_weights, beta=beta, label_smoothing=label_smoothing, f_divergence_type=f_divergence_type,
+        f_alpha_divergence_coef=f_alpha_divergence_coef, discopop_tau=discopop_tau, simpo_gamma=simpo_gamma,
+        cpo_alpha=cpo_alpha,
     )
     num_pairs, vocab_size = _check_inputs(logits, labels, ignore_index)
     _check_token_options(specs, ld_alpha, use_weighting, average_log_prob, token_metrics)
     _check_inplace(inplace_backward, logits)
     ref_given = _check_reference(logits, ref_logps, ref_logits, reference_free, num_pairs, specs)
-    average = bool(average_log_prob)
     backend_name = resolve_backend(backend, logits.device)
 
+    policy = token_logprobs(
+        logits, labels, ignore_index=ignore_index, shift=shift, backend=backend_name,
+        extras=policy_extras(use_weighting, token_metrics), inplace_backward=inplace_backward,
+    )
+    if validate:
+        _check_token_results(policy, ignore_index, vocab_size, "logits")
+    objective = Objective.build(
+        specs, weights, opts, labels, policy.labels, ignore_index=ignore_index, shift=shift, ld_alpha=ld_alpha,
+        use_weighting=use_weighting, average_log_prob=average_log_prob, token_metrics=token_metrics,
+        fused_sigmoid=backend_name == "triton",
+    )
+    ref_seq = _reference_logps(ref_given, policy.labels, ignore_index, objective.average, backend_name,
+                               num_pairs, logits.device, validate, objective.token_weights)
+    return objective.output(policy, ref_seq, vocab_size)
+
+
+def fused_linear_dpo_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    ref_logps: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
+    ref_hidden: torch.Tensor | None = None,
+    ref_weight: torch.Tensor | None = None,
+    ref_bias: torch.Tensor | None = None,
+    reference_free: bool = False,
+    beta: float = 0.1,
+    loss_type: str | Sequence[str] = "sigmoid",
+    loss_weights: Sequence[float] | None = None,
+    label_smoothing: float = 0.0,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float | None = None,
+    discopop_tau: float | None = None,
+    simpo_gamma: float | None = None,
+    cpo_alpha: float | None = None,
+    ld_alpha: float | None = None,
+    use_weighting: bool = False,
+    average_log_prob: bool = False,
+    token_metrics: bool = False,
+    logit_softcap: float | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    shift: bool = False,
+    mode: str = "auto",
+    chunk_tokens: int | None = None,
+    validate: bool = True,
+    backend: str = "auto",
+) -> DPOOutput:
+    """DPO-family loss from the policy's last hidden states and lm_head, never forming the logits.
+
+    The logits ``logit_softcap * tanh((hidden @ weight.T + bias) / logit_softcap) / temperature``
+    are formed a chunk of valid tokens at a time (ignored tokens cost nothing), reduced by the
+    kernel contract of ``backend`` and dropped (see ``dpo_kernels.linear``). Same loss options,
+    outputs and metrics as :func:`fused_dpo_loss` on those logits; ``logits/chosen|rejected``
+    and ``entropy``/``mean_token_accuracy`` are of the softcapped, tempered logits (what the loss
+    sees). Gradients flow to ``hidden``, ``weight`` and ``bias``.
+
+    Args:
+        hidden: ``[2B, T, H]`` floating: chosen sequences then rejected ones (TRL's layout).
+        weight: the lm_head weight ``[V, H]``, same dtype and device as ``hidden``.
+        labels: ``[2B, T]`` integer token ids, ``ignore_index`` on prompt and padding.
+        bias: optional lm_head bias ``[V]``.
+        ref_logps: reference per-sequence log-probs as in :func:`fused_dpo_loss`.
+        ref_hidden: the reference model's hidden states ``[2B, T, H_ref]`` instead; with
+            ``ref_weight`` ``[V, H_ref]`` (default: the policy's ``weight`` and ``bias``) and
+            ``ref_bias``. Computed chunked under ``no_grad`` with the same softcap/temperature.
+        logit_softcap: Gemma-2's final logit soft-capping ``s * tanh(z / s)`` (``s > 0``), applied
+            before ``temperature``.
+        temperature: the logits are divided by it (``> 0``), after the softcap.
+        mode: ``"two_phase"`` (low memory: the backward recomputes the logits; four matmuls),
+            ``"one_pass"`` (three matmuls: the gradients are formed during the forward, chunks
+            hold whole pairs; not for batch-coupled losses; the returned ``chosen_logps``/
+            ``rejected_logps`` carry no gradient of their own: a backward through them raises), or
+            ``"auto"``: one_pass when the loss allows it, a gradient is needed and the largest
+            pair fits one chunk, else two_phase.
+        chunk_tokens: tokens per chunk (default: a 256 MiB budget of chunk logits in the input
+            dtype); memory does not grow with the sequence length.
+        validate: check labels range before the matmuls and non-finite logits after (host syncs).
+        backend: the kernel contract's backend, as in :func:`fused_dpo_loss`.
+
+    Every other argument is as in :func:`fused_dpo_loss`.
+    """
+    from . import linear
+
+    specs, weights, opts = _loss_setup(
+        loss_type, loss_weights, beta=beta, label_smoothing=label_smoothing, f_divergence_type=f_divergence_type,
+        f_alpha_divergence_coef=f_alpha_divergence_coef, discopop_tau=discopop_tau, simpo_gamma=simpo_gamma,
+        cpo_alpha=cpo_alpha,
+    )
+    num_pairs, vocab_size = _check_linear_inputs(hidden, weight, labels, bias, ignore_index)
+    _check_token_options(specs, ld_alpha, use_weighting, average_log_prob, token_metrics)
+    softcap, temperature = _check_linear_options(logit_softcap, temperature, mode, chunk_tokens)
+    ref_given = _check_linear_reference(hidden, weight, bias, ref_logps, ref_hidden, ref_weight, ref_bias,
+                                        reference_free, num_pairs, specs)
+    backend_name = resolve_backend(backend, hidden.device)
+    aligned = align_labels(labels, ignore_index, shift)
+    if validate:
+        _check_label_range(aligned, ignore_index, vocab_size)
+    objective = Objective.build(
+        specs, weights, opts, labels, aligned, ignore_index=ignore_index, shift=shift, ld_alpha=ld_alpha,
+        use_weighting=use_weighting, average_log_prob=average_log_prob, token_metrics=token_metrics,
+        fused_sigmoid=backend_name == "triton",
+    )
+    head = linear.Head(weight, bias, temperature, softcap, backend_name, ignore_index)
+    chunk = linear.chunk_size(vocab_size, hidden.dtype, softcap, chunk_tokens)
+
+    # Reference first: under no_grad, its chunks are freed before the policy's forward.
+    kind, value = ref_given
+    if kind == "none":
+        ref_seq = torch.zeros(2 * num_pairs, dtype=torch.float32, device=hidden.device)
+    elif kind == "logps":
+        ref_seq = value
+    else:
+        r_hidden, r_weight, r_bias = value
+        ref_head = linear.Head(r_weight.detach(), None if r_bias is None else r_bias.detach(), temperature, softcap,
+                               backend_name, ignore_index)
+        r_chunk = linear.chunk_size(vocab_size, r_hidden.dtype, softcap, chunk_tokens)
+        r_logp, r_lse, _ = linear.forward_tokens(r_hidden.detach(), ref_head, aligned, chunk_tokens=r_chunk)
+        if validate:
+            _check_token_results(TokenLogprobs(r_logp, r_lse, {}, aligned), ignore_index, vocab_size,
+                                 "ref_hidden @ ref_weight.T")
+        ref_seq = sequence_logprobs(r_logp, aligned, ignore_index, objective.average, objective.token_weights)
+
+    extras = policy_extras(use_weighting, token_metrics)
+    needs = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+    needs = tuple(n and torch.is_grad_enabled() for n in needs)
+    chosen_mode = _pick_mode(mode, objective, aligned, ignore_index, chunk, any(needs), specs)
+    if chosen_mode == "two_phase":
+        logp, lse, ext = linear.linear_token_logprobs(hidden, head, aligned, extras, chunk_tokens=chunk)
+        policy = TokenLogprobs(logp, lse, ext, aligned)
+        if validate:
+            _check_token_results(policy, ignore_index, vocab_size, "hidden @ weight.T")
+        return objective.output(policy, ref_seq, vocab_size)
+
+    def loss_fn(logp, lse, ext):
+        return objective.loss_terms(TokenLogprobs(logp, lse, ext, aligned), ref_seq, allow_fused=False)[0]
+
+    def final_fn(logp, lse, ext):
+        loss, chosen, rejected, _, _ = objective.loss_terms(TokenLogprobs(logp, lse, ext, aligned), ref_seq,
+                                                            allow_fused=False)
+        return loss, torch.cat([chosen, rejected])
+
+    runner = linear.OnePass(head, aligned, extras, chunk, loss_fn, final_fn, num_pairs, needs)
+    loss, seq_logps = linear.one_pass(hidden, head, runner)
+    logp, lse, ext = runner.tokens
+    policy = TokenLogprobs(logp, lse, ext, aligned)
+    if validate:
+        _check_token_results(policy, ignore_index, vocab_size, "hidden @ weight.T")
+    return objective.output(policy, ref_seq, vocab_size, allow_fused=False,
+                            logps_override=(loss, seq_logps[:num_pairs], seq_logps[num_pairs:]))
+
+
+def _pick_mode(mode, objective, aligned, ignore_index, chunk, grad_needed, specs) -> str:
+    from . import linear
+
+    if mode == "one_pass":
+        if objective.batch_coupled:
+            coupled = [spec.name for spec in specs if spec.batch_coupled]
+            raise ValueError(
+                f"mode='one_pass' needs each pair's loss to depend on that pair only; loss_type {coupled!r} "
+                "couples the pairs of the batch (it sorts across it): use mode='two_phase' or 'auto'"
+            )
+        return "one_pass"
+    if mode == "two_phase":
+        return "two_phase"
+    if not grad_needed or objective.batch_coupled:
+        return "two_phase"
+    return "one_pass" if linear.largest_pair(aligned, ignore_index) <= chunk else "two_phase"
+
+
+def _loss_setup(loss_type, loss_weights, **options):
+    """Loss specs, their weights and validated :class:`LossOptions` (both front doors)."""
+    specs = resolve_loss_types(loss_type)
+    weights = resolve_loss_weights(specs, loss_weights)
+    return specs, weights, loss_options(specs, **options)
+
+
+def policy_extras(use_weighting: bool, token_metrics: bool) -> tuple[str, ...]:
+    """Same-pass extras the loss and metrics read from the policy's forward pass."""
     extras = {"logits_sum"}
     if use_weighting:
         extras.add("lse_2z")
     if token_metrics:
         extras.update(("entropy", "accuracy"))
-    policy = token_logprobs(
-        logits, labels, ignore_index=ignore_index, shift=shift, backend=backend_name,
-        extras=tuple(sorted(extras)), inplace_backward=inplace_backward,
-    )
-    if validate:
-        _check_token_results(policy, ignore_index, vocab_size, "logits")
-    token_weights = None if ld_alpha is None else ld_token_weights(policy.labels, ignore_index, ld_alpha)
-    ref_seq = _reference_logps(ref_given, policy.labels, ignore_index, average, backend_name,
-                               num_pairs, logits.device, validate, token_weights)
+    return tuple(sorted(extras))
 
-    use_fused_loss = (
-        backend_name == "triton" and len(specs) == 1 and specs[0].name == "sigmoid"
-        and f_divergence_type == "reverse_kl" and ld_alpha is None and not use_weighting
-        and policy.logp.dtype == torch.float32
-    )
-    if use_fused_loss:
-        loss, seq_logps, chosen_rewards, rejected_rewards, _ = fused_sigmoid_dpo(
-            policy.logp, policy.labels, ref_seq, ignore_index=ignore_index, beta=beta,
-            label_smoothing=label_smoothing, average=average,
-        )
-        chosen_logps, rejected_logps = seq_logps[:num_pairs], seq_logps[num_pairs:]
-    else:
-        seq_logps = sequence_logprobs(policy.logp, policy.labels, ignore_index, average, token_weights)
-        ref_seq = ref_seq.to(seq_logps.dtype)
+
+@dataclass(frozen=True)
+class Objective:
+    """From per-token results to a :class:`DPOOutput`: the one assembly both front doors use.
+
+    ``fused_dpo_loss`` feeds it the token results of the logits, ``fused_linear_dpo_loss`` those
+    of its chunked lm_head (and, in its one-pass mode, calls :meth:`loss_terms` per chunk to get
+    the per-token loss coefficients by autograd). Built from the labels only, so everything it
+    holds (LD weights, completion lengths) is known before any logits exist.
+    """
+
+    specs: tuple
+    weights: tuple
+    opts: LossOptions
+    num_pairs: int
+    ignore_index: int
+    average: bool
+    use_weighting: bool
+    token_metrics: bool
+    lengths: torch.Tensor  # TRL's completion lengths [2P] (input labels), for length-normalized losses
+    token_weights: torch.Tensor | None  # LD-DPO weights [2P, T] or None
+    fused_sigmoid: bool  # the Triton backend's one-kernel sigmoid loss may be used
+
+    @classmethod
+    def build(cls, specs, weights, opts, labels, aligned_labels, *, ignore_index, shift, ld_alpha, use_weighting,
+              average_log_prob, token_metrics, fused_sigmoid):
+        token_weights = None if ld_alpha is None else ld_token_weights(aligned_labels, ignore_index, ld_alpha)
         # Completion lengths for the losses that normalize by length: TRL's completion_mask.sum(),
         # which with shift=True counts the input labels (a completion token at position 0, i.e.
         # an empty prompt, counts although nothing predicts it).
-        lengths = completion_lengths(labels if shift else policy.labels, ignore_index).to(seq_logps.dtype)
-        chosen, rejected = slice(0, num_pairs), slice(num_pairs, 2 * num_pairs)
+        lengths = completion_lengths(labels if shift else aligned_labels, ignore_index)
+        return cls(tuple(specs), tuple(weights), opts, labels.shape[0] // 2, ignore_index, bool(average_log_prob),
+                   use_weighting, token_metrics, lengths, token_weights, fused_sigmoid)
+
+    @property
+    def batch_coupled(self) -> bool:
+        """Some pair's loss depends on other pairs (AOT sorts across the batch)."""
+        return any(spec.batch_coupled for spec in self.specs)
+
+    def loss_terms(self, policy: TokenLogprobs, ref_seq: torch.Tensor, *, allow_fused: bool = True):
+        """``(loss, chosen_logps, rejected_logps, chosen_rewards, rejected_rewards)``; ``loss`` and
+        the logps carry gradients back to ``policy.logp``."""
+        P, ignore_index = self.num_pairs, self.ignore_index
+        specs = self.specs
+        use_fused = (
+            allow_fused and self.fused_sigmoid and len(specs) == 1 and specs[0].name == "sigmoid"
+            and self.opts.f_divergence_type == "reverse_kl" and self.token_weights is None
+            and not self.use_weighting and policy.logp.dtype == torch.float32
+        )
+        if use_fused:
+            loss, seq_logps, chosen_rewards, rejected_rewards, _ = fused_sigmoid_dpo(
+                policy.logp, policy.labels, ref_seq, ignore_index=ignore_index, beta=self.opts.beta,
+                label_smoothing=self.opts.label_smoothing, average=self.average,
+            )
+            return loss, seq_logps[:P], seq_logps[P:], chosen_rewards, rejected_rewards
+        seq_logps = sequence_logprobs(policy.logp, policy.labels, ignore_index, self.average, self.token_weights)
+        ref_seq = ref_seq.to(seq_logps.dtype)
+        lengths = self.lengths.to(seq_logps.dtype)
+        chosen, rejected = slice(0, P), slice(P, 2 * P)
         pair = PreferencePair(
             seq_logps[chosen], seq_logps[rejected], ref_seq[chosen], ref_seq[rejected],
             chosen_lengths=lengths[chosen], rejected_lengths=lengths[rejected],
             chosen_token_logps=policy.logp[chosen], chosen_mask=policy.labels[chosen] != ignore_index,
-            averaged=average,
+            averaged=self.average,
         )
         pair_weights = None
-        if use_weighting:
+        if self.use_weighting:
             seq_weights = wpo_weights(policy, ignore_index).to(seq_logps.dtype)
             pair_weights = seq_weights[chosen] * seq_weights[rejected]
-        loss = combined_loss(pair, specs, weights, opts, pair_weights)
-        chosen_rewards, rejected_rewards = rewards(pair, beta)
-        chosen_logps, rejected_logps = pair.chosen_logps, pair.rejected_logps
+        loss = combined_loss(pair, specs, self.weights, self.opts, pair_weights)
+        chosen_rewards, rejected_rewards = rewards(pair, self.opts.beta)
+        return loss, pair.chosen_logps, pair.rejected_logps, chosen_rewards, rejected_rewards
 
-    metrics = _metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, policy,
-                       ignore_index, vocab_size, num_pairs, token_metrics)
-    return DPOOutput(loss, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, metrics)
+    def output(self, policy: TokenLogprobs, ref_seq: torch.Tensor, vocab_size: int, *,
+               allow_fused: bool = True, logps_override=None) -> DPOOutput:
+        """The :class:`DPOOutput` of ``policy``'s token results against the reference ``ref_seq``.
+
+        ``logps_override`` (``(loss, chosen_logps, rejected_logps)``) replaces the differentiable
+        tensors (the one-pass mode returns its own, whose gradients it already computed).
+        """
+        loss, chosen_logps, rejected_logps, chosen_rewards, rejected_rewards = self.loss_terms(
+            policy, ref_seq, allow_fused=allow_fused
+        )
+        if logps_override is not None:
+            loss, chosen_logps, rejected_logps = logps_override
+        metrics = _metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, policy,
+                           self.ignore_index, vocab_size, self.num_pairs, self.token_metrics)
+        return DPOOutput(loss, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, metrics)
 
 
 # --------------------------------------------------------------------------------------------
@@ -295,6 +519,126 @@ def _rows_may_overlap(logits: torch.Tensor) -> bool:
         and (T == 1 or st >= (V - 1) * sv + 1)
         and (B == 1 or sb >= (T - 1) * st + (V - 1) * sv + 1)
     )
+
+
+def _check_float_tensor(value, name):
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor (fp32, bf16, fp16, fp64), got {value.dtype}")
+
+
+def _check_head(hidden, weight, bias, *, hidden_name, weight_name, bias_name, vocab_size=None) -> int:
+    """An lm_head ``weight [V, H]`` (and ``bias [V]``) for ``hidden [.., .., H]``; returns V."""
+    _check_float_tensor(weight, weight_name)
+    if weight.dim() != 2:
+        raise ValueError(f"{weight_name} must be the lm_head weight [V, H], got shape {tuple(weight.shape)}")
+    if weight.shape[1] != hidden.shape[2]:
+        raise ValueError(
+            f"{weight_name} shape {tuple(weight.shape)} does not match {hidden_name} shape {tuple(hidden.shape)}: "
+            f"{weight_name} must be [V, H] with H = {hidden.shape[2]}"
+        )
+    if weight.shape[0] == 0:
+        raise ValueError(f"{weight_name} has an empty vocabulary dimension (V = 0)")
+    if vocab_size is not None and weight.shape[0] != vocab_size:
+        raise ValueError(f"{weight_name} has V = {weight.shape[0]} rows but the policy's weight has V = {vocab_size}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"{weight_name} dtype {weight.dtype} must equal {hidden_name} dtype {hidden.dtype}")
+    if weight.device != hidden.device:
+        raise ValueError(f"{weight_name} is on {weight.device} but {hidden_name} is on {hidden.device}")
+    if bias is not None:
+        _check_float_tensor(bias, bias_name)
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"{bias_name} must have shape [V] = ({weight.shape[0]},), got {tuple(bias.shape)}")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"{bias_name} dtype {bias.dtype} must equal {weight_name} dtype {weight.dtype}")
+        if bias.device != weight.device:
+            raise ValueError(f"{bias_name} is on {bias.device} but {weight_name} is on {weight.device}")
+    return weight.shape[0]
+
+
+def _check_linear_inputs(hidden, weight, labels, bias, ignore_index) -> tuple[int, int]:
+    """``hidden [2B, T, H]``, ``weight [V, H]``, ``labels [2B, T]``, ``bias [V]``; returns ``(P, V)``."""
+    _check_float_tensor(hidden, "hidden")
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must be [2B, T, H] (chosen rows then rejected rows), got shape {tuple(hidden.shape)}")
+    vocab_size = _check_head(hidden, weight, bias, hidden_name="hidden", weight_name="weight", bias_name="bias")
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype not in _INT_DTYPES:
+        raise TypeError(f"labels must be an integer tensor of token ids, got {labels.dtype}")
+    if labels.shape != hidden.shape[:2]:
+        raise ValueError(
+            f"labels shape {tuple(labels.shape)} does not match hidden shape {tuple(hidden.shape)}: "
+            f"labels must be [2B, T] = {tuple(hidden.shape[:2])}"
+        )
+    if labels.device != hidden.device:
+        raise ValueError(f"labels are on {labels.device} but hidden is on {hidden.device}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    rows = hidden.shape[0]
+    if rows == 0 or rows % 2:
+        raise ValueError(f"hidden batch must be 2B > 0 sequences (B chosen then B rejected), got {rows}")
+    return rows // 2, vocab_size
+
+
+def _check_linear_options(logit_softcap, temperature, mode, chunk_tokens):
+    from .linear import MODES
+
+    def positive(value, name):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        return float(value)
+
+    temperature = positive(temperature, "temperature")
+    softcap = None if logit_softcap is None else positive(logit_softcap, "logit_softcap")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if chunk_tokens is not None and (isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int)
+                                     or chunk_tokens < 1):
+        raise ValueError(f"chunk_tokens must be an int >= 1 (or None for the memory budget), got {chunk_tokens!r}")
+    return softcap, temperature
+
+
+def _check_linear_reference(hidden, weight, bias, ref_logps, ref_hidden, ref_weight, ref_bias, reference_free,
+                            num_pairs, specs):
+    """``("logps", [2B])``, ``("hidden", (ref_hidden, ref_weight, ref_bias))`` or ``("none", None)``."""
+    if ref_hidden is None:
+        stray = [name for name, v in (("ref_weight", ref_weight), ("ref_bias", ref_bias)) if v is not None]
+        if stray:
+            raise ValueError(f"{' and '.join(stray)} given without ref_hidden (the reference's hidden states)")
+        if ref_logps is None and not reference_free and any(spec.needs_reference for spec in specs):
+            raise ValueError("no reference: pass ref_logps or ref_hidden, or reference_free=True")
+        return _check_reference(hidden, ref_logps, None, reference_free, num_pairs, specs)
+    if reference_free:
+        raise ValueError("reference_free=True conflicts with ref_hidden")
+    if ref_logps is not None:
+        raise ValueError("pass either ref_logps or ref_hidden, not both")
+    _check_float_tensor(ref_hidden, "ref_hidden")
+    if ref_hidden.dim() != 3 or ref_hidden.shape[:2] != hidden.shape[:2]:
+        raise ValueError(
+            f"ref_hidden must be [2B, T, H_ref] with [2B, T] = {tuple(hidden.shape[:2])}, got {tuple(ref_hidden.shape)}"
+        )
+    if ref_hidden.device != hidden.device:
+        raise ValueError(f"ref_hidden is on {ref_hidden.device} but hidden is on {hidden.device}")
+    if ref_weight is None:
+        ref_weight = weight
+        ref_bias = bias if ref_bias is None else ref_bias
+    _check_head(ref_hidden, ref_weight, ref_bias, hidden_name="ref_hidden",
+                weight_name="ref_weight" if ref_weight is not weight else "weight (the default ref_weight)",
+                bias_name="ref_bias", vocab_size=weight.shape[0])
+    return ("hidden", (ref_hidden, ref_weight, ref_bias))
+
+
+def _check_label_range(aligned, ignore_index, vocab_size) -> None:
+    """One host sync, before any matmul: every scored label is a token id in [0, V)."""
+    bad = (aligned != ignore_index) & ((aligned < 0) | (aligned >= vocab_size))
+    if bool(bad.any()):
+        b, t = bad.nonzero()[0].tolist()
+        raise ValueError(
+            f"labels[{b}, {t}] (as aligned with the hidden rows) = {aligned[b, t].item()} is outside "
+            f"[0, V={vocab_size}) and is not ignore_index={ignore_index}"
+        )
 
 
 def _check_reference(logits, ref_logps, ref_logits, reference_free, num_pairs, specs):

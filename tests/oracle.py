@@ -265,3 +265,33 @@ def assert_matches_oracle(out, want: dict, logits_grad, dtype=torch.float32):
         assert_close_values(out.metrics[name], value, dtype, name)
     assert logits_grad.dtype == dtype
     assert_close_grad(logits_grad, want["grad"], dtype)
+
+
+def linear_logits(hidden, weight, bias=None, *, softcap=None, temperature=1.0):
+    """float64 logits of an lm_head: ``softcap * tanh((h @ W.T + b) / softcap) / temperature``."""
+    z = hidden.double() @ weight.double().T
+    if bias is not None:
+        z = z + bias.double()
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return z / temperature
+
+
+def linear_dpo(hidden, weight, labels, bias=None, *, ref_hidden=None, ref_weight=None, ref_bias=None, softcap=None,
+               temperature=1.0, **kwargs):
+    """``dpo()`` on the materialized float64 logits of the hidden states, plus the gradients of
+    hidden, weight and bias (chain rule through the float64 lm_head)."""
+    h = hidden.detach().double().requires_grad_(True)
+    w = weight.detach().double().requires_grad_(True)
+    b = None if bias is None else bias.detach().double().requires_grad_(True)
+    z = linear_logits(h, w, b, softcap=softcap, temperature=temperature)
+    ref_logits = None
+    if ref_hidden is not None:
+        rw = weight if ref_weight is None else ref_weight
+        rb = (bias if ref_weight is None else None) if ref_bias is None else ref_bias
+        ref_logits = linear_logits(ref_hidden, rw, rb, softcap=softcap, temperature=temperature)
+    want = dpo(z.detach(), labels, ref_logits=ref_logits, **kwargs)
+    z.backward(want["grad"])
+    want["grad_hidden"], want["grad_weight"] = h.grad, w.grad
+    want["grad_bias"] = None if b is None else b.grad
+    return want

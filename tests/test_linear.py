@@ -1,0 +1,487 @@
+"""fused_linear_dpo_loss (the hidden-state path) against a float64 oracle that materializes the
+logits (``oracle.linear_dpo``): loss, outputs, metrics and the gradients of hidden, weight, bias.
+
+Tolerances: fp32 inputs differ from the oracle by fp32 accumulation only. bf16 inputs: the chunk's
+logits are the lm_head's bf16 output (one rounding of each logit, as the model's own logits), so
+per-sequence values are within a few bf16 roundings of the summed logits, and gradients within
+bf16 rounding level (normwise relative error below 2^-7).
+"""
+import math
+
+import pytest
+import torch
+
+import oracle
+from dpo_kernels import fused_dpo_loss, fused_linear_dpo_loss, linear
+from oracle import IGNORE
+
+F32, BF16 = torch.float32, torch.bfloat16
+MODES = ["two_phase", "one_pass"]
+
+
+def make_inputs(P, T, H, V, dtype=F32, *, bias=False, prompt=2, seed=None):
+    """Hidden states ``[2P, T, H]``, an lm_head giving logits of a few units, labels with a prompt
+    and ragged padding (``oracle.make_batch``'s)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    hidden = torch.randn(2 * P, T, H).to(dtype)
+    weight = (torch.randn(V, H) * (2.0 / math.sqrt(H))).to(dtype)
+    b = (torch.randn(V) * 0.5).to(dtype) if bias else None
+    _, labels = oracle.make_batch(P, T, V, F32, prompt=prompt)
+    return hidden, weight, b, labels
+
+
+def run(hidden, weight, labels, bias=None, **kwargs):
+    h = hidden.detach().clone().requires_grad_(True)
+    w = weight.detach().clone().requires_grad_(True)
+    b = None if bias is None else bias.detach().clone().requires_grad_(True)
+    out = fused_linear_dpo_loss(h, w, labels, b, **kwargs)
+    out.loss.backward()
+    return out, (h.grad, w.grad, None if b is None else b.grad)
+
+
+def _rel(actual, expected):
+    return ((actual.double() - expected).norm() / expected.norm().clamp(min=1e-30)).item()
+
+
+def check(out, want, grads, dtype=F32):
+    if dtype == F32:
+        vt = dict(rtol=2e-5, atol=2e-4)
+    else:
+        vt = dict(rtol=2e-2, atol=5e-2)
+    torch.testing.assert_close(out.loss.double(), want["loss"], **vt, msg=lambda m: f"loss: {m}")
+    for name in ("chosen_rewards", "rejected_rewards", "chosen_logps", "rejected_logps"):
+        torch.testing.assert_close(getattr(out, name).double(), want[name], **vt, msg=lambda m, n=name: f"{n}: {m}")
+    assert set(out.metrics) == set(want["metrics"])
+    for name, value in want["metrics"].items():
+        assert out.metrics[name].dim() == 0 and not out.metrics[name].requires_grad
+        if name == "rewards/accuracies" and dtype != F32:
+            continue  # a near-tie may flip under bf16 logits
+        torch.testing.assert_close(out.metrics[name].double(), value, **vt, msg=lambda m, n=name: f"{n}: {m}")
+    for grad, key in zip(grads, ("grad_hidden", "grad_weight", "grad_bias")):
+        expected = want[key]
+        if expected is None:
+            assert grad is None
+            continue
+        assert grad is not None and grad.dtype == dtype and grad.shape == expected.shape
+        if dtype == F32:
+            atol = 1e-5 * expected.abs().max().item() + 1e-12
+            torch.testing.assert_close(grad.double(), expected, rtol=1e-4, atol=atol, msg=lambda m, k=key: f"{k}: {m}")
+        else:
+            assert _rel(grad, expected) < 2 ** -7, (key, _rel(grad, expected))
+
+
+def oracle_kwargs(kwargs):
+    """fused_linear_dpo_loss kwargs -> oracle.linear_dpo kwargs."""
+    rename = {"average_log_prob": "average", "logit_softcap": "softcap"}
+    drop = {"mode", "chunk_tokens", "backend", "validate", "reference_free"}
+    return {rename.get(k, k): v for k, v in kwargs.items() if k not in drop}
+
+
+def compare(hidden, weight, labels, bias=None, dtype=F32, **kwargs):
+    out, grads = run(hidden, weight, labels, bias, **kwargs)
+    want = oracle.linear_dpo(hidden, weight, labels, bias, **oracle_kwargs(kwargs))
+    check(out, want, grads, dtype)
+    return out, grads
+
+
+# --------------------------------------------------------------------------------------------
+# Against the float64 oracle.
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shift", [False, True])
+def test_sigmoid_matches_oracle(mode, dtype, bias, shift):
+    hidden, weight, b, labels = make_inputs(3, 9, 24, 200, dtype, bias=bias)
+    compare(hidden, weight, labels, b, dtype, ref_logps=torch.randn(6) - 20, shift=shift, mode=mode, chunk_tokens=5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_softcap_and_temperature(mode, dtype):
+    hidden, weight, b, labels = make_inputs(2, 8, 16, 150, dtype, bias=True)
+    weight = (weight.float() * 3).to(dtype)  # logits of ~10: the softcap of 8 bends them
+    compare(hidden, weight, labels, b, dtype, ref_logps=torch.randn(4) - 30, logit_softcap=8.0, temperature=0.7,
+            shift=True, mode=mode, chunk_tokens=4, token_metrics=True)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("loss_type", ["ipo", "hinge", "orpo", "simpo", "cpo", "apo_down", "discopop"])
+def test_loss_types(mode, loss_type):
+    hidden, weight, b, labels = make_inputs(3, 7, 16, 120, bias=True)
+    kwargs = dict(loss_type=loss_type, beta=0.3, shift=True, mode=mode, chunk_tokens=3)
+    if loss_type in oracle.REFERENCE_FREE:
+        kwargs["reference_free"] = True
+    else:
+        kwargs["ref_logps"] = torch.randn(6) - 15
+    compare(hidden, weight, labels, b, **kwargs)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_combined_mpo_with_weights(mode):
+    hidden, weight, b, labels = make_inputs(3, 8, 16, 130)
+    compare(hidden, weight, labels, b, ref_logps=torch.randn(6) - 18, loss_type=["sigmoid", "bco_pair", "sft"],
+            loss_weights=[0.8, 0.2, 1.0], mode=mode, chunk_tokens=4, shift=True)
+
+
+@pytest.mark.parametrize("loss_type", ["aot", "aot_unpaired"])
+def test_batch_coupled_loss_two_phase(loss_type):
+    hidden, weight, b, labels = make_inputs(4, 6, 16, 100, bias=True)
+    out, _ = compare(hidden, weight, labels, b, ref_logps=torch.randn(8) - 12, loss_type=loss_type,
+                     label_smoothing=0.1, chunk_tokens=3)
+    assert out.chosen_logps.requires_grad  # auto picked two_phase
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_ld_alpha_weighting_token_metrics(mode):
+    hidden, weight, b, labels = make_inputs(3, 9, 16, 140, bias=True)
+    labels[0, -3:] = IGNORE  # unequal pair lengths: LD's verbose tail is real
+    compare(hidden, weight, labels, b, ref_logps=torch.randn(6) - 20, ld_alpha=0.4, use_weighting=True,
+            token_metrics=True, shift=True, mode=mode, chunk_tokens=2)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_average_log_prob_and_f_divergence(mode):
+    hidden, weight, b, labels = make_inputs(2, 8, 16, 90)
+    compare(hidden, weight, labels, b, ref_logps=torch.randn(4) - 3, average_log_prob=True,
+            f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.3, mode=mode, chunk_tokens=3)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("ref_form", ["policy_head", "own_head"])
+def test_reference_from_hidden_states(mode, ref_form):
+    hidden, weight, b, labels = make_inputs(2, 7, 16, 110, bias=True)
+    ref_hidden = torch.randn_like(hidden)
+    kwargs = dict(ref_hidden=ref_hidden, mode=mode, chunk_tokens=3, shift=True, logit_softcap=6.0)
+    if ref_form == "own_head":
+        kwargs.update(ref_weight=torch.randn_like(weight) * 0.4, ref_bias=torch.randn_like(b))
+    out, _ = compare(hidden, weight, labels, b, **kwargs)
+    assert not ref_hidden.requires_grad
+
+
+def test_ref_head_gets_no_gradient():
+    hidden, weight, b, labels = make_inputs(2, 6, 16, 80, bias=True)
+    ref_hidden, ref_weight = torch.randn_like(hidden).requires_grad_(True), weight.clone().requires_grad_(True)
+    out, _ = run(hidden, weight, labels, b, ref_hidden=ref_hidden, ref_weight=ref_weight)
+    assert ref_hidden.grad is None and ref_weight.grad is None
+
+
+def test_every_backend(backend):
+    """The per-token work goes through each backend of the kernel contract (Triton through its
+    CPU interpreter: tiny shapes)."""
+    hidden, weight, b, labels = make_inputs(2, 5, 16, 260, bias=True)
+    for mode in MODES:
+        compare(hidden, weight, labels, b, ref_logps=torch.randn(4) - 10, shift=True, mode=mode, chunk_tokens=4,
+                token_metrics=True, backend=backend)
+
+
+def test_matches_fused_dpo_loss_on_materialized_logits():
+    """Same outputs and metrics as the logits path given the same (fp32) logits."""
+    hidden, weight, b, labels = make_inputs(3, 8, 16, 150, bias=True)
+    ref = torch.randn(6) - 20
+    kwargs = dict(ref_logps=ref, shift=True, token_metrics=True, use_weighting=True, loss_type=["sigmoid", "sft"])
+    logits = (hidden @ weight.T + b).detach().requires_grad_(True)
+    a = fused_dpo_loss(logits, labels, backend="reference", **kwargs)
+    for mode in MODES:
+        out, _ = run(hidden, weight, labels, b, mode=mode, chunk_tokens=5, backend="reference", **kwargs)
+        for name in ("loss", "chosen_rewards", "rejected_rewards", "chosen_logps", "rejected_logps"):
+            torch.testing.assert_close(getattr(out, name), getattr(a, name), rtol=1e-5, atol=1e-5)
+        assert set(out.metrics) == set(a.metrics)
+        for name in a.metrics:
+            torch.testing.assert_close(out.metrics[name], a.metrics[name], rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# Modes, chunking, skipped tokens, precision.
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("chunk_tokens", [1, 3, 7, 1000])
+def test_both_modes_agree_at_every_chunk_size(dtype, chunk_tokens):
+    hidden, weight, b, labels = make_inputs(3, 8, 16, 100, dtype, bias=True)
+    kwargs = dict(ref_logps=torch.randn(6) - 15, shift=True, token_metrics=True, chunk_tokens=chunk_tokens)
+    two, g2 = run(hidden, weight, labels, b, mode="two_phase", **kwargs)
+    one, g1 = run(hidden, weight, labels, b, mode="one_pass", **kwargs)
+    big, gb = run(hidden, weight, labels, b, mode="two_phase", **{**kwargs, "chunk_tokens": 10_000})
+    for other, grads in ((one, g1), (big, gb)):
+        torch.testing.assert_close(other.loss, two.loss, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(other.chosen_logps, two.chosen_logps, rtol=1e-6, atol=1e-5)
+        for name in two.metrics:
+            torch.testing.assert_close(other.metrics[name], two.metrics[name], rtol=1e-6, atol=1e-5)
+        ulp = 2.0 ** -7 if dtype == BF16 else 2.0 ** -20
+        for a, c in zip(grads, g2):
+            # fp32 accumulation, one final rounding: chunking changes at most one rounding step.
+            assert ((a.float() - c.float()).abs() <= ulp * c.float().abs() + 1e-6).all()
+    want = oracle.linear_dpo(hidden, weight, labels, b, ref_logps=kwargs["ref_logps"], shift=True, token_metrics=True)
+    check(two, want, g2, dtype)
+
+
+def test_bf16_weight_gradient_accumulated_in_fp32():
+    """Many tiny chunks: the bf16 weight gradient is within bf16 rounding of the float64 one,
+    about as close as the float64 gradient rounded once to bf16."""
+    hidden, weight, b, labels = make_inputs(4, 16, 32, 64, BF16, bias=True, seed=7)
+    ref = torch.randn(8) - 30
+    for mode in MODES:
+        out, grads = run(hidden, weight, labels, b, ref_logps=ref, mode=mode, chunk_tokens=1)
+        want = oracle.linear_dpo(hidden, weight, labels, b, ref_logps=ref)
+        rounded = _rel(want["grad_weight"].to(BF16), want["grad_weight"])
+        assert _rel(grads[1], want["grad_weight"]) < max(4 * rounded, 2 ** -8)
+        assert _rel(grads[2], want["grad_bias"]) < max(4 * _rel(want["grad_bias"].to(BF16), want["grad_bias"]), 2 ** -8)
+
+
+def _count_matmul_rows(monkeypatch):
+    rows = {"logits": [], "grad_hidden": [], "grad_weight": []}
+    originals = (linear.logits_matmul, linear.grad_hidden_matmul, linear.grad_weight_matmul)
+
+    def logits_mm(h, w, b):
+        rows["logits"].append(h.shape[0])
+        return originals[0](h, w, b)
+
+    def grad_hidden_mm(g, w):
+        rows["grad_hidden"].append(g.shape[0])
+        return originals[1](g, w)
+
+    def grad_weight_mm(acc, g, h):
+        rows["grad_weight"].append(h.shape[0])
+        return originals[2](acc, g, h)
+
+    monkeypatch.setattr(linear, "logits_matmul", logits_mm)
+    monkeypatch.setattr(linear, "grad_hidden_matmul", grad_hidden_mm)
+    monkeypatch.setattr(linear, "grad_weight_matmul", grad_weight_mm)
+    return rows
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_ignored_tokens_cost_no_matmul(monkeypatch, mode):
+    hidden, weight, b, labels = make_inputs(2, 10, 16, 90, bias=True, prompt=4)
+    rows = _count_matmul_rows(monkeypatch)
+    chunk = 3
+    run(hidden, weight, labels, b, ref_logps=torch.randn(4), shift=True, mode=mode, chunk_tokens=chunk)
+    valid = int((oracle.aligned(labels, True) != IGNORE).sum())
+    assert valid <= labels.numel() - 4 * 3 - 4 - 3  # prompt (after the shift), the last row, padding
+    passes = 2 if mode == "two_phase" else 1  # two_phase recomputes the logits in backward
+    assert sum(rows["logits"]) == passes * valid
+    assert sum(rows["grad_hidden"]) == valid and sum(rows["grad_weight"]) == valid
+    if mode == "two_phase":
+        assert max(rows["logits"]) <= chunk  # memory bounded by the chunk, not the sequence length
+    else:
+        per_pair = (oracle.aligned(labels, True) != IGNORE).sum(-1)
+        assert max(rows["logits"]) <= max(chunk, int((per_pair[:2] + per_pair[2:]).max()))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_nan_in_ignored_hidden_rows_does_not_leak(mode):
+    hidden, weight, b, labels = make_inputs(2, 8, 16, 70, bias=True)
+    aligned = oracle.aligned(labels, True)
+    poisoned = hidden.clone()
+    poisoned[aligned == IGNORE] = float("nan")
+    out, grads = run(poisoned, weight, labels, b, ref_logps=torch.randn(4) - 10, shift=True, mode=mode,
+                     chunk_tokens=3, token_metrics=True)
+    want = oracle.linear_dpo(hidden, weight, labels, b, ref_logps=torch.zeros(4), shift=True, token_metrics=True)
+    assert torch.isfinite(out.loss) and all(torch.isfinite(g).all() for g in grads)
+    assert (grads[0][aligned == IGNORE] == 0).all()
+    torch.testing.assert_close(out.chosen_logps.double(), want["chosen_logps"], rtol=2e-5, atol=2e-4)
+
+
+def test_auto_mode_choice_and_one_pass_logps_refuse_gradient():
+    hidden, weight, b, labels = make_inputs(2, 8, 16, 60)
+    ref = torch.randn(4)
+    h = hidden.clone().requires_grad_(True)
+    out = fused_linear_dpo_loss(h, weight, labels, ref_logps=ref)  # the default chunk holds the pairs
+    assert "OnePass" in type(out.loss.grad_fn).__name__
+    with pytest.raises(RuntimeError, match="carry no gradient of their own.*two_phase"):
+        (out.loss + out.chosen_logps.sum()).backward()
+    # two_phase: extra terms on the per-sequence log-probs backpropagate
+    h = hidden.clone().requires_grad_(True)
+    out = fused_linear_dpo_loss(h, weight, labels, ref_logps=ref, mode="two_phase")
+    (out.loss - 0.1 * out.chosen_logps.mean()).backward()
+    hd = hidden.double().requires_grad_(True)
+    z = oracle.linear_logits(hd, weight)
+    logp, _ = oracle.token_logprobs(z, labels)
+    seq = logp.sum(-1)
+    m = (seq[:2] - ref[:2].double()) - (seq[2:] - ref[2:].double())
+    (torch.nn.functional.softplus(-0.1 * m).mean() - 0.1 * seq[:2].mean()).backward()
+    torch.testing.assert_close(h.grad.double(), hd.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_auto_picks_two_phase_when_a_pair_exceeds_the_chunk(monkeypatch):
+    hidden, weight, b, labels = make_inputs(2, 8, 16, 60)
+    out, _ = run(hidden, weight, labels, ref_logps=torch.randn(4), chunk_tokens=2)
+    assert out.chosen_logps.requires_grad and out.chosen_logps.grad_fn is not None
+    assert "OnePass" not in type(out.loss.grad_fn).__name__
+
+
+def test_no_grad_forward_matches():
+    hidden, weight, b, labels = make_inputs(2, 6, 16, 60, bias=True)
+    ref = torch.randn(4)
+    with torch.no_grad():
+        out = fused_linear_dpo_loss(hidden, weight, labels, b, ref_logps=ref, token_metrics=True)
+    want = oracle.linear_dpo(hidden, weight, labels, b, ref_logps=ref, token_metrics=True)
+    torch.testing.assert_close(out.loss.double(), want["loss"], rtol=2e-5, atol=2e-5)
+
+
+def test_grad_output_scales_and_frozen_weight():
+    hidden, weight, b, labels = make_inputs(2, 6, 16, 60, bias=True)
+    ref = torch.randn(4)
+    want = oracle.linear_dpo(hidden, weight, labels, b, ref_logps=ref)
+    for mode in MODES:
+        h = hidden.clone().requires_grad_(True)
+        out = fused_linear_dpo_loss(h, weight, labels, b, ref_logps=ref, mode=mode)  # weight, bias frozen
+        (2.5 * out.loss).backward()
+        torch.testing.assert_close(h.grad.double(), 2.5 * want["grad_hidden"], rtol=1e-4, atol=1e-6)
+
+
+def test_sequences_without_completion_tokens():
+    hidden, weight, b, labels = make_inputs(2, 5, 16, 50, bias=True)
+    labels[0] = IGNORE
+    labels[3] = IGNORE
+    for mode in MODES:
+        compare(hidden, weight, labels, b, ref_logps=torch.randn(4), mode=mode, average_log_prob=True)
+    labels[:] = IGNORE
+    out, grads = run(hidden, weight, labels, b, ref_logps=torch.zeros(4))
+    assert torch.isfinite(out.loss) and all((g == 0).all() for g in grads)
+
+
+def test_default_chunk_size_from_memory_budget():
+    assert linear.chunk_size(128256, BF16, None, None) * 128256 * 2 <= linear.DEFAULT_CHUNK_BYTES
+    assert linear.chunk_size(128256, BF16, None, None) >= 512
+    assert linear.chunk_size(128256, F32, 30.0, None) < linear.chunk_size(128256, F32, None, None)
+    assert linear.chunk_size(10, F32, None, 7) == 7
+
+
+# --------------------------------------------------------------------------------------------
+# Liger-Kernel's LigerFusedLinearDPOLoss as an external reference.
+
+LIGER_LOSSES = ["sigmoid", "hinge", "nca_pair", "robust", "bco_pair", "sppo_hard", "apo_zero", "apo_down",
+                "discopop", "exo_pair"]
+
+
+@pytest.mark.parametrize("loss_type", LIGER_LOSSES)
+@pytest.mark.parametrize("average", [False, True])
+def test_matches_liger(loss_type, average):
+    chunked = pytest.importorskip("liger_kernel.chunked_loss")
+    hidden, weight, b, labels = make_inputs(2, 7, 16, 90, bias=True)
+    ref_hidden = torch.randn_like(hidden)
+    ref_weight = weight + 0.1 * torch.randn_like(weight)
+    ls = {"robust": 0.1, "exo_pair": 1e-3}.get(loss_type, 0.0)
+    liger = chunked.LigerFusedLinearDPOLoss(beta=0.2, compiled=False, average_log_prob=average, loss_type=loss_type,
+                                            label_smoothing=ls, use_ref_model=True)
+    h = hidden.clone().requires_grad_(True)
+    w = weight.clone().requires_grad_(True)
+    bl = b.clone().requires_grad_(True)
+    loss, aux = liger(w, h, labels, bl, ref_input=ref_hidden, ref_weight=ref_weight, ref_bias=b)
+    loss.backward()
+    out, grads = run(hidden, weight, labels, b, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=b,
+                     beta=0.2, loss_type=loss_type, label_smoothing=ls, average_log_prob=average)
+    torch.testing.assert_close(out.loss, loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.chosen_logps, aux[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.rejected_logps, aux[1], rtol=1e-5, atol=1e-5)
+    for ours, theirs in zip(grads, (h.grad, w.grad, bl.grad)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# Errors.
+
+
+def _args():
+    hidden, weight, b, labels = make_inputs(2, 5, 8, 30, bias=True)
+    return hidden, weight, labels, b
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (lambda a: {"hidden": a["hidden"].numpy()}, TypeError, "hidden must be a torch.Tensor"),
+    (lambda a: {"hidden": a["hidden"].long()}, TypeError, "hidden must be a floating"),
+    (lambda a: {"hidden": a["hidden"][0]}, ValueError, r"hidden must be \[2B, T, H\]"),
+    (lambda a: {"hidden": a["hidden"][:3], "labels": a["labels"][:3]}, ValueError, "2B > 0"),
+    (lambda a: {"weight": a["weight"][:, :5]}, ValueError, r"weight must be \[V, H\] with H = 8"),
+    (lambda a: {"weight": a["weight"][0]}, ValueError, r"weight must be the lm_head weight \[V, H\]"),
+    (lambda a: {"weight": a["weight"].double()}, TypeError, "weight dtype torch.float64 must equal hidden dtype"),
+    (lambda a: {"weight": a["weight"].int()}, TypeError, "weight must be a floating"),
+    (lambda a: {"bias": a["bias"][:5]}, ValueError, r"bias must have shape \[V\]"),
+    (lambda a: {"bias": a["bias"].double()}, TypeError, "bias dtype"),
+    (lambda a: {"labels": a["labels"].float()}, TypeError, "labels must be an integer"),
+    (lambda a: {"labels": a["labels"][:, :3]}, ValueError, r"labels shape .* does not match hidden"),
+])
+def test_input_errors(change, error, match):
+    hidden, weight, labels, b = _args()
+    args = dict(hidden=hidden, weight=weight, labels=labels, bias=b)
+    args.update(change(args))
+    with pytest.raises(error, match=match):
+        fused_linear_dpo_loss(args["hidden"], args["weight"], args["labels"], args["bias"], ref_logps=torch.randn(4))
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(temperature=0.0), ValueError, "temperature must be a finite number > 0"),
+    (dict(temperature=float("inf")), ValueError, "temperature"),
+    (dict(temperature=True), ValueError, "temperature"),
+    (dict(logit_softcap=-1.0), ValueError, "logit_softcap must be a finite number > 0"),
+    (dict(logit_softcap=0), ValueError, "logit_softcap"),
+    (dict(mode="fast"), ValueError, "mode must be one of"),
+    (dict(chunk_tokens=0), ValueError, "chunk_tokens must be an int >= 1"),
+    (dict(chunk_tokens=2.5), ValueError, "chunk_tokens"),
+    (dict(loss_type="aot", mode="one_pass"), ValueError, "mode='one_pass' needs each pair's loss"),
+    (dict(loss_type="nope"), ValueError, "loss_type must be one of"),
+    (dict(beta=-1.0), ValueError, "beta must be"),
+    (dict(ld_alpha=2.0), ValueError, "ld_alpha"),
+    (dict(use_weighting=True, loss_type="aot"), ValueError, "use_weighting"),
+    (dict(backend="nope"), ValueError, "backend must be one of"),
+    (dict(ignore_index=1.5), TypeError, "ignore_index must be an int"),
+])
+def test_option_errors(kwargs, error, match):
+    hidden, weight, labels, b = _args()
+    with pytest.raises(error, match=match):
+        fused_linear_dpo_loss(hidden, weight, labels, b, **{"ref_logps": torch.randn(4), **kwargs})
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(), ValueError, "no reference: pass ref_logps or ref_hidden"),
+    (dict(ref_logps=torch.randn(4), ref_hidden="H"), ValueError, "either ref_logps or ref_hidden"),
+    (dict(ref_hidden="H", reference_free=True), ValueError, "reference_free=True conflicts with ref_hidden"),
+    (dict(ref_weight="W"), ValueError, "ref_weight given without ref_hidden"),
+    (dict(ref_logps=torch.randn(4), ref_bias="B"), ValueError, "ref_bias given without ref_hidden"),
+    (dict(ref_hidden="H_short"), ValueError, r"ref_hidden must be \[2B, T, H_ref\]"),
+    (dict(ref_hidden="H", ref_weight="W_wrongV"), ValueError, "ref_weight has V = 29 rows"),
+    (dict(ref_hidden="H", ref_weight="W_wrongH"), ValueError, r"ref_weight must be \[V, H\] with H = 8"),
+    (dict(ref_hidden="H_bf16"), TypeError, r"weight \(the default ref_weight\) dtype"),
+    (dict(ref_hidden="H", ref_weight="W", ref_bias="B_short"), ValueError, r"ref_bias must have shape \[V\]"),
+    (dict(ref_logps=torch.randn(3)), ValueError, r"ref_logps must have shape \[2B\]"),
+    (dict(ref_hidden=[1.0]), TypeError, "ref_hidden must be a torch.Tensor"),
+])
+def test_reference_errors(kwargs, error, match):
+    hidden, weight, labels, b = _args()
+    values = {"H": torch.randn_like(hidden), "H_short": torch.randn(4, 3, 8), "W": torch.randn_like(weight),
+              "W_wrongV": torch.randn(29, 8), "W_wrongH": torch.randn(30, 5), "B": torch.randn(30),
+              "B_short": torch.randn(7), "H_bf16": torch.randn_like(hidden).to(BF16)}
+    kwargs = {k: values.get(v, v) if isinstance(v, str) else v for k, v in kwargs.items()}
+    with pytest.raises(error, match=match):
+        fused_linear_dpo_loss(hidden, weight, labels, b, **kwargs)
+
+
+def test_label_out_of_range_is_caught_before_the_matmul(monkeypatch):
+    hidden, weight, labels, b = _args()
+    labels[1, 3] = 30
+    rows = _count_matmul_rows(monkeypatch)
+    with pytest.raises(ValueError, match=r"labels\[1, 3\] .* = 30 is outside \[0, V=30\)"):
+        fused_linear_dpo_loss(hidden, weight, labels, b, ref_logps=torch.randn(4))
+    assert rows["logits"] == []
+
+
+@pytest.mark.parametrize("where", ["policy", "reference"])
+def test_non_finite_logits_are_reported(where):
+    hidden, weight, labels, b = _args()
+    ref_hidden = torch.randn_like(hidden)
+    target = hidden if where == "policy" else ref_hidden
+    target[0, 3, 0] = float("inf")
+    name = "hidden @ weight.T" if where == "policy" else r"ref_hidden @ ref_weight.T"
+    with pytest.raises(ValueError, match=rf"{name}\[0, 3\] gives a non-finite log-probability"):
+        fused_linear_dpo_loss(hidden, weight, labels, b, ref_hidden=ref_hidden)
+
+
+def test_device_mismatch_is_named():
+    hidden, weight, labels, b = _args()
+    meta_weight = torch.empty(weight.shape, device="meta")
+    with pytest.raises(ValueError, match="weight is on meta but hidden is on cpu"):
+        fused_linear_dpo_loss(hidden, meta_weight, labels, b, ref_logps=torch.randn(4))
