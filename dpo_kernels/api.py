@@ -198,6 +198,7 @@ def fused_linear_dpo_loss(
     chunk_tokens: int | None = None,
     validate: bool = True,
     backend: str = "auto",
+    vocab_chunk: int | None = None,
 ) -> DPOOutput:
     """DPO-family loss from the policy's last hidden states and lm_head, never forming the logits.
 
@@ -227,9 +228,15 @@ def fused_linear_dpo_loss(
             ``"auto"``: one_pass when the loss allows it, a gradient is needed and the largest
             pair fits one chunk, else two_phase.
         chunk_tokens: tokens per chunk (default: a 256 MiB budget of chunk logits in the input
-            dtype); memory does not grow with the sequence length.
+            dtype); memory does not grow with the sequence length. In the ``two_phase``
+            backward it applies to the vocabulary slices (default: a 256 MiB budget of
+            ``tokens x slice`` logits).
         validate: check labels range before the matmuls and non-finite logits after (host syncs).
         backend: the kernel contract's backend, as in :func:`fused_dpo_loss`.
+        vocab_chunk: vocabulary rows per slice of the ``two_phase`` backward, whose weight
+            gradient is accumulated one slice at a time in an fp32 ``[vocab_chunk, H]`` buffer
+            (default: as many rows as fit 64 MiB, i.e. 4096 at H = 4096; the whole vocabulary
+            when smaller).
 
     Every other argument is as in :func:`fused_dpo_loss`.
     """
@@ -243,6 +250,9 @@ def fused_linear_dpo_loss(
     num_pairs, vocab_size = _check_linear_inputs(hidden, weight, labels, bias, ignore_index)
     _check_token_options(specs, ld_alpha, use_weighting, average_log_prob, token_metrics)
     softcap, temperature = _check_linear_options(logit_softcap, temperature, mode, chunk_tokens)
+    if vocab_chunk is not None and (isinstance(vocab_chunk, bool) or not isinstance(vocab_chunk, int)
+                                    or vocab_chunk < 1):
+        raise ValueError(f"vocab_chunk must be an int >= 1 (or None for the memory budget), got {vocab_chunk!r}")
     ref_given = _check_linear_reference(hidden, weight, bias, ref_logps, ref_hidden, ref_weight, ref_bias,
                                         reference_free, num_pairs, specs)
     backend_name = resolve_backend(backend, hidden.device)
@@ -279,7 +289,8 @@ def fused_linear_dpo_loss(
     needs = tuple(n and torch.is_grad_enabled() for n in needs)
     chosen_mode = _pick_mode(mode, objective, aligned, ignore_index, chunk, any(needs), specs)
     if chosen_mode == "two_phase":
-        logp, lse, ext = linear.linear_token_logprobs(hidden, head, aligned, extras, chunk_tokens=chunk)
+        logp, lse, ext = linear.linear_token_logprobs(hidden, head, aligned, extras, chunk_tokens=chunk,
+                                                      backward_chunk_tokens=chunk_tokens, vocab_chunk=vocab_chunk)
         policy = TokenLogprobs(logp, lse, ext, aligned)
         if validate:
             _check_token_results(policy, ignore_index, vocab_size, "hidden @ weight.T")

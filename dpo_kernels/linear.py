@@ -11,20 +11,39 @@ Two exact modes (no gradient filtering in either):
 
 - ``two_phase`` (low memory): the forward keeps per-token ``lse`` and references to the inputs;
   the backward receives ``dL/dlogp`` per token (any loss, any extra use of the per-sequence
-  log-probs), recomputes each chunk's logits and forms the gradients: four matmuls over the
-  valid tokens (logits, recompute, grad hidden, grad weight).
+  log-probs) and loops over vocabulary slices ``[v0, v1)`` (outer) and chunks of valid tokens
+  (inner): it recomputes the slice's logits ``h @ weight[v0:v1].T (+ bias[v0:v1])`` (softcap and
+  temperature are elementwise), and the kernel contract turns them in place into
+  ``coef * (onehot - exp(z - lse))`` with the full row's ``lse`` from the forward (each slice's
+  softmax is exact) and the labels shifted into the slice (a label outside it is out of range:
+  no one-hot). Four matmuls over the valid tokens (logits, recompute, grad hidden, grad weight),
+  each split into slices, none repeated. Slice size: ``vocab_chunk`` or what keeps the slice's
+  fp32 weight-gradient accumulator within :data:`DEFAULT_SLICE_BYTES` (64 MiB: 4096 rows at
+  H = 4096); tokens per backward chunk: ``chunk_tokens`` or what keeps ``tokens x slice`` logits
+  within :data:`DEFAULT_CHUNK_BYTES`.
 - ``one_pass`` (three matmuls): when each pair's loss depends on that pair only (every loss but
   the batch-coupled ``aot``/``aot_unpaired``; the batch-mean NLL of ``sft``/``cpo``/``orpo`` is
   linear so its per-token coefficient is a constant), chunks hold whole pairs, the per-token
   coefficients are computed right after each chunk's forward (autograd on the tiny per-pair
   loss) and the gradients of hidden, weight and bias are accumulated during the forward
-  (Liger-style); the backward only scales them by the incoming gradient.
+  (Liger-style); the backward only scales them by the incoming gradient. It keeps, from its
+  forward to its backward, an fp32 ``[V, H]`` weight-gradient accumulator (fp64 for fp64 inputs;
+  2.1 GB for a Llama-3 head), an fp32 ``[V]`` bias one, and the hidden gradient ``[2P, T, H]`` in
+  the input dtype (plus the ``[2P, T]`` token results).
 
-Weight gradient: accumulated in an fp32 ``[V, H]`` buffer; each chunk's product
-``grad_logits.T @ hidden_chunk`` is computed by the matmul with fp32 accumulation and fp32
-output (``torch.mm(..., out_dtype=torch.float32)`` where the device supports it, otherwise both
-chunk-sized operands upcast to fp32), so the only roundings are the one of ``grad_logits`` to the
-input dtype (by the kernel, once) and the final one of the sum to the weight dtype.
+Precision of the products (all with fp32 accumulation, fp32 output:
+``torch.mm(..., out_dtype=torch.float32)`` where the device supports it, otherwise both
+chunk-sized operands upcast to fp32); the only roundings are the one of ``grad_logits`` to the
+input dtype (by the kernel, once) and one final rounding of each gradient to its input's dtype:
+
+- ``two_phase``: ``grad_weight[v0:v1] = sum_chunks grad_slice.T @ h`` in an fp32 ``[v1 - v0, H]``
+  buffer (the first chunk's product itself), rounded once into the weight gradient: no
+  ``[V, H]`` fp32 buffer. ``grad_hidden = sum_slices grad_slice @ weight[v0:v1]`` in an fp32
+  ``[N_valid, H]`` buffer rounded once at the end (one slice: a single product per token in the
+  input dtype, no buffer). Bias likewise per slice.
+- ``one_pass``: the weight gradient is summed over chunks in the fp32 ``[V, H]`` buffer and
+  rounded (after the scaling by the incoming gradient) once; each token's hidden gradient is one
+  product ``grad_logits @ weight`` (fp32 accumulation inside the matmul).
 """
 from __future__ import annotations
 
@@ -38,6 +57,10 @@ MODES = ("auto", "one_pass", "two_phase")
 
 # Default memory budget of one chunk's logits (chunk_tokens x V in the compute dtype).
 DEFAULT_CHUNK_BYTES = 256 << 20
+
+# Default bound of the fp32 weight-gradient accumulator of one vocabulary slice (``two_phase``
+# backward): 64 MiB is 4096 rows at H = 4096.
+DEFAULT_SLICE_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -85,7 +108,9 @@ def logits_matmul(hidden_chunk: torch.Tensor, weight: torch.Tensor, bias: torch.
 
 
 def grad_hidden_matmul(grad_logits: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``grad_logits @ weight``: one product per row (fp32 accumulation inside the matmul)."""
+    """``grad_logits @ weight``: one product per row (fp32 accumulation inside the matmul), in the
+    input dtype: used where each token's hidden gradient is a single product over the whole
+    vocabulary (``one_pass``; ``two_phase`` with one vocabulary slice)."""
     return torch.mm(grad_logits, weight)
 
 
@@ -108,9 +133,20 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mm(a.float(), b.float())
 
 
-def grad_weight_matmul(acc: torch.Tensor, grad_logits: torch.Tensor, hidden_chunk: torch.Tensor) -> None:
-    """``acc += grad_logits.T @ hidden_chunk`` with ``acc`` fp32 (fp64 for fp64 inputs)."""
-    acc.add_(_mm_fp32(grad_logits.t(), hidden_chunk))
+def grad_hidden_matmul_acc(acc: torch.Tensor, grad_logits: torch.Tensor, weight_slice: torch.Tensor) -> None:
+    """``acc += grad_logits @ weight_slice`` with ``acc`` fp32 (fp64 for fp64 inputs): the hidden
+    gradient summed over vocabulary slices (``two_phase`` with several slices)."""
+    acc.add_(_mm_fp32(grad_logits, weight_slice))
+
+
+def grad_weight_matmul(acc: torch.Tensor | None, grad_logits: torch.Tensor, hidden_chunk: torch.Tensor) -> torch.Tensor:
+    """``acc += grad_logits.T @ hidden_chunk`` with ``acc`` fp32 (fp64 for fp64 inputs); returns
+    ``acc``. With ``acc=None`` returns the fp32 product itself (the first token chunk of a slice:
+    no zero-filled buffer, no extra add)."""
+    product = _mm_fp32(grad_logits.t(), hidden_chunk)
+    if acc is None:
+        return product
+    return acc.add_(product)
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,10 +157,16 @@ def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _chunk_logits(head: Head, h: torch.Tensor, keep_derivative: bool):
-    """The transformed logits ``[n, V]`` and, with a softcap and ``keep_derivative``, its
-    derivative ``1 - tanh^2`` (fp32) for the backward."""
-    z = logits_matmul(h, head.weight, head.bias)
+def _chunk_logits(head: Head, h: torch.Tensor, keep_derivative: bool, vocab: slice | None = None):
+    """The transformed logits ``[n, V]`` (``[n, v1 - v0]`` for the vocabulary slice ``vocab``)
+    and, with a softcap and ``keep_derivative``, its derivative ``1 - tanh^2`` (fp32) for the
+    backward. The softcap and temperature are elementwise, so a slice's logits are exactly the
+    corresponding columns of the full row's."""
+    weight, bias = head.weight, head.bias
+    if vocab is not None:
+        weight = weight[vocab]
+        bias = None if bias is None else bias[vocab]
+    z = logits_matmul(h, weight, bias)
     dcap = None
     if head.softcap is not None:
         t = torch.tanh(z.to(_acc_dtype(z.dtype)) / head.softcap)
@@ -145,11 +187,14 @@ def _chunk_forward(head: Head, z: torch.Tensor, y: torch.Tensor, extras):
 
 
 def _chunk_grad_logits_(head: Head, z: torch.Tensor, y: torch.Tensor, lse: torch.Tensor, coef: torch.Tensor,
-                        dcap: torch.Tensor | None) -> torch.Tensor:
-    """Overwrites ``z`` with the gradient w.r.t. the raw (pre-transform) logits."""
+                        dcap: torch.Tensor | None, ignore_index: int | None = None) -> torch.Tensor:
+    """Overwrites ``z`` with the gradient w.r.t. the raw (pre-transform) logits. ``z`` may be a
+    vocabulary slice: then ``y`` is shifted into the slice (labels outside it are out of range and
+    get no one-hot), ``lse`` is the full row's, and ``ignore_index`` one no shifted label can hit."""
     backend = load_backend(head.backend_name)
     backend.token_logprobs_backward(z.unsqueeze(0), y.unsqueeze(0), lse.unsqueeze(0),
-                                    coef.to(lse.dtype).unsqueeze(0).contiguous(), head.ignore_index, inplace=True)
+                                    coef.to(lse.dtype).unsqueeze(0).contiguous(),
+                                    head.ignore_index if ignore_index is None else ignore_index, inplace=True)
     if head.temperature != 1.0:
         z.div_(head.temperature)
     if dcap is not None:
@@ -171,7 +216,7 @@ class _Grads:
         if self.hidden is not None:
             self.hidden[rows, cols] = grad_hidden_matmul(g, head.weight)
         if self.weight is not None:
-            grad_weight_matmul(self.weight, g, h)
+            self.weight = grad_weight_matmul(self.weight, g, h)
         if self.bias is not None:
             self.bias.add_(g.sum(0, dtype=self.bias.dtype))
 
@@ -227,11 +272,11 @@ def forward_tokens(hidden: torch.Tensor, head: Head, aligned: torch.Tensor, extr
 
 class _TwoPhaseFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, aligned, rows, cols, head, extras, chunk_tokens):
+    def forward(ctx, hidden, weight, bias, aligned, rows, cols, head, extras, chunk_tokens, plan):
         logp, lse, ext = forward_tokens(hidden, head, aligned, extras, chunk_tokens=chunk_tokens,
                                         positions=(rows, cols))
         ctx.save_for_backward(hidden, weight, bias, aligned, rows, cols, lse)
-        ctx.head, ctx.chunk_tokens = head, chunk_tokens
+        ctx.head, ctx.plan = head, plan
         ext_values = tuple(ext[name] for name in extras)
         ctx.mark_non_differentiable(lse, *ext_values)
         return (logp, lse, *ext_values)
@@ -240,26 +285,121 @@ class _TwoPhaseFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logp, *_):
         hidden, weight, bias, aligned, rows, cols, lse = ctx.saved_tensors
-        head = ctx.head
-        grads = _Grads(hidden, head, ctx.needs_input_grad[0], ctx.needs_input_grad[1],
-                       bias is not None and ctx.needs_input_grad[2])
-        if grad_logp is not None:
-            for s in range(0, rows.numel(), ctx.chunk_tokens):
-                r, c = rows[s:s + ctx.chunk_tokens], cols[s:s + ctx.chunk_tokens]
-                h = hidden[r, c]
-                z, dcap = _chunk_logits(head, h, keep_derivative=True)
-                g = _chunk_grad_logits_(head, z, aligned[r, c], lse[r, c], grad_logp[r, c], dcap)
-                grads.add(head, g, h, r, c)
-                del z, g, dcap
-        return (*grads.final(head), None, None, None, None, None, None)
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        if grad_logp is None:
+            grads = (torch.zeros_like(hidden) if need_h else None, torch.zeros_like(weight) if need_w else None,
+                     torch.zeros_like(bias) if need_b else None)
+        else:
+            grads = two_phase_backward(ctx.head, hidden, aligned, rows, cols, lse, grad_logp, ctx.plan,
+                                       (need_h, need_w, need_b))
+        return (*grads, None, None, None, None, None, None, None)
 
 
-def linear_token_logprobs(hidden, head: Head, aligned, extras=(), *, chunk_tokens: int, positions=None):
-    """Differentiable per-token ``(logp, lse, extras)`` ``[2P, T]`` through the two-phase Function."""
+def two_phase_backward(head: Head, hidden, aligned, rows, cols, lse, grad_logp, plan, needs):
+    """Gradients of hidden, weight and bias (input dtypes) from ``dL/dlogp`` per token.
+
+    Vocabulary slices ``[v0, v1)`` outer, chunks of valid tokens inner. For each pair the slice's
+    logits ``h @ weight[v0:v1].T (+ bias[v0:v1])`` are recomputed (softcap/temperature as in the
+    forward) and overwritten in place by the kernel contract with ``coef * (onehot - exp(z - lse))``
+    using the full row's ``lse`` saved by the forward (so each slice's softmax is exact), the labels
+    shifted by ``-v0`` (a label outside the slice is out of range: no one-hot) and an
+    ``ignore_index`` no shifted label can equal. Then
+    ``grad_weight[v0:v1] = sum_chunks grad_slice.T @ h`` is accumulated in an fp32 ``[v1 - v0, H]``
+    buffer (the matmul's own fp32 output for the first chunk) and rounded once into the weight
+    gradient; ``grad_hidden`` sums ``grad_slice @ weight[v0:v1]`` over the slices in an fp32
+    ``[N_valid, H]`` buffer, rounded once at the end (with a single slice there is nothing to sum:
+    one product per chunk, in the input dtype, and no buffer). No ``[V, H]`` fp32 buffer exists.
+    Matmuls over valid tokens: the recomputed logits, grad hidden, grad weight (plus the forward's
+    logits: four in all), each split into slices, not repeated.
+    """
+    vocab_step, chunk_tokens = plan
+    need_h, need_w, need_b = needs
+    V, H = head.weight.shape
+    n = rows.numel()
+    acc = _acc_dtype(head.weight.dtype)
+    grad_hidden = torch.zeros_like(hidden, memory_format=torch.contiguous_format) if need_h else None
+    grad_weight = torch.empty_like(head.weight, memory_format=torch.contiguous_format) if need_w else None
+    grad_bias = torch.empty_like(head.bias) if need_b else None
+    if n == 0 or not (need_h or need_w or need_b):
+        if grad_weight is not None:
+            grad_weight.zero_()
+        if grad_bias is not None:
+            grad_bias.zero_()
+        return grad_hidden, grad_weight, grad_bias
+    sliced = vocab_step < V
+    gh_acc = torch.zeros((n, H), dtype=acc, device=hidden.device) if need_h and sliced else None
+    coef = grad_logp[rows, cols]
+    token_lse = lse[rows, cols]
+    labels = aligned[rows, cols]
+    bounds = [(s, min(n, s + chunk_tokens)) for s in range(0, n, chunk_tokens)]
+    # One chunk: gather the valid hidden rows once, not once per slice.
+    whole = hidden[rows, cols] if len(bounds) == 1 else None
+    no_label = -(V + 1)  # shifted labels lie in [-(V - 1), V - 1]: never equal to it
+    for v0 in range(0, V, vocab_step):
+        v1 = min(V, v0 + vocab_step)
+        vocab = slice(v0, v1) if sliced else None
+        w_slice = head.weight[v0:v1]
+        gw_acc, gb_acc = None, (torch.zeros(v1 - v0, dtype=acc, device=hidden.device) if need_b else None)
+        for s, e in bounds:
+            h = whole if whole is not None else hidden[rows[s:e], cols[s:e]]
+            z, dcap = _chunk_logits(head, h, keep_derivative=True, vocab=vocab)
+            y = labels[s:e] - v0 if sliced else labels[s:e]
+            g = _chunk_grad_logits_(head, z, y, token_lse[s:e], coef[s:e], dcap,
+                                    ignore_index=no_label if sliced else None)
+            del dcap
+            if need_h:
+                if sliced:
+                    grad_hidden_matmul_acc(gh_acc[s:e], g, w_slice)
+                else:
+                    grad_hidden[rows[s:e], cols[s:e]] = grad_hidden_matmul(g, head.weight)
+            if need_w:
+                gw_acc = grad_weight_matmul(gw_acc, g, h)
+            if need_b:
+                gb_acc.add_(g.sum(0, dtype=acc))
+            del z, g
+        if need_w:
+            grad_weight[v0:v1].copy_(gw_acc)  # the one rounding of this slice
+        if need_b:
+            grad_bias[v0:v1].copy_(gb_acc)
+        del gw_acc, gb_acc
+    if gh_acc is not None:
+        grad_hidden[rows, cols] = gh_acc.to(hidden.dtype)
+    return grad_hidden, grad_weight, grad_bias
+
+
+def vocab_slice_size(vocab_size: int, hidden_size: int, vocab_chunk: int | None) -> int:
+    """Vocabulary rows per slice of the ``two_phase`` backward: ``vocab_chunk`` if given, else as
+    many as keep the slice's fp32 weight-gradient accumulator within :data:`DEFAULT_SLICE_BYTES`
+    (a multiple of 128 from 256 rows up), never more than ``vocab_size``."""
+    if vocab_chunk is not None:
+        return max(1, min(int(vocab_chunk), vocab_size))
+    rows = max(1, DEFAULT_SLICE_BYTES // max(4 * hidden_size, 1))
+    rows = rows - rows % 128 if rows >= 256 else rows
+    return max(1, min(rows, vocab_size))
+
+
+def backward_plan(head: Head, hidden_size: int, dtype: torch.dtype, chunk_tokens: int | None,
+                  vocab_chunk: int | None) -> tuple[int, int]:
+    """``(vocabulary rows per slice, tokens per chunk)`` of the ``two_phase`` backward. Tokens:
+    ``chunk_tokens`` if given, else what keeps one slice's logits (plus the softcap's fp32
+    temporaries) within :data:`DEFAULT_CHUNK_BYTES`, as :func:`chunk_size` does for full rows."""
+    step = vocab_slice_size(head.vocab_size, hidden_size, vocab_chunk)
+    return step, chunk_size(step, dtype, head.softcap, chunk_tokens)
+
+
+def linear_token_logprobs(hidden, head: Head, aligned, extras=(), *, chunk_tokens: int, positions=None,
+                          backward_chunk_tokens: int | None = None, vocab_chunk: int | None = None):
+    """Differentiable per-token ``(logp, lse, extras)`` ``[2P, T]`` through the two-phase Function.
+
+    ``chunk_tokens``: the forward's tokens per chunk (full vocabulary rows).
+    ``backward_chunk_tokens`` / ``vocab_chunk``: the backward's tokens per chunk and vocabulary
+    rows per slice (default: from the memory budgets, see :func:`backward_plan`)."""
     rows, cols = valid_positions(aligned, head.ignore_index) if positions is None else positions
     extras = tuple(sorted(extras))
+    plan = backward_plan(head, hidden.shape[-1], hidden.dtype, backward_chunk_tokens, vocab_chunk)
     logp, lse, *values = _TwoPhaseFunction.apply(hidden, head.weight, head.bias, aligned, rows, cols, head, extras,
-                                                 chunk_tokens)
+                                                 chunk_tokens, plan)
     return logp, lse, dict(zip(extras, values))
 
 

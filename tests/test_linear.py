@@ -74,7 +74,7 @@ def check(out, want, grads, dtype=F32):
 def oracle_kwargs(kwargs):
     """fused_linear_dpo_loss kwargs -> oracle.linear_dpo kwargs."""
     rename = {"average_log_prob": "average", "logit_softcap": "softcap"}
-    drop = {"mode", "chunk_tokens", "backend", "validate", "reference_free"}
+    drop = {"mode", "chunk_tokens", "vocab_chunk", "backend", "validate", "reference_free"}
     return {rename.get(k, k): v for k, v in kwargs.items() if k not in drop}
 
 
@@ -349,6 +349,124 @@ def test_default_chunk_size_from_memory_budget():
     assert linear.chunk_size(128256, BF16, None, None) >= 512
     assert linear.chunk_size(128256, F32, 30.0, None) < linear.chunk_size(128256, F32, None, None)
     assert linear.chunk_size(10, F32, None, 7) == 7
+
+
+# --------------------------------------------------------------------------------------------
+# two_phase backward: vocabulary slices outer, token chunks inner.
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("vocab_chunk, chunk_tokens", [(64, 5), (64, 1000), (1, 7), (1000, 4), (None, None)])
+def test_two_phase_vocab_slices_match_oracle(dtype, vocab_chunk, chunk_tokens):
+    """V = 301 in slices of 64 (four full and one of 45), of 1 row, or one slice (V smaller than
+    the slice, given or default), with several token chunks or one."""
+    hidden, weight, b, labels = make_inputs(3, 9, 16, 301, dtype, bias=True, seed=3)
+    compare(hidden, weight, labels, b, dtype, ref_logps=torch.randn(6) - 25, shift=True, mode="two_phase",
+            chunk_tokens=chunk_tokens, vocab_chunk=vocab_chunk, token_metrics=True)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_two_phase_vocab_slices_softcap_temperature_backends(backend, dtype):
+    hidden, weight, b, labels = make_inputs(2, 8, 16, 301, dtype, bias=True, seed=4)
+    weight = (weight.float() * 3).to(dtype)
+    compare(hidden, weight, labels, b, dtype, ref_logps=torch.randn(4) - 30, logit_softcap=8.0, temperature=0.7,
+            shift=True, mode="two_phase", chunk_tokens=4, vocab_chunk=64, backend=backend)
+
+
+def test_two_phase_vocab_slices_agree_with_one_slice():
+    """Slicing the vocabulary changes no more than the final rounding of each gradient."""
+    hidden, weight, b, labels = make_inputs(3, 8, 16, 301, BF16, bias=True, seed=5)
+    kwargs = dict(ref_logps=torch.randn(6) - 15, shift=True, mode="two_phase", chunk_tokens=6)
+    whole, gw = run(hidden, weight, labels, b, vocab_chunk=301, **kwargs)
+    parts, gp = run(hidden, weight, labels, b, vocab_chunk=64, **kwargs)
+    torch.testing.assert_close(parts.loss, whole.loss, rtol=0, atol=0)
+    for a, c in zip(gp, gw):
+        assert ((a.float() - c.float()).abs() <= 2.0 ** -7 * c.float().abs() + 1e-6).all()
+
+
+def test_two_phase_vocab_slices_keep_four_matmuls_over_valid_tokens(monkeypatch):
+    """Each matmul is split into slices, never repeated: the products cover valid x V x H once."""
+    hidden, weight, b, labels = make_inputs(2, 10, 16, 301, bias=True, prompt=4)
+    area = {"logits": 0, "grad_hidden": 0, "grad_weight": 0}
+    originals = (linear.logits_matmul, linear.grad_hidden_matmul, linear.grad_hidden_matmul_acc,
+                 linear.grad_weight_matmul)
+
+    def logits_mm(h, w, bias):
+        area["logits"] += h.shape[0] * w.shape[0]
+        return originals[0](h, w, bias)
+
+    def grad_hidden_mm(g, w):
+        area["grad_hidden"] += g.shape[0] * g.shape[1]
+        return originals[1](g, w)
+
+    def grad_hidden_acc(acc, g, w):
+        area["grad_hidden"] += g.shape[0] * g.shape[1]
+        return originals[2](acc, g, w)
+
+    def grad_weight_mm(acc, g, h):
+        area["grad_weight"] += g.shape[0] * g.shape[1]
+        return originals[3](acc, g, h)
+
+    monkeypatch.setattr(linear, "logits_matmul", logits_mm)
+    monkeypatch.setattr(linear, "grad_hidden_matmul", grad_hidden_mm)
+    monkeypatch.setattr(linear, "grad_hidden_matmul_acc", grad_hidden_acc)
+    monkeypatch.setattr(linear, "grad_weight_matmul", grad_weight_mm)
+    valid = int((oracle.aligned(labels, True) != IGNORE).sum())
+    for vocab_chunk in (64, 301):
+        for key in area:
+            area[key] = 0
+        run(hidden, weight, labels, b, ref_logps=torch.randn(4), shift=True, mode="two_phase", chunk_tokens=3,
+            vocab_chunk=vocab_chunk)
+        assert area == {"logits": 2 * valid * 301, "grad_hidden": valid * 301, "grad_weight": valid * 301}
+
+
+def test_two_phase_backward_allocates_no_fp32_vocab_by_hidden_buffer():
+    """Every tensor created during the backward is recorded: none is fp32 (or wider) with V x H
+    elements; the weight gradient exists only in its own (bf16) dtype."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    V, H = 301, 16
+    hidden, weight, b, labels = make_inputs(2, 9, H, V, BF16, bias=True, seed=6)
+    h = hidden.clone().requires_grad_(True)
+    w = weight.clone().requires_grad_(True)
+    out = fused_linear_dpo_loss(h, w, labels, b, ref_logps=torch.randn(4), shift=True, mode="two_phase",
+                                chunk_tokens=5, vocab_chunk=64)
+    valid = int((oracle.aligned(labels, True) != IGNORE).sum())
+    assert valid * max(H, 64) < V * H  # the largest legitimate fp32 buffers are smaller than V x H
+
+    created = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            for t in torch.utils._pytree.tree_leaves(result):
+                if isinstance(t, torch.Tensor):
+                    created.append((str(func), tuple(t.shape), t.dtype))
+            return result
+
+    with Record():
+        out.loss.backward()
+    assert created and w.grad is not None and w.grad.dtype == BF16
+    wide = [c for c in created if c[2] in (torch.float32, torch.float64) and math.prod(c[1]) >= V * H]
+    assert not wide, wide
+
+
+def test_vocab_slice_size_from_memory_budget():
+    step = linear.vocab_slice_size(128256, 4096, None)
+    assert step * 4096 * 4 <= linear.DEFAULT_SLICE_BYTES and step >= 1024 and step % 128 == 0
+    assert linear.vocab_slice_size(300, 4096, None) == 300  # V smaller than one slice
+    assert linear.vocab_slice_size(300, 16, 64) == 64 and linear.vocab_slice_size(300, 16, 1000) == 300
+    head = linear.Head(torch.empty(128256, 1, device="meta"), None, 1.0, None, "reference", IGNORE)
+    step, tokens = linear.backward_plan(head, 4096, BF16, None, None)
+    assert step * tokens * 2 <= linear.DEFAULT_CHUNK_BYTES and tokens >= 8192
+    assert linear.backward_plan(head, 4096, BF16, 7, 100) == (100, 7)
+
+
+@pytest.mark.parametrize("value", [0, -3, 2.5, True])
+def test_vocab_chunk_errors(value):
+    hidden, weight, labels, b = _args()
+    with pytest.raises(ValueError, match="vocab_chunk must be an int >= 1"):
+        fused_linear_dpo_loss(hidden, weight, labels, b, ref_logps=torch.randn(4), vocab_chunk=value)
 
 
 # --------------------------------------------------------------------------------------------

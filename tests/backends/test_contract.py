@@ -307,3 +307,25 @@ def test_extras_of_masked_vocabulary_and_ignored_rows(backend):
         torch.testing.assert_close(extras[name].double(), want[name], rtol=1e-5, atol=1e-5, msg=name)
     assert extras["logits_sum"][0, 0] == float("-inf")
     assert all((v[0, 1] == 0).all() for v in extras.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_of_a_vocabulary_slice_out_of_range_label_gets_no_onehot(backend, small_block, dtype):
+    """The hidden-state path's two_phase backward (``dpo_kernels.linear``) hands the kernel one
+    vocabulary slice ``[v0, v1)`` of each row with the full row's lse, labels shifted by ``-v0``
+    and an ``ignore_index`` no shifted label can equal: a label outside the slice (>= V or
+    negative, not ignore_index) must give ``-coef * exp(z - lse)`` with no one-hot, a label inside
+    it ``coef * (onehot - exp(z - lse))``."""
+    ops = load_backend(backend)
+    V_full, v0, V = 1500, 600, 300
+    full = (torch.randn(2, 4, V_full) * 3).to(dtype)
+    labels_full = torch.tensor([[5, 650, 899, 900], [1499, 0, 700, 599]])
+    _, lse, _ = ops.token_logprobs_forward(full, labels_full, IGNORE, frozenset())
+    coef = torch.randn(2, 4, dtype=lse.dtype)
+    logits = full[:, :, v0 : v0 + V].contiguous()
+    labels = labels_full - v0  # in the slice: 650, 899, 700 -> 50, 299, 100; the rest out of range
+    no_label = -(V_full + 1)
+    grad = ops.token_logprobs_backward(logits.clone(), labels, lse, coef, no_label, True)
+    expected = _expected_grad(full, labels_full, coef)[:, :, v0 : v0 + V]
+    assert grad.dtype == dtype
+    assert_close_grad(grad, expected, dtype)
