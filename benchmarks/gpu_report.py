@@ -405,6 +405,23 @@ def check_correctness(shape: Shape, backend: str, device, ctx: Context, seed: in
 # 4. Timing
 
 
+def measure_step(step, device, iters: int, warmup: int, record: dict, ctx, name: str) -> None:
+    """Time ``step`` and its extra peak memory into ``record``; an OOM or an error becomes its
+    status (and a CUDA error that poisons the context is noted in ``ctx``), never a crash."""
+    log(f"timing {name}")
+    try:
+        times = time_ms(step, device, iters=iters, warmup=warmup)
+        peak = peak_extra_bytes(step, device)
+        record.update(status="ok", times_ms=times, median_ms=statistics.median(times), min_ms=min(times),
+                      peak_extra_bytes=peak)
+    except OOM_ERRORS as exc:
+        record["status"] = f"out of memory: {first_line(exc)}"
+    except Exception as exc:
+        record["status"] = f"error: {first_line(exc)}"
+        log(traceback.format_exc(limit=4))
+        ctx.after_error(exc, name.split(" on ")[0])
+
+
 def refill(logits: torch.Tensor, seed: int) -> None:
     with torch.no_grad():
         logits.normal_(0.0, 2.0, generator=torch.Generator(device=logits.device).manual_seed(seed))
@@ -430,18 +447,7 @@ def time_shape(shape: Shape, backends: list[str], device, ctx: Context, iters: i
             record["status"] = f"unavailable: {exc}"
             on_row(record)
             continue
-        log(f"timing {variant.id} on {shape.describe()}")
-        try:
-            times = time_ms(step, device, iters=iters, warmup=warmup)
-            peak = peak_extra_bytes(step, device)
-            record.update(status="ok", times_ms=times, median_ms=statistics.median(times), min_ms=min(times),
-                          peak_extra_bytes=peak)
-        except OOM_ERRORS as exc:
-            record["status"] = f"out of memory: {first_line(exc)}"
-        except Exception as exc:
-            record["status"] = f"error: {first_line(exc)}"
-            log(traceback.format_exc(limit=4))
-            ctx.after_error(exc, variant.id)
+        measure_step(step, device, iters, warmup, record, ctx, f"{variant.id} on {shape.describe()}")
         step = None
         if variant.inplace and not ctx.lost:
             try:
@@ -601,18 +607,7 @@ def time_hidden_shape(shape: HiddenShape, device, ctx: Context, iters: int, warm
             on_row(record)
             continue
         step = variant.step(hidden, weight, labels, ref)
-        log(f"timing {variant.id} on {shape.describe()}")
-        try:
-            times = time_ms(step, device, iters=iters, warmup=warmup)
-            peak = peak_extra_bytes(step, device)
-            record.update(status="ok", times_ms=times, median_ms=statistics.median(times), min_ms=min(times),
-                          peak_extra_bytes=peak)
-        except OOM_ERRORS as exc:
-            record["status"] = f"out of memory: {first_line(exc)}"
-        except Exception as exc:
-            record["status"] = f"error: {first_line(exc)}"
-            log(traceback.format_exc(limit=4))
-            ctx.after_error(exc, variant.id)
+        measure_step(step, device, iters, warmup, record, ctx, f"{variant.id} on {shape.describe()}")
         step = None
         if not ctx.lost:
             release_memory(device)
