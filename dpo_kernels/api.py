@@ -523,13 +523,17 @@ def _check_inplace(inplace_backward, logits) -> None:
 
 
 def _rows_may_overlap(logits: torch.Tensor) -> bool:
-    B, T, V = logits.shape
-    sb, st, sv = logits.stride()
-    return not (
-        (V == 1 or sv >= 1)
-        and (T == 1 or st >= (V - 1) * sv + 1)
-        and (B == 1 or sb >= (T - 1) * st + (V - 1) * sv + 1)
-    )
+    """Whether two elements of ``logits`` may share memory, for any order of the strides.
+
+    Sufficient test for no overlap: with the dimensions sorted by stride, each stride exceeds the
+    largest offset reachable through the dimensions with smaller strides.
+    """
+    reach = 0
+    for stride, size in sorted((st, sz) for st, sz in zip(logits.stride(), logits.shape) if sz > 1):
+        if stride <= reach:
+            return True
+        reach += (size - 1) * stride
+    return False
 
 
 def _check_float_tensor(value, name):

@@ -52,6 +52,7 @@ from dataclasses import dataclass
 import torch
 
 from .backends import load_backend
+from .logprobs import refuse_double_backward
 
 MODES = ("auto", "one_pass", "two_phase")
 
@@ -282,8 +283,8 @@ class _TwoPhaseFunction(torch.autograd.Function):
         return (logp, lse, *ext_values)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logp, *_):
+        refuse_double_backward("fused_linear_dpo_loss")
         hidden, weight, bias, aligned, rows, cols, lse = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
@@ -445,8 +446,8 @@ class _OnePassFunction(torch.autograd.Function):
         return loss, seq_logps
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, grad_seq_logps):
+        refuse_double_backward("fused_linear_dpo_loss")
         if grad_seq_logps is not None:
             raise RuntimeError(
                 "fused_linear_dpo_loss(mode='one_pass'): chosen_logps/rejected_logps carry no gradient of "

@@ -43,6 +43,18 @@ def _bump_version(tensor: torch.Tensor) -> None:
         tensor.as_strided((0,), (1,)).zero_()
 
 
+def refuse_double_backward(what: str) -> None:
+    """Raise when a backward runs with ``create_graph=True``: the kernels' backward is not itself
+    differentiable, and a silently non-differentiable (or zero) second-order gradient is worse
+    than an error. Call at the top of every kernel-backed ``backward``."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"dpo_kernels: double backward (create_graph=True) through {what} is not supported: its "
+            "backward kernel is not differentiable. Compute second-order terms (e.g. gradient "
+            "penalties) on a plain PyTorch log_softmax instead."
+        )
+
+
 class _TokenLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, ignore_index, backend_name, extras, inplace_backward):
@@ -65,6 +77,7 @@ class _TokenLogprobsFunction(torch.autograd.Function):
                 "the first backward already overwrote the logits with their gradient. Use "
                 "inplace_backward=False to backward more than once (retain_graph, double backward)."
             )
+        refuse_double_backward("the fused per-token log-probs")
         logits, labels, lse = ctx.saved_tensors
         backend = load_backend(ctx.backend_name)
         grad_logp = grad_logp.to(lse.dtype).contiguous()

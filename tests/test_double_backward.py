@@ -4,8 +4,7 @@
   twice, bitwise.
 - With ``inplace_backward=True``: the second backward raises the documented RuntimeError.
 - ``torch.autograd.grad(..., create_graph=True)`` then a second-order gradient: must either be
-  right or raise clearly. Today it is neither on any backend (see the xfail reasons): pinned as
-  strict xfails so they flip when fixed.
+  right or raise clearly (today: a clear RuntimeError from every backend).
 """
 import pytest
 import torch
@@ -79,18 +78,7 @@ def _true_hvp(logits, labels, ref, v):
     return g.detach(), hvp
 
 
-_DOUBLE_BACKWARD_BUG = {
-    "reference": "bug: the first-order gradient has a grad_fn, but the second-order backward fails with "
-                 "PyTorch's obscure 'modified by an inplace operation ... output 0 of Exp' instead of a clear error",
-    "cpu": "bug: the second-order gradient is silently all zeros (torch warns 'autograd kernel was not "
-           "registered' for dpo_kernels::token_logprobs_bwd)",
-    "triton": "bug: create_graph=True silently returns a first-order gradient without grad_fn; the "
-              "second-order grad then fails with 'element 0 of tensors does not require grad'",
-}
-
-
-def test_double_backward_is_right_or_raises_clearly(request, backend):
-    request.applymarker(pytest.mark.xfail(strict=True, reason=_DOUBLE_BACKWARD_BUG[backend]))
+def test_double_backward_is_right_or_raises_clearly(backend):
     logits, labels = make_batch(2, 5, 33, torch.float64)
     ref = torch.randn(4, dtype=torch.float64) * 5
     v = torch.randn_like(logits)
@@ -107,3 +95,15 @@ def test_double_backward_is_right_or_raises_clearly(request, backend):
         assert "dpo_kernels" in str(exc) and "double backward" in str(exc), str(exc)
         return
     torch.testing.assert_close(hvp, want_hvp, rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("mode", ["one_pass", "two_phase"])
+def test_linear_path_double_backward_raises_clearly(mode):
+    from dpo_kernels import fused_linear_dpo_loss
+
+    hidden = torch.randn(4, 5, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(40, 16, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 40, (4, 5))
+    out = fused_linear_dpo_loss(hidden, weight, labels, ref_logps=torch.randn(4, dtype=torch.float64), mode=mode)
+    with pytest.raises(RuntimeError, match="dpo_kernels: double backward"):
+        torch.autograd.grad(out.loss, (hidden, weight), create_graph=True)

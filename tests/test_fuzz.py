@@ -63,8 +63,7 @@ def _problem(draw, triton=False):
     mask = draw(st.sampled_from(["prompt", "random", "all_ignored", "empty_rows", "none"]))
     shift = draw(st.booleans())
     average = draw(st.booleans())
-    # Bug (reported, pinned as xfail below): a permuted layout is wrongly refused with inplace_backward.
-    inplace = draw(st.booleans()) and layout != "permuted"
+    inplace = draw(st.booleans())
     loss_type = draw(st.sampled_from(sorted(LOSSES)))
     spec = LOSSES[loss_type]
     smoothing = 0.0
@@ -276,8 +275,6 @@ def test_non_finite_logits_unvalidated_propagate(backend):
     prop()
 
 
-@pytest.mark.xfail(strict=True, reason="bug: inplace_backward=True refuses non-overlapping permuted logits "
-                   "([T, 2B, V] storage viewed as [2B, T, V]): _rows_may_overlap assumes stride order b > t > v")
 def test_inplace_backward_on_permuted_logits(backend):
     values = (torch.randn(4, 3, 300) * 3)
     labels = torch.randint(0, 300, (4, 3))

@@ -80,15 +80,9 @@ def test_token_logprobs_and_gradient_past_two_to_the_31(backend, huge_view):
     _check_rss(rss_before)
 
 
-_INPLACE_BUG = pytest.mark.xfail(
-    strict=True, raises=ValueError,
-    reason="bug: inplace_backward=True refuses non-overlapping logits whose T stride exceeds their batch "
-           "stride (_rows_may_overlap assumes stride order b > t > v)")
-
-
 @pytest.mark.parametrize("layout,inplace", [
     ("batch_stride", False), ("batch_stride", True), ("seq_stride", False),
-    pytest.param("seq_stride", True, marks=_INPLACE_BUG),
+    ("seq_stride", True),
 ])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fused_dpo_loss_past_two_to_the_31(backend, huge_view, inplace):
