@@ -35,6 +35,7 @@ missing, wrong device, ours not built yet), so that suites and reports skip it c
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import importlib.util
 import math
@@ -47,7 +48,9 @@ from typing import Callable
 import torch
 from baselines import Unavailable
 
-from dpo_kernels.bench import BETA, IGNORE_INDEX, dpo_sigmoid_loss, dtype_name, eager_sequence_logps, fmt_bytes
+from dpo_kernels.bench import (
+    BETA, IGNORE_INDEX, Shape, dpo_sigmoid_loss, dtype_name, eager_sequence_logps, fmt_bytes,
+)
 
 HiddenLossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
 
@@ -60,29 +63,15 @@ TRL_CHUNK_SIZE = 32768
 
 
 @dataclass(frozen=True)
-class HiddenShape:
-    """``pairs`` preference pairs (``2 * pairs`` sequences) of ``seq`` tokens, hidden size
-    ``hidden``, vocabulary ``vocab``; the first ``prompt_frac`` of each sequence's tokens are
-    ignored (the prompt)."""
+class HiddenShape(Shape):
+    """A logits-path :class:`dpo_kernels.bench.Shape` (pairs, seq, vocab, dtype, prompt_frac) plus
+    the hidden size ``hidden`` of the lm_head ``[V, H]``; build it with keywords."""
 
-    pairs: int
-    seq: int
-    hidden: int
-    vocab: int
-    dtype: torch.dtype
-    prompt_frac: float = 0.25
-
-    @property
-    def sequences(self) -> int:
-        return 2 * self.pairs
+    hidden: int = 0
 
     @property
     def tokens(self) -> int:
         return self.sequences * self.seq
-
-    @property
-    def prompt_tokens(self) -> int:
-        return min(self.seq, int(self.seq * self.prompt_frac))
 
     @property
     def valid_tokens(self) -> int:
@@ -96,11 +85,6 @@ class HiddenShape:
     @property
     def element_size(self) -> int:
         return torch.empty((), dtype=self.dtype).element_size()
-
-    @property
-    def logits_bytes(self) -> int:
-        """What the full logits would take in the inputs' dtype (ours never holds them)."""
-        return self.tokens * self.vocab * self.element_size
 
     @property
     def grads_bytes(self) -> int:
@@ -117,10 +101,7 @@ class HiddenShape:
                 f"{fmt_bytes(self.logits_bytes)})")
 
     def replace(self, **kw) -> "HiddenShape":
-        fields = dict(pairs=self.pairs, seq=self.seq, hidden=self.hidden, vocab=self.vocab, dtype=self.dtype,
-                      prompt_frac=self.prompt_frac)
-        fields.update(kw)
-        return HiddenShape(**fields)
+        return dataclasses.replace(self, **kw)
 
 
 def make_hidden_batch(shape: HiddenShape, device, seed: int = 0, logit_std: float = 2.0):

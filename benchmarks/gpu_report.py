@@ -38,6 +38,7 @@ import subprocess
 import sys
 import time
 import traceback
+from typing import Callable
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -422,6 +423,29 @@ def measure_step(step, device, iters: int, warmup: int, record: dict, ctx, name:
         ctx.after_error(exc, name.split(" on ")[0])
 
 
+def run_shape(shape, variants, device, ctx, on_row, where: str, timed: Callable[[], None]) -> None:
+    """Run one shape's timing section: rows saying why when the run is stopping, and an OOM or
+    error while setting the shape up becomes a row, never a crash."""
+    if ctx.stop_reason():
+        for v in variants:
+            on_row({"shape": shape.describe(), "variant": v.id, "description": v.description,
+                    "status": ctx.stop_reason()})
+        return
+    try:
+        timed()
+    except OOM_ERRORS as exc:
+        on_row({"shape": shape.describe(), "variant": "-", "description": "(inputs)",
+                "status": f"out of memory allocating the inputs: {first_line(exc)}"})
+        release_memory(device)
+    except Exception as exc:
+        on_row({"shape": shape.describe(), "variant": "-", "description": "(shape)",
+                "status": f"error: {first_line(exc)}"})
+        log(traceback.format_exc(limit=4))
+        ctx.after_error(exc, where)
+    if not ctx.lost:
+        release_memory(device)
+
+
 def refill(logits: torch.Tensor, seed: int) -> None:
     with torch.no_grad():
         logits.normal_(0.0, 2.0, generator=torch.Generator(device=logits.device).manual_seed(seed))
@@ -705,25 +729,9 @@ def run_hidden_section(report: Report, args, device, ctx: Context, ceil: dict, i
                 rows.append(hidden_timing_row(record))
                 report.write()
 
-            if ctx.stop_reason():
-                for v in HIDDEN_VARIANTS:
-                    on_row({"shape": shape.describe(), "variant": v.id, "description": v.description,
-                            "status": ctx.stop_reason()})
-                continue
             log(f"hidden timing on {shape.describe()}")
-            try:
-                time_hidden_shape(shape, device, ctx, iters, warmup, tflops, on_row)
-            except OOM_ERRORS as exc:
-                on_row({"shape": shape.describe(), "variant": "-", "description": "(inputs)",
-                        "status": f"out of memory allocating the inputs: {first_line(exc)}"})
-                release_memory(device)
-            except Exception as exc:
-                on_row({"shape": shape.describe(), "variant": "-", "description": "(shape)",
-                        "status": f"error: {first_line(exc)}"})
-                log(traceback.format_exc(limit=4))
-                ctx.after_error(exc, "hidden timing setup")
-            if not ctx.lost:
-                release_memory(device)
+            run_shape(shape, HIDDEN_VARIANTS, device, ctx, on_row, "hidden timing setup",
+                      lambda: time_hidden_shape(shape, device, ctx, iters, warmup, tflops, on_row))
     return failures
 
 
@@ -857,24 +865,8 @@ def main(args) -> int:
                 rows.append(timing_row(record))
                 report.write()
 
-            if ctx.stop_reason():
-                for v in logits_path_variants(backends):
-                    on_row({"shape": shape.describe(), "variant": v.id, "description": v.description,
-                            "status": ctx.stop_reason()})
-                continue
-            try:
-                time_shape(shape, backends, device, ctx, iters, warmup, copy_GBps, on_row)
-            except OOM_ERRORS as exc:
-                on_row({"shape": shape.describe(), "variant": "-", "description": "(inputs)",
-                        "status": f"out of memory allocating the inputs: {first_line(exc)}"})
-                release_memory(device)
-            except Exception as exc:
-                on_row({"shape": shape.describe(), "variant": "-", "description": "(shape)",
-                        "status": f"error: {first_line(exc)}"})
-                log(traceback.format_exc(limit=4))
-                ctx.after_error(exc, "timing setup")
-            if not ctx.lost:
-                release_memory(device)
+            run_shape(shape, logits_path_variants(backends), device, ctx, on_row, "timing setup",
+                      lambda: time_shape(shape, backends, device, ctx, iters, warmup, copy_GBps, on_row))
 
     if "hidden" in args.sections:
         try:
