@@ -224,19 +224,22 @@ def fused_linear_dpo_loss(
         mode: ``"two_phase"`` (low memory: the backward recomputes the logits; four matmuls),
             ``"one_pass"`` (three matmuls: the gradients are formed during the forward, chunks
             hold whole pairs; not for batch-coupled losses; the returned ``chosen_logps``/
-            ``rejected_logps`` carry no gradient of their own: a backward through them raises), or
-            ``"auto"``: one_pass when the loss allows it, a gradient is needed and the largest
-            pair fits one chunk, else two_phase.
-        chunk_tokens: tokens per chunk (default: a 256 MiB budget of chunk logits in the input
-            dtype); memory does not grow with the sequence length. In the ``two_phase``
+            ``rejected_logps`` carry no gradient of their own: a backward through them raises; a
+            bf16/fp16 weight gradient is rounded once per chunk), or ``"auto"``: one_pass when the
+            loss allows it, a gradient is needed and the largest pair fits one one_pass chunk,
+            else two_phase.
+        chunk_tokens: tokens per chunk (default: a budget of chunk logits in the input dtype,
+            256 MiB, or 512 MiB for one_pass's chunks of whole pairs); memory does not grow with
+            the sequence length. In the ``two_phase``
             backward it applies to the vocabulary slices (default: a 256 MiB budget of
             ``tokens x slice`` logits).
         validate: check labels range before the matmuls and non-finite logits after (host syncs).
         backend: the kernel contract's backend, as in :func:`fused_dpo_loss`.
         vocab_chunk: vocabulary rows per slice of the ``two_phase`` backward, whose weight
-            gradient is accumulated one slice at a time in an fp32 ``[vocab_chunk, H]`` buffer
-            (default: as many rows as fit 64 MiB, i.e. 4096 at H = 4096; the whole vocabulary
-            when smaller).
+            gradient is formed one slice at a time: one product written into the gradient when
+            one token chunk holds all valid tokens, else summed in an fp32 ``[vocab_chunk, H]``
+            buffer (default: as many rows as such a buffer has in 32 MiB, i.e. 2048 at H = 4096;
+            the whole vocabulary when smaller).
 
     Every other argument is as in :func:`fused_dpo_loss`.
     """
@@ -287,7 +290,8 @@ def fused_linear_dpo_loss(
     extras = policy_extras(use_weighting, token_metrics)
     needs = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
     needs = tuple(n and torch.is_grad_enabled() for n in needs)
-    chosen_mode = _pick_mode(mode, objective, aligned, ignore_index, chunk, any(needs), specs)
+    one_pass_chunk = linear.one_pass_chunk_size(vocab_size, hidden.dtype, softcap, chunk_tokens)
+    chosen_mode = _pick_mode(mode, objective, aligned, ignore_index, one_pass_chunk, any(needs), specs)
     if chosen_mode == "two_phase":
         logp, lse, ext = linear.linear_token_logprobs(hidden, head, aligned, extras, chunk_tokens=chunk,
                                                       backward_chunk_tokens=chunk_tokens, vocab_chunk=vocab_chunk)
@@ -304,7 +308,7 @@ def fused_linear_dpo_loss(
                                                             allow_fused=False)
         return loss, torch.cat([chosen, rejected])
 
-    runner = linear.OnePass(head, aligned, extras, chunk, loss_fn, final_fn, num_pairs, needs)
+    runner = linear.OnePass(head, aligned, extras, one_pass_chunk, loss_fn, final_fn, num_pairs, needs)
     loss, seq_logps = linear.one_pass(hidden, head, runner)
     logp, lse, ext = runner.tokens
     policy = TokenLogprobs(logp, lse, ext, aligned)

@@ -7,7 +7,8 @@ handed to the kernel contract of the chosen backend (``token_logprobs_forward`` 
 the valid tokens (label != ignore_index after the shift) are gathered into chunks: ignored tokens
 cost no matmul and no vocabulary pass. Sizing that gather takes one host sync (``nonzero``).
 
-Two exact modes (no gradient filtering in either):
+Two modes, both exact (no gradient filtering; they differ in how often the bf16 weight gradient is
+rounded, see below):
 
 - ``two_phase`` (low memory): the forward keeps per-token ``lse`` and references to the inputs;
   the backward receives ``dL/dlogp`` per token (any loss, any extra use of the per-sequence
@@ -18,32 +19,38 @@ Two exact modes (no gradient filtering in either):
   softmax is exact) and the labels shifted into the slice (a label outside it is out of range:
   no one-hot). Four matmuls over the valid tokens (logits, recompute, grad hidden, grad weight),
   each split into slices, none repeated. Slice size: ``vocab_chunk`` or what keeps the slice's
-  fp32 weight-gradient accumulator within :data:`DEFAULT_SLICE_BYTES` (64 MiB: 4096 rows at
+  fp32 ``[rows, H]`` block within :data:`DEFAULT_SLICE_BYTES` (32 MiB: 2048 rows at
   H = 4096); tokens per backward chunk: ``chunk_tokens`` or what keeps ``tokens x slice`` logits
   within :data:`DEFAULT_CHUNK_BYTES`.
 - ``one_pass`` (three matmuls): when each pair's loss depends on that pair only (every loss but
   the batch-coupled ``aot``/``aot_unpaired``; the batch-mean NLL of ``sft``/``cpo``/``orpo`` is
-  linear so its per-token coefficient is a constant), chunks hold whole pairs, the per-token
-  coefficients are computed right after each chunk's forward (autograd on the tiny per-pair
-  loss) and the gradients of hidden, weight and bias are accumulated during the forward
-  (Liger-style); the backward only scales them by the incoming gradient. It keeps, from its
-  forward to its backward, an fp32 ``[V, H]`` weight-gradient accumulator (fp64 for fp64 inputs;
-  2.1 GB for a Llama-3 head), an fp32 ``[V]`` bias one, and the hidden gradient ``[2P, T, H]`` in
-  the input dtype (plus the ``[2P, T]`` token results).
+  linear so its per-token coefficient is a constant), chunks hold whole pairs (default budget
+  :data:`DEFAULT_ONE_PASS_CHUNK_BYTES` of logits), the per-token coefficients are computed right
+  after each chunk's forward (autograd on the tiny per-pair loss) and the gradients of hidden,
+  weight and bias are accumulated during the forward (Liger-style); the backward only scales them
+  by the incoming gradient. It keeps, from its forward to its backward, the weight gradient in the
+  weight's dtype (no fp32 ``[V, H]`` buffer), an fp32 ``[V]`` bias one and the hidden gradient
+  ``[2P, T, H]`` in the input dtype (plus the ``[2P, T]`` token results).
 
-Precision of the products (all with fp32 accumulation, fp32 output:
-``torch.mm(..., out_dtype=torch.float32)`` where the device supports it, otherwise both
-chunk-sized operands upcast to fp32); the only roundings are the one of ``grad_logits`` to the
-input dtype (by the kernel, once) and one final rounding of each gradient to its input's dtype:
+Precision of the products (fp32 accumulation inside every GEMM: cuBLAS for bf16/fp16 operands;
+where an fp32 result is summed over chunks the GEMM writes/accumulates fp32 directly,
+``torch.addmm(..., out_dtype=torch.float32)``, probed once per device, see :func:`fp32_mm_path`;
+on the CPU both chunk-sized operands are upcast). The kernel rounds ``grad_logits`` to the input
+dtype once (the same rounding as materialized bf16 logits would have); then:
 
-- ``two_phase``: ``grad_weight[v0:v1] = sum_chunks grad_slice.T @ h`` in an fp32 ``[v1 - v0, H]``
-  buffer (the first chunk's product itself), rounded once into the weight gradient: no
-  ``[V, H]`` fp32 buffer. ``grad_hidden = sum_slices grad_slice @ weight[v0:v1]`` in an fp32
-  ``[N_valid, H]`` buffer rounded once at the end (one slice: a single product per token in the
-  input dtype, no buffer). Bias likewise per slice.
-- ``one_pass``: the weight gradient is summed over chunks in the fp32 ``[V, H]`` buffer and
-  rounded (after the scaling by the incoming gradient) once; each token's hidden gradient is one
-  product ``grad_logits @ weight`` (fp32 accumulation inside the matmul).
+- ``two_phase``: ``grad_weight[v0:v1] = grad_slice.T @ h``: with one token chunk per slice (the
+  default up to ``DEFAULT_CHUNK_BYTES / (2 x slice)`` valid tokens: 65536 at a 2048-row slice in
+  bf16) a single product written straight into the weight gradient, rounded once; with several
+  token chunks summed in an fp32 ``[v1 - v0, H]`` buffer, rounded once. No ``[V, H]`` fp32
+  buffer. ``grad_hidden = sum_slices grad_slice @ weight[v0:v1]`` in an fp32 ``[N_valid, H]``
+  buffer rounded once at the end (one slice: a single product per token, no buffer). Bias likewise
+  per slice. Every gradient is rounded to its dtype exactly once: the exact mode.
+- ``one_pass``: the weight gradient is one product per chunk (fp32 inside), summed over the chunks
+  in the weight's dtype by the GEMM (``addmm_``): a bf16 weight gradient takes one rounding per
+  chunk (2 to 8 roundings of its running sum at typical batches; fp32 weights: fp32 throughout);
+  each token's hidden gradient is one product ``grad_logits @ weight``. The incoming gradient
+  scales both in place in fp32, one rounding (none when it is 1). For a single rounding of every
+  gradient use ``two_phase``.
 """
 from __future__ import annotations
 
@@ -56,12 +63,21 @@ from .logprobs import refuse_double_backward
 
 MODES = ("auto", "one_pass", "two_phase")
 
-# Default memory budget of one chunk's logits (chunk_tokens x V in the compute dtype).
+# Default memory budget of one chunk's logits (chunk_tokens x V in the compute dtype): the
+# ``two_phase`` forward, the reference model's forward, and the ``two_phase`` backward's
+# ``tokens x slice`` chunks.
 DEFAULT_CHUNK_BYTES = 256 << 20
 
-# Default bound of the fp32 weight-gradient accumulator of one vocabulary slice (``two_phase``
-# backward): 64 MiB is 4096 rows at H = 4096.
-DEFAULT_SLICE_BYTES = 64 << 20
+# Default budget of one ``one_pass`` chunk's logits (whole pairs): larger, because every chunk
+# rounds the running bf16 weight gradient once and its grad-hidden product wants enough rows to
+# fill the GPU (2048 tokens at V = 128256 in bf16). ``mode="auto"`` takes ``one_pass`` when the
+# largest pair fits it.
+DEFAULT_ONE_PASS_CHUNK_BYTES = 512 << 20
+
+# Default size of one vocabulary slice of the ``two_phase`` backward, as the bytes of its fp32
+# ``[rows, H]`` weight-gradient block: 32 MiB is 2048 rows at H = 4096. Smaller slices lower the
+# backward's ``tokens x slice`` logits; too small ones make thin matmuls.
+DEFAULT_SLICE_BYTES = 32 << 20
 
 
 @dataclass(frozen=True)
@@ -80,16 +96,23 @@ class Head:
         return self.weight.shape[0]
 
 
-def chunk_size(vocab_size: int, dtype: torch.dtype, softcap: float | None, chunk_tokens: int | None) -> int:
-    """Tokens per chunk: ``chunk_tokens`` if given, else what fits :data:`DEFAULT_CHUNK_BYTES`
-    (the chunk's logits in the compute dtype, plus the fp32 temporaries of the softcap)."""
+def chunk_size(vocab_size: int, dtype: torch.dtype, softcap: float | None, chunk_tokens: int | None,
+               budget: int = DEFAULT_CHUNK_BYTES) -> int:
+    """Tokens per chunk: ``chunk_tokens`` if given, else what fits ``budget`` bytes (the chunk's
+    logits in the compute dtype, plus the fp32 temporaries of the softcap)."""
     if chunk_tokens is not None:
         return int(chunk_tokens)
     per_token = vocab_size * torch.empty((), dtype=dtype).element_size()
     if softcap is not None:
         per_token += 2 * 4 * vocab_size  # tanh in fp32 and its derivative, kept for the backward
-    tokens = max(1, DEFAULT_CHUNK_BYTES // max(per_token, 1))
+    tokens = max(1, budget // max(per_token, 1))
     return tokens - tokens % 128 if tokens >= 256 else tokens
+
+
+def one_pass_chunk_size(vocab_size: int, dtype: torch.dtype, softcap: float | None, chunk_tokens: int | None) -> int:
+    """Tokens per ``one_pass`` chunk (a chunk still holds at least one whole pair): ``chunk_tokens``
+    if given, else what fits :data:`DEFAULT_ONE_PASS_CHUNK_BYTES`."""
+    return chunk_size(vocab_size, dtype, softcap, chunk_tokens, DEFAULT_ONE_PASS_CHUNK_BYTES)
 
 
 def valid_positions(aligned: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,39 +138,86 @@ def grad_hidden_matmul(grad_logits: torch.Tensor, weight: torch.Tensor) -> torch
     return torch.mm(grad_logits, weight)
 
 
-_OUT_DTYPE_MM: dict[str, bool] = {}
+# How ``acc(fp32) (+)= a @ b`` runs for half-precision ``a``/``b``, per (device type, dtype):
+# "dtype_out" (cuBLAS writes/accumulates fp32 C directly: no product buffer), "product" (an fp32
+# product then an add), or "upcast" (both operands upcast: the CPU). Decided once by a probe that
+# checks the result, so an unsupported or mis-aliased path can never give a silent wrong answer.
+_FP32_MM_PATH: dict[str, str] = {}
 
 
-def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` accumulated and returned in fp32 without upcasting the operands where the device
-    supports ``out_dtype`` (CUDA bf16/fp16); else both (chunk-sized) operands are upcast."""
-    if a.dtype == torch.float32 or a.dtype == torch.float64:
-        return torch.mm(a, b)
-    key = f"{a.device.type}:{a.dtype}"
-    if _OUT_DTYPE_MM.get(key, a.device.type == "cuda"):
-        try:
-            out = torch.mm(a, b, out_dtype=torch.float32)
-            _OUT_DTYPE_MM[key] = True
-            return out
-        except (RuntimeError, TypeError, NotImplementedError):
-            _OUT_DTYPE_MM[key] = False
-    return torch.mm(a.float(), b.float())
+def _fp32_mm_candidates(a, b, out, accumulate):
+    def dtype_out():
+        if accumulate:
+            torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+        else:
+            torch.mm(a, b, out_dtype=torch.float32, out=out)
+
+    def product():
+        p = torch.mm(a, b, out_dtype=torch.float32)
+        out.add_(p) if accumulate else out.copy_(p)
+
+    def upcast():
+        if accumulate:
+            out.addmm_(a.float(), b.float())
+        else:
+            torch.mm(a.float(), b.float(), out=out)
+
+    return {"dtype_out": dtype_out, "product": product, "upcast": upcast}
 
 
-def grad_hidden_matmul_acc(acc: torch.Tensor, grad_logits: torch.Tensor, weight_slice: torch.Tensor) -> None:
-    """``acc += grad_logits @ weight_slice`` with ``acc`` fp32 (fp64 for fp64 inputs): the hidden
-    gradient summed over vocabulary slices (``two_phase`` with several slices)."""
-    acc.add_(_mm_fp32(grad_logits, weight_slice))
+def fp32_mm_path(device: torch.device, dtype: torch.dtype) -> str:
+    """The path :func:`mm_fp32_into` takes for half-precision operands on ``device`` (probed once:
+    a small product checked against float64, accumulating into an fp32 output that aliases C)."""
+    key = f"{device.type}:{dtype}"
+    if key not in _FP32_MM_PATH:
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        a64 = torch.randn(24, 40, dtype=torch.float64, generator=gen)
+        b64 = torch.randn(40, 16, dtype=torch.float64, generator=gen)
+        c64 = torch.randn(24, 16, dtype=torch.float64, generator=gen)
+        a, b = a64.to(device, dtype), b64.to(device, dtype)
+        want = (c64 + a.double().cpu() @ b.double().cpu())
+        chosen = "upcast"
+        for name in ("dtype_out", "product"):
+            out = c64.to(device, torch.float32)
+            try:
+                _fp32_mm_candidates(a, b, out, True)[name]()
+            except (RuntimeError, TypeError, NotImplementedError):
+                continue
+            if torch.allclose(out.double().cpu(), want, rtol=1e-5, atol=1e-5):
+                chosen = name
+                break
+        _FP32_MM_PATH[key] = chosen
+    return _FP32_MM_PATH[key]
 
 
-def grad_weight_matmul(acc: torch.Tensor | None, grad_logits: torch.Tensor, hidden_chunk: torch.Tensor) -> torch.Tensor:
-    """``acc += grad_logits.T @ hidden_chunk`` with ``acc`` fp32 (fp64 for fp64 inputs); returns
-    ``acc``. With ``acc=None`` returns the fp32 product itself (the first token chunk of a slice:
-    no zero-filled buffer, no extra add)."""
-    product = _mm_fp32(grad_logits.t(), hidden_chunk)
-    if acc is None:
-        return product
-    return acc.add_(product)
+def mm_fp32_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> torch.Tensor:
+    """``out = a @ b`` or ``out += a @ b`` (``accumulate``), fp32 accumulation; ``out`` is fp32 (fp64
+    for fp64 operands) and contiguous, a view is fine. Half-precision operands are not upcast where
+    the device's matmul takes an fp32 C (cuBLAS: the accumulation happens inside the GEMM's
+    epilogue, no product buffer)."""
+    if a.dtype in (torch.float32, torch.float64):
+        return out.addmm_(a, b) if accumulate else torch.mm(a, b, out=out)
+    _fp32_mm_candidates(a, b, out, accumulate)[fp32_mm_path(a.device, a.dtype)]()
+    return out
+
+
+def grad_hidden_matmul_acc(acc: torch.Tensor, grad_logits: torch.Tensor, weight_slice: torch.Tensor,
+                           accumulate: bool = True) -> None:
+    """``acc (+)= grad_logits @ weight_slice`` with ``acc`` fp32 (fp64 for fp64 inputs): the hidden
+    gradient summed over vocabulary slices (``two_phase`` with several slices; the first slice
+    writes, the others add)."""
+    mm_fp32_into(acc, grad_logits, weight_slice, accumulate=accumulate)
+
+
+def grad_weight_matmul(out: torch.Tensor, grad_logits: torch.Tensor, hidden_chunk: torch.Tensor,
+                       accumulate: bool) -> torch.Tensor:
+    """``out (+)= grad_logits.T @ hidden_chunk``: one GEMM with fp32 accumulation inside; ``out``
+    is a contiguous block of rows, fp32 (an accumulator over token chunks) or the weight's own
+    dtype (then rounded once by this product: a single token chunk, or ``one_pass``'s chunks)."""
+    if out.dtype == grad_logits.dtype:
+        return out.addmm_(grad_logits.t(), hidden_chunk) if accumulate else torch.mm(grad_logits.t(), hidden_chunk,
+                                                                                      out=out)
+    return mm_fp32_into(out, grad_logits.t(), hidden_chunk, accumulate)
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,12 +274,18 @@ def _chunk_grad_logits_(head: Head, z: torch.Tensor, y: torch.Tensor, lse: torch
 
 
 class _Grads:
-    """Gradient buffers of hidden (input dtype), weight and bias (fp32 accumulators)."""
+    """``one_pass``'s gradient buffers: hidden and weight in their input dtypes, bias fp32.
+
+    The weight gradient lives in the weight's own dtype from the first chunk on: the first chunk's
+    product is written into it (no zero fill), each later chunk's is added by the GEMM itself
+    (``addmm_``: fp32 accumulation inside the product, one rounding of the sum per chunk). No
+    fp32 ``[V, H]`` buffer: for a bf16 head that is 2 bytes per weight instead of 4 + 2."""
 
     def __init__(self, hidden, head: Head, need_hidden: bool, need_weight: bool, need_bias: bool):
         acc = _acc_dtype(head.weight.dtype)
         self.hidden = torch.zeros_like(hidden, memory_format=torch.contiguous_format) if need_hidden else None
-        self.weight = torch.zeros(head.weight.shape, dtype=acc, device=head.weight.device) if need_weight else None
+        self.weight = torch.empty_like(head.weight, memory_format=torch.contiguous_format) if need_weight else None
+        self.weight_started = False
         self.bias = (torch.zeros(head.bias.shape, dtype=acc, device=head.bias.device)
                      if need_bias and head.bias is not None else None)
 
@@ -217,20 +293,36 @@ class _Grads:
         if self.hidden is not None:
             self.hidden[rows, cols] = grad_hidden_matmul(g, head.weight)
         if self.weight is not None:
-            self.weight = grad_weight_matmul(self.weight, g, h)
+            grad_weight_matmul(self.weight, g, h, accumulate=self.weight_started)
+            self.weight_started = True
         if self.bias is not None:
             self.bias.add_(g.sum(0, dtype=self.bias.dtype))
 
     def final(self, head: Head, scale: torch.Tensor | None = None):
+        """The gradients times ``scale`` (the incoming gradient of the loss), in place for the
+        hidden and weight buffers (exact when ``scale`` is 1, else one more rounding)."""
+        if self.weight is not None and not self.weight_started:
+            self.weight.zero_()  # no valid token: no chunk ran
         out = []
         for buf, like in ((self.hidden, None), (self.weight, head.weight), (self.bias, head.bias)):
             if buf is None:
                 out.append(None)
                 continue
             if scale is not None:
-                buf = (buf.to(_acc_dtype(buf.dtype)) * scale.to(_acc_dtype(buf.dtype))).to(buf.dtype)
+                _scale_(buf, scale)
             out.append(buf if like is None else buf.to(like.dtype))
         return tuple(out)
+
+
+def _scale_(buf: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``buf *= scale`` in place, one pass, the product formed in the op-math precision (fp32 for
+    bf16/fp16) and rounded once; nothing at all when ``scale`` is 1 (the usual ``loss.backward()``).
+    Knowing that costs one host sync in the backward (the forward of this path syncs anyway to
+    gather the valid tokens); it saves a read and a write of the weight gradient per step."""
+    factor = float(scale)
+    if factor != 1.0:
+        buf.mul_(factor)  # a Python scalar: kept in fp32 by the kernel, never rounded to bf16
+    return buf
 
 
 def _scatter(values: torch.Tensor, rows, cols, shape) -> torch.Tensor:
@@ -329,21 +421,31 @@ def two_phase_backward(head: Head, hidden, aligned, rows, cols, lse, grad_logp, 
             grad_bias.zero_()
         return grad_hidden, grad_weight, grad_bias
     sliced = vocab_step < V
-    gh_acc = torch.zeros((n, H), dtype=acc, device=hidden.device) if need_h and sliced else None
+    gh_acc = torch.empty((n, H), dtype=acc, device=hidden.device) if need_h and sliced else None
     coef = grad_logp[rows, cols]
     token_lse = lse[rows, cols]
     labels = aligned[rows, cols]
     bounds = [(s, min(n, s + chunk_tokens)) for s in range(0, n, chunk_tokens)]
-    # One chunk: gather the valid hidden rows once, not once per slice.
-    whole = hidden[rows, cols] if len(bounds) == 1 else None
+    # The valid hidden rows, gathered once (not once per slice and chunk): N_valid x H.
+    whole = hidden[rows, cols]
     no_label = -(V + 1)  # shifted labels lie in [-(V - 1), V - 1]: never equal to it
+    # The weight gradient of a slice: with one token chunk the single product is written straight
+    # into its rows (rounded once); with several, the chunks are summed in an fp32 buffer of the
+    # slice (a view of the weight gradient itself when that is fp32) and rounded once at the end.
+    one_chunk = len(bounds) == 1
+    direct_weight = need_w and (one_chunk or grad_weight.dtype == acc)
+    gw_buf = (torch.empty((min(V, vocab_step), H), dtype=acc, device=hidden.device)
+              if need_w and not direct_weight else None)
     for v0 in range(0, V, vocab_step):
         v1 = min(V, v0 + vocab_step)
         vocab = slice(v0, v1) if sliced else None
         w_slice = head.weight[v0:v1]
-        gw_acc, gb_acc = None, (torch.zeros(v1 - v0, dtype=acc, device=hidden.device) if need_b else None)
-        for s, e in bounds:
-            h = whole if whole is not None else hidden[rows[s:e], cols[s:e]]
+        gw_out = None
+        if need_w:
+            gw_out = grad_weight[v0:v1] if direct_weight else gw_buf[: v1 - v0]
+        gb_acc = torch.zeros(v1 - v0, dtype=acc, device=hidden.device) if need_b else None
+        for k, (s, e) in enumerate(bounds):
+            h = whole[s:e]
             z, dcap = _chunk_logits(head, h, keep_derivative=True, vocab=vocab)
             y = labels[s:e] - v0 if sliced else labels[s:e]
             g = _chunk_grad_logits_(head, z, y, token_lse[s:e], coef[s:e], dcap,
@@ -351,21 +453,26 @@ def two_phase_backward(head: Head, hidden, aligned, rows, cols, lse, grad_logp, 
             del dcap
             if need_h:
                 if sliced:
-                    grad_hidden_matmul_acc(gh_acc[s:e], g, w_slice)
+                    grad_hidden_matmul_acc(gh_acc[s:e], g, w_slice, accumulate=v0 > 0)
                 else:
                     grad_hidden[rows[s:e], cols[s:e]] = grad_hidden_matmul(g, head.weight)
             if need_w:
-                gw_acc = grad_weight_matmul(gw_acc, g, h)
+                grad_weight_matmul(gw_out, g, h, accumulate=k > 0)
             if need_b:
                 gb_acc.add_(g.sum(0, dtype=acc))
             del z, g
-        if need_w:
-            grad_weight[v0:v1].copy_(gw_acc)  # the one rounding of this slice
+        if need_w and not direct_weight:
+            grad_weight[v0:v1].copy_(gw_out)  # the one rounding of this slice
         if need_b:
             grad_bias[v0:v1].copy_(gb_acc)
-        del gw_acc, gb_acc
+        del gb_acc
+    h = whole = None  # the gathered hidden rows are no longer needed: free them before the rounding
     if gh_acc is not None:
-        grad_hidden[rows, cols] = gh_acc.to(hidden.dtype)
+        # Rounded once into the hidden gradient, a block of rows at a time: the bf16 temporary
+        # stays small beside the fp32 accumulator.
+        step = max(1, DEFAULT_SLICE_BYTES // max(2 * H, 1))
+        for s in range(0, n, step):
+            grad_hidden[rows[s:s + step], cols[s:s + step]] = gh_acc[s:s + step].to(hidden.dtype)
     return grad_hidden, grad_weight, grad_bias
 
 
@@ -408,13 +515,25 @@ def linear_token_logprobs(hidden, head: Head, aligned, extras=(), *, chunk_token
 # one_pass: gradients during the forward, chunks of whole pairs.
 
 
-def pair_chunks(rows: torch.Tensor, cols: torch.Tensor, num_pairs: int, T: int, chunk_tokens: int):
-    """Valid positions reordered pair by pair, and the ``(start, end)`` of each chunk: whole pairs,
-    as many as fit ``chunk_tokens`` (at least one). Also returns the largest pair's token count."""
-    pair = rows % num_pairs
-    order = torch.argsort(pair * (2 * T) + (rows // num_pairs) * T + cols, stable=True)
-    rows, cols = rows[order], cols[order]
-    counts = torch.bincount(pair, minlength=num_pairs).tolist()
+def pair_positions(aligned: torch.Tensor, ignore_index: int, num_pairs: int, chunk_tokens: int):
+    """The valid positions ``(rows, cols)`` pair by pair (chosen then rejected sequence of pair 0,
+    then of pair 1, ...) and the ``(start, end)`` of each chunk: whole pairs, as many as fit
+    ``chunk_tokens`` (at least one). Also returns the largest pair's token count.
+
+    One host sync (the per-sequence counts): the positions themselves come from
+    ``nonzero_static`` with the total already known, in pair order by construction (the rows of
+    the mask are visited pair-major), so there is no sort and no second sync."""
+    P = num_pairs
+    pair_major = torch.arange(2 * P, device=aligned.device).view(2, P).t().reshape(-1)  # 0, P, 1, P+1, ...
+    mask = (aligned != ignore_index)[pair_major]
+    per_seq = mask.sum(-1).tolist()  # the one host sync
+    counts = [per_seq[2 * p] + per_seq[2 * p + 1] for p in range(P)]
+    total = sum(counts)
+    try:
+        idx = torch.nonzero_static(mask, size=total)
+    except (RuntimeError, NotImplementedError, AttributeError):  # a device without nonzero_static
+        idx = mask.nonzero()
+    rows, cols = pair_major[idx[:, 0]], idx[:, 1]
     bounds, start, size = [], 0, 0
     for count in counts:
         if size and size + count > chunk_tokens:
@@ -478,8 +597,7 @@ class OnePass:
     def run(self, hidden):
         head, aligned = self.head, self.aligned
         shape = aligned.shape
-        rows, cols = valid_positions(aligned, head.ignore_index)
-        rows, cols, bounds, _ = pair_chunks(rows, cols, self.num_pairs, shape[1], self.chunk_tokens)
+        rows, cols, bounds, _ = pair_positions(aligned, head.ignore_index, self.num_pairs, self.chunk_tokens)
         acc = _acc_dtype(hidden.dtype)
         scored = aligned != head.ignore_index
         # Placeholders for the tokens not processed yet: -1 (a finite log-prob), so every pair's loss
