@@ -82,6 +82,7 @@ def fused_dpo_loss(
     inplace_backward: bool = False,
     validate: bool = True,
     backend: str = "auto",
+    cu_seqlens: torch.Tensor | None = None,
 ) -> DPOOutput:
     """DPO-family loss straight from the policy's logits, without a logits-sized temporary.
 
@@ -138,31 +139,58 @@ def fused_dpo_loss(
             With ``validate=False`` a bad label yields NaN and NaN/inf logits propagate to the loss.
         backend: "auto" (Triton on CUDA, the C++ or PyTorch reference on CPU), "triton", "cpu",
             "reference".
+        cu_seqlens: a packed (padding-free) batch instead of a padded one: int32/int64 ``[2B + 1]``
+            offsets (``cu_seqlens[0] = 0``, non-decreasing, last = ``total``) of ``2B`` sequences
+            laid back to back, the ``B`` chosen first, then the ``B`` rejected (pair ``i`` is
+            sequences ``i`` and ``B + i``); flash-attention's varlen / TRL's ``padding_free``
+            layout. ``logits`` is then ``[1, total, V]`` or ``[total, V]`` (any strides),
+            ``labels`` ``[1, total]`` or ``[total]``, ``ref_logits`` like ``logits``. ``shift``
+            shifts within each sequence (its last token has no target). The result equals the
+            padded batch's exactly (an empty sequence is a padded row with every token ignored);
+            the logits are never copied or padded, only ``[total]``-sized per-token results are
+            moved into the ``[2B, Tmax]`` layout. Validation positions (``labels[0, p]``,
+            ``logits[0, p]``) are packed token positions. Reading the offsets costs one host sync.
     """
     specs, weights, opts = _loss_setup(
         loss_type, loss_weights, beta=beta, label_smoothing=label_smoothing, f_divergence_type=f_divergence_type,
         f_alpha_divergence_coef=f_alpha_divergence_coef, discopop_tau=discopop_tau, simpo_gamma=simpo_gamma,
         cpo_alpha=cpo_alpha,
     )
-    num_pairs, vocab_size = _check_inputs(logits, labels, ignore_index)
+    packing = None
+    if cu_seqlens is None:
+        num_pairs, vocab_size = _check_inputs(logits, labels, ignore_index)
+    else:
+        logits, labels, ref_logits = _as_packed(logits, 2), _as_packed(labels, 1), _as_packed(ref_logits, 2)
+        _, vocab_size = _check_logits_labels(logits, labels, ignore_index,
+                                             layout="[1, total, V] or [total, V] (a packed batch: cu_seqlens given)")
+        packing = _check_packing(cu_seqlens, logits, "logits")
+        num_pairs = packing.num_pairs
     _check_token_options(specs, ld_alpha, use_weighting, average_log_prob, token_metrics)
     _check_inplace(inplace_backward, logits)
     ref_given = _check_reference(logits, ref_logps, ref_logits, reference_free, num_pairs, specs)
     backend_name = resolve_backend(backend, logits.device)
 
+    if packing is None:
+        input_labels, token_labels, token_shift = labels, labels, shift
+    else:
+        # The kernel scores the packed rows on labels already shifted within each sequence.
+        input_labels, aligned, token_labels = packing.labels(labels, ignore_index, shift)
+        token_shift = False
     policy = token_logprobs(
-        logits, labels, ignore_index=ignore_index, shift=shift, backend=backend_name,
+        logits, token_labels, ignore_index=ignore_index, shift=token_shift, backend=backend_name,
         extras=policy_extras(use_weighting, token_metrics), inplace_backward=inplace_backward,
     )
     if validate:
         _check_token_results(policy, ignore_index, vocab_size, "logits")
+    if packing is not None:
+        policy = packing.padded_tokens(policy, aligned)
     objective = Objective.build(
-        specs, weights, opts, labels, policy.labels, ignore_index=ignore_index, shift=shift, ld_alpha=ld_alpha,
-        use_weighting=use_weighting, average_log_prob=average_log_prob, token_metrics=token_metrics,
-        fused_sigmoid=backend_name == "triton",
+        specs, weights, opts, input_labels, policy.labels, ignore_index=ignore_index, shift=shift,
+        ld_alpha=ld_alpha, use_weighting=use_weighting, average_log_prob=average_log_prob,
+        token_metrics=token_metrics, fused_sigmoid=backend_name == "triton",
     )
     ref_seq = _reference_logps(ref_given, policy.labels, ignore_index, objective.average, backend_name,
-                               num_pairs, logits.device, validate, objective.token_weights)
+                               num_pairs, logits.device, validate, objective.token_weights, packing)
     return objective.output(policy, ref_seq, vocab_size)
 
 
@@ -199,6 +227,7 @@ def fused_linear_dpo_loss(
     validate: bool = True,
     backend: str = "auto",
     vocab_chunk: int | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> DPOOutput:
     """DPO-family loss from the policy's last hidden states and lm_head, never forming the logits.
 
@@ -240,6 +269,13 @@ def fused_linear_dpo_loss(
             one token chunk holds all valid tokens, else summed in an fp32 ``[vocab_chunk, H]``
             buffer (default: as many rows as such a buffer has in 32 MiB, i.e. 2048 at H = 4096;
             the whole vocabulary when smaller).
+        cu_seqlens: a packed (padding-free) batch, as in :func:`fused_dpo_loss`: ``hidden``
+            ``[1, total, H]`` or ``[total, H]``, ``labels`` ``[1, total]`` or ``[total]``,
+            ``ref_hidden`` like ``hidden``; the ``B`` chosen sequences first, then the ``B``
+            rejected. Equal to the padded batch's result. ``two_phase`` (and the reference) run
+            on the packed rows as they are; ``one_pass``, whose chunks hold whole pairs, gathers
+            the hidden states into the padded ``[2B, Tmax, H]`` layout first (a differentiable
+            index: ``H`` wide, small beside the ``V``-wide logits that are never formed).
 
     Every other argument is as in :func:`fused_dpo_loss`.
     """
@@ -250,7 +286,15 @@ def fused_linear_dpo_loss(
         f_alpha_divergence_coef=f_alpha_divergence_coef, discopop_tau=discopop_tau, simpo_gamma=simpo_gamma,
         cpo_alpha=cpo_alpha,
     )
-    num_pairs, vocab_size = _check_linear_inputs(hidden, weight, labels, bias, ignore_index)
+    packing = None
+    if cu_seqlens is None:
+        num_pairs, vocab_size = _check_linear_inputs(hidden, weight, labels, bias, ignore_index)
+    else:
+        hidden, labels, ref_hidden = _as_packed(hidden, 2), _as_packed(labels, 1), _as_packed(ref_hidden, 2)
+        vocab_size = _check_linear_tensors(hidden, weight, labels, bias, ignore_index,
+                                           layout="[1, total, H] or [total, H] (a packed batch: cu_seqlens given)")
+        packing = _check_packing(cu_seqlens, hidden, "hidden")
+        num_pairs = packing.num_pairs
     _check_token_options(specs, ld_alpha, use_weighting, average_log_prob, token_metrics)
     softcap, temperature = _check_linear_options(logit_softcap, temperature, mode, chunk_tokens)
     if vocab_chunk is not None and (isinstance(vocab_chunk, bool) or not isinstance(vocab_chunk, int)
@@ -259,11 +303,16 @@ def fused_linear_dpo_loss(
     ref_given = _check_linear_reference(hidden, weight, bias, ref_logps, ref_hidden, ref_weight, ref_bias,
                                         reference_free, num_pairs, specs)
     backend_name = resolve_backend(backend, hidden.device)
-    aligned = align_labels(labels, ignore_index, shift)
+    # aligned: [2B, T] labels of the padded layout; token_labels: those of hidden's own rows.
+    if packing is None:
+        input_labels, aligned = labels, align_labels(labels, ignore_index, shift)
+        token_labels = aligned
+    else:
+        input_labels, aligned, token_labels = packing.labels(labels, ignore_index, shift)
     if validate:
-        _check_label_range(aligned, ignore_index, vocab_size)
+        _check_label_range(token_labels, ignore_index, vocab_size)
     objective = Objective.build(
-        specs, weights, opts, labels, aligned, ignore_index=ignore_index, shift=shift, ld_alpha=ld_alpha,
+        specs, weights, opts, input_labels, aligned, ignore_index=ignore_index, shift=shift, ld_alpha=ld_alpha,
         use_weighting=use_weighting, average_log_prob=average_log_prob, token_metrics=token_metrics,
         fused_sigmoid=backend_name == "triton",
     )
@@ -281,10 +330,12 @@ def fused_linear_dpo_loss(
         ref_head = linear.Head(r_weight.detach(), None if r_bias is None else r_bias.detach(), temperature, softcap,
                                backend_name, ignore_index)
         r_chunk = linear.chunk_size(vocab_size, r_hidden.dtype, softcap, chunk_tokens)
-        r_logp, r_lse, _ = linear.forward_tokens(r_hidden.detach(), ref_head, aligned, chunk_tokens=r_chunk)
+        r_logp, r_lse, _ = linear.forward_tokens(r_hidden.detach(), ref_head, token_labels, chunk_tokens=r_chunk)
         if validate:
-            _check_token_results(TokenLogprobs(r_logp, r_lse, {}, aligned), ignore_index, vocab_size,
+            _check_token_results(TokenLogprobs(r_logp, r_lse, {}, token_labels), ignore_index, vocab_size,
                                  "ref_hidden @ ref_weight.T")
+        if packing is not None:
+            r_logp = packing.to_padded(r_logp[0])
         ref_seq = sequence_logprobs(r_logp, aligned, ignore_index, objective.average, objective.token_weights)
 
     extras = policy_extras(use_weighting, token_metrics)
@@ -293,12 +344,19 @@ def fused_linear_dpo_loss(
     one_pass_chunk = linear.one_pass_chunk_size(vocab_size, hidden.dtype, softcap, chunk_tokens)
     chosen_mode = _pick_mode(mode, objective, aligned, ignore_index, one_pass_chunk, any(needs), specs)
     if chosen_mode == "two_phase":
-        logp, lse, ext = linear.linear_token_logprobs(hidden, head, aligned, extras, chunk_tokens=chunk,
+        logp, lse, ext = linear.linear_token_logprobs(hidden, head, token_labels, extras, chunk_tokens=chunk,
                                                       backward_chunk_tokens=chunk_tokens, vocab_chunk=vocab_chunk)
-        policy = TokenLogprobs(logp, lse, ext, aligned)
+        policy = TokenLogprobs(logp, lse, ext, token_labels)
         if validate:
             _check_token_results(policy, ignore_index, vocab_size, "hidden @ weight.T")
+        if packing is not None:
+            policy = packing.padded_tokens(policy, aligned)
         return objective.output(policy, ref_seq, vocab_size)
+
+    if packing is not None:
+        # one_pass chunks whole pairs of the [2B, T] layout: gather the hidden states into it (H
+        # wide, small beside the V-wide logits; its backward gathers the gradient back).
+        hidden = packing.to_padded(hidden[0])
 
     def loss_fn(logp, lse, ext):
         return objective.loss_terms(TokenLogprobs(logp, lse, ext, aligned), ref_seq, allow_fused=False)[0]
@@ -443,6 +501,119 @@ class Objective:
 
 
 # --------------------------------------------------------------------------------------------
+# Packed (padding-free) batches: cu_seqlens.
+
+
+@dataclass(frozen=True)
+class Packing:
+    """Where each token of a packed batch sits in the padded ``[2B, Tmax]`` layout.
+
+    A packed batch lays its ``2B`` sequences back to back along one token axis of length
+    ``total``: sequence ``s`` is tokens ``cu_seqlens[s]:cu_seqlens[s + 1]``, the ``B`` chosen
+    first, then the ``B`` rejected. The kernels run on the packed rows as they are; only the
+    ``[total]``-sized per-token results move into the padded layout, by an index
+    (:meth:`to_padded`, differentiable), so everything downstream is the padded batch's code.
+    """
+
+    seq: torch.Tensor  # [total] int64: the sequence of each packed token
+    pos: torch.Tensor  # [total] int64: its position within that sequence
+    num_seqs: int  # 2B
+    max_len: int  # Tmax; at least 1, so an all-empty batch is one fully ignored column
+
+    @classmethod
+    def from_offsets(cls, cu_seqlens: torch.Tensor, offsets: list[int]) -> "Packing":
+        """From validated offsets: ``cu_seqlens`` on the device, ``offsets`` the same on the host."""
+        device, total = cu_seqlens.device, offsets[-1]
+        starts = cu_seqlens.to(torch.int64)
+        lengths = starts[1:] - starts[:-1]
+        seq = torch.repeat_interleave(torch.arange(lengths.numel(), device=device), lengths, output_size=total)
+        pos = torch.arange(total, device=device) - starts[seq]
+        max_len = max(max(b - a for a, b in zip(offsets[:-1], offsets[1:])), 1)
+        return cls(seq, pos, lengths.numel(), max_len)
+
+    @property
+    def num_pairs(self) -> int:
+        return self.num_seqs // 2
+
+    def to_padded(self, packed: torch.Tensor, fill=0) -> torch.Tensor:
+        """``[total, ...]`` -> ``[2B, Tmax, ...]``, ``fill`` past each sequence's end.
+
+        Differentiable in ``packed``: the backward gathers the gradient back (each packed token
+        has exactly one padded slot, so nothing is summed)."""
+        padded = packed.new_full((self.num_seqs, self.max_len, *packed.shape[1:]), fill)
+        return padded.index_put((self.seq, self.pos), packed)
+
+    def to_packed(self, padded: torch.Tensor) -> torch.Tensor:
+        """``[2B, Tmax, ...]`` -> ``[total, ...]``."""
+        return padded[self.seq, self.pos]
+
+    def labels(self, packed_labels: torch.Tensor, ignore_index: int, shift: bool):
+        """``(input, aligned, packed_aligned)``: the padded input labels ``[2B, Tmax]``, the padded
+        labels each row is scored on (with ``shift``, shifted WITHIN each sequence: its last token
+        gets ``ignore_index``, never the next sequence's first label), and those aligned labels
+        back in the packed layout ``[1, total]``, for the kernels."""
+        padded = self.to_padded(packed_labels[0].to(torch.int64), fill=ignore_index)
+        aligned = align_labels(padded, ignore_index, shift)
+        return padded, aligned, self.to_packed(aligned).unsqueeze(0)
+
+    def padded_tokens(self, packed: TokenLogprobs, aligned: torch.Tensor) -> TokenLogprobs:
+        """Per-token results of the packed rows ``[1, total]`` in the padded layout (0 past the
+        ends, like ignored tokens), scored on the padded ``aligned`` labels."""
+        return TokenLogprobs(
+            self.to_padded(packed.logp[0]), self.to_padded(packed.lse[0]),
+            {name: self.to_padded(value[0]) for name, value in packed.extras.items()}, aligned,
+        )
+
+
+def _as_packed(tensor, token_dims: int):
+    """A packed tensor given without its batch dim (``[total, ...]``, ``token_dims`` dims) as the
+    view ``[1, total, ...]``; anything else unchanged (validation names what is wrong with it)."""
+    if isinstance(tensor, torch.Tensor) and tensor.dim() == token_dims:
+        return tensor.unsqueeze(0)
+    return tensor
+
+
+def _check_packing(cu_seqlens, packed: torch.Tensor, name: str) -> Packing:
+    """``packed`` (``[1, total, ...]``, already checked against its labels) and its ``cu_seqlens``.
+
+    Reads the offsets to the host once: to check them and to size the padded layout."""
+    if packed.shape[0] != 1:
+        raise ValueError(
+            f"cu_seqlens describes one packed row: {name} must be [1, total, ...] or [total, ...], got a batch "
+            f"dim of {packed.shape[0]} (shape {tuple(packed.shape)}); pass a padded batch without cu_seqlens instead"
+        )
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1:
+        raise ValueError(f"cu_seqlens must be 1-D [2B + 1], got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != packed.device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but {name} is on {packed.device}")
+    num_seqs = cu_seqlens.numel() - 1
+    if num_seqs < 2 or num_seqs % 2:
+        raise ValueError(
+            f"cu_seqlens must hold 2B + 1 offsets of 2B > 0 sequences (B chosen then B rejected), got "
+            f"{cu_seqlens.numel()} offsets, i.e. {num_seqs} sequences"
+        )
+    offsets = cu_seqlens.tolist()
+    if offsets[0] != 0:
+        raise ValueError(f"cu_seqlens[0] must be 0, got {offsets[0]}")
+    for s in range(num_seqs):
+        if offsets[s + 1] < offsets[s]:
+            raise ValueError(
+                f"cu_seqlens must be non-decreasing: cu_seqlens[{s + 1}] = {offsets[s + 1]} < "
+                f"cu_seqlens[{s}] = {offsets[s]}"
+            )
+    total = packed.shape[1]
+    if offsets[-1] != total:
+        raise ValueError(
+            f"cu_seqlens[-1] = {offsets[-1]} must equal the number of packed tokens: {name} has total = {total}"
+        )
+    return Packing.from_offsets(cu_seqlens, offsets)
+
+
+# --------------------------------------------------------------------------------------------
 # Validation: every message names the argument at fault.
 
 
@@ -578,9 +749,19 @@ def _check_head(hidden, weight, bias, *, hidden_name, weight_name, bias_name, vo
 
 def _check_linear_inputs(hidden, weight, labels, bias, ignore_index) -> tuple[int, int]:
     """``hidden [2B, T, H]``, ``weight [V, H]``, ``labels [2B, T]``, ``bias [V]``; returns ``(P, V)``."""
+    vocab_size = _check_linear_tensors(hidden, weight, labels, bias, ignore_index)
+    rows = hidden.shape[0]
+    if rows == 0 or rows % 2:
+        raise ValueError(f"hidden batch must be 2B > 0 sequences (B chosen then B rejected), got {rows}")
+    return rows // 2, vocab_size
+
+
+def _check_linear_tensors(hidden, weight, labels, bias, ignore_index,
+                          layout="[2B, T, H] (chosen rows then rejected rows)") -> int:
+    """Types, shapes and devices of ``hidden [R, T, H]``, its head and ``labels [R, T]``; returns V."""
     _check_float_tensor(hidden, "hidden")
     if hidden.dim() != 3:
-        raise ValueError(f"hidden must be [2B, T, H] (chosen rows then rejected rows), got shape {tuple(hidden.shape)}")
+        raise ValueError(f"hidden must be {layout}, got shape {tuple(hidden.shape)}")
     vocab_size = _check_head(hidden, weight, bias, hidden_name="hidden", weight_name="weight", bias_name="bias")
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
@@ -589,16 +770,13 @@ def _check_linear_inputs(hidden, weight, labels, bias, ignore_index) -> tuple[in
     if labels.shape != hidden.shape[:2]:
         raise ValueError(
             f"labels shape {tuple(labels.shape)} does not match hidden shape {tuple(hidden.shape)}: "
-            f"labels must be [2B, T] = {tuple(hidden.shape[:2])}"
+            f"labels must be [{layout.split(',')[0].lstrip('[')}, T] = {tuple(hidden.shape[:2])}"
         )
     if labels.device != hidden.device:
         raise ValueError(f"labels are on {labels.device} but hidden is on {hidden.device}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    rows = hidden.shape[0]
-    if rows == 0 or rows % 2:
-        raise ValueError(f"hidden batch must be 2B > 0 sequences (B chosen then B rejected), got {rows}")
-    return rows // 2, vocab_size
+    return vocab_size
 
 
 def _check_linear_options(logit_softcap, temperature, mode, chunk_tokens):
@@ -702,18 +880,21 @@ def _check_reference(logits, ref_logps, ref_logits, reference_free, num_pairs, s
 
 
 def _reference_logps(ref_given, aligned_labels, ignore_index, average, backend_name, num_pairs, device, validate,
-                     token_weights):
+                     token_weights, packing=None):
     kind, value = ref_given
     if kind == "none":
         return torch.zeros(2 * num_pairs, dtype=torch.float32, device=device)
     if kind == "logps":
         return value
+    # aligned_labels are already shifted: score the reference rows on them as they are (packed
+    # reference logits: on the same labels in the packed layout).
+    token_labels = aligned_labels if packing is None else packing.to_packed(aligned_labels).unsqueeze(0)
     with torch.no_grad():
-        # aligned_labels are already shifted: score the reference rows on them as they are.
-        ref = token_logprobs(value, aligned_labels, ignore_index=ignore_index, shift=False, backend=backend_name)
+        ref = token_logprobs(value, token_labels, ignore_index=ignore_index, shift=False, backend=backend_name)
     if validate:
         _check_token_results(ref, ignore_index, value.shape[-1], "ref_logits")
-    return sequence_logprobs(ref.logp, aligned_labels, ignore_index, average, token_weights)
+    logp = ref.logp if packing is None else packing.to_padded(ref.logp[0])
+    return sequence_logprobs(logp, aligned_labels, ignore_index, average, token_weights)
 
 
 def _check_token_results(tokens: TokenLogprobs, ignore_index: int, vocab_size: int, name: str) -> None:
