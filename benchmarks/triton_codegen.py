@@ -31,9 +31,11 @@ from triton.compiler import ASTSource  # noqa: E402
 
 import importlib  # noqa: E402
 
-from dpo_kernels.backends import EXTRAS  # noqa: E402
+from dpo_kernels.backends import EXTRAS, extras_mask  # noqa: E402
 
-# By module path: the package re-exports functions under some of these names.
+# By module path: the package re-exports functions under some of these names. The launchers are
+# called directly: the public functions go through registered operators, which on meta tensors run
+# their fake implementations and launch nothing.
 loss_module = importlib.import_module("dpo_kernels.backends.triton.dpo_sigmoid_loss")
 bwd_module = importlib.import_module("dpo_kernels.backends.triton.token_logprobs_bwd")
 fwd_module = importlib.import_module("dpo_kernels.backends.triton.token_logprobs_fwd")
@@ -132,9 +134,9 @@ def report(arch: int = 90) -> list[dict]:
             labels = torch.empty(rows_b, T, dtype=torch.long, device="meta")
             lse = torch.empty(rows_b, T, dtype=torch.float32, device="meta")
             with capture(fwd_module, "_token_logprobs_fwd_kernel") as fwd:
-                fwd_module.token_logprobs_forward(logits, labels, -100, extras)
+                fwd_module.launch_forward(logits, labels, -100, extras_mask(extras))
             with capture(bwd_module, "_token_logprobs_bwd_kernel") as bwd:
-                bwd_module.token_logprobs_backward(logits, labels, lse, lse, -100, inplace=False)
+                bwd_module.launch_backward(logits, labels, lse, lse, -100, torch.empty_like(logits))
             for name, captured in (("forward", fwd), ("backward", bwd)):
                 grid, args, kwargs = captured.launches[0]
                 kernel = compile_launch(captured.fn, args, kwargs, target)
@@ -149,7 +151,7 @@ def report(arch: int = 90) -> list[dict]:
     token_logp = torch.empty(16, 1024, dtype=torch.float32, device="meta")
     labels = torch.empty(16, 1024, dtype=torch.long, device="meta")
     with capture(loss_module, "_dpo_sigmoid_loss_kernel") as loss:
-        loss_module.dpo_sigmoid_loss(token_logp, labels, token_logp[:, 0], -100, 0.1, 0.0, False)
+        loss_module.launch_dpo_sigmoid_loss(token_logp, labels, token_logp[:, 0], -100, 0.1, 0.0, False)
     grid, args, kwargs = loss.launches[0]
     kernel = compile_launch(loss.fn, args, kwargs, target)
     rows.append({"kernel": "dpo_sigmoid_loss", "shape": [16, 1024], "dtype": "float32", "grid": list(grid),

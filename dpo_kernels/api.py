@@ -828,7 +828,11 @@ def _check_linear_reference(hidden, weight, bias, ref_logps, ref_hidden, ref_wei
 
 
 def _check_label_range(aligned, ignore_index, vocab_size) -> None:
-    """One host sync, before any matmul: every scored label is a token id in [0, V)."""
+    """One host sync, before any matmul: every scored label is a token id in [0, V).
+
+    A no-op while torch.compile traces (see :func:`_validation_skipped`)."""
+    if _validation_skipped():
+        return
     bad = (aligned != ignore_index) & ((aligned < 0) | (aligned >= vocab_size))
     if bool(bad.any()):
         b, t = bad.nonzero()[0].tolist()
@@ -897,8 +901,18 @@ def _reference_logps(ref_given, aligned_labels, ignore_index, average, backend_n
     return sequence_logprobs(logp, aligned_labels, ignore_index, average, token_weights)
 
 
+def _validation_skipped() -> bool:
+    """``validate=True`` does nothing inside a torch.compile'd region: its host sync (a
+    data-dependent branch) would break the graph, which ``fullgraph=True`` refuses. Compiled, a bad
+    label gives a NaN log-prob and NaN/inf logits reach the loss, as with ``validate=False``."""
+    return torch.compiler.is_compiling()
+
+
 def _check_token_results(tokens: TokenLogprobs, ignore_index: int, vocab_size: int, name: str) -> None:
-    """One host sync: bad labels, and non-finite log-probs of scored tokens."""
+    """One host sync: bad labels, and non-finite log-probs of scored tokens (not when compiling:
+    :func:`_validation_skipped`)."""
+    if _validation_skipped():
+        return
     labels = tokens.labels
     scored = labels != ignore_index
     bad_label = scored & ((labels < 0) | (labels >= vocab_size))

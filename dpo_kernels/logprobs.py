@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .backends import EXTRAS, load_backend, resolve_backend
+from .backends import empty_forward_outputs, extras_mask, extras_names, load_backend, resolve_backend
 
 
 class TokenLogprobs(NamedTuple):
@@ -39,6 +39,10 @@ def _bump_version(tensor: torch.Tensor) -> None:
     # The in-place backward overwrote ``tensor`` behind autograd's back. An empty in-place op on
     # a view shares the version counter with its base, so any other graph node that saved these
     # logits now fails loudly ("modified by an inplace operation") instead of reading gradients.
+    # Not while torch.compile traces: there the mutation is a functionalized graph op, which
+    # AOTAutograd already orders, and a traced view-and-write would only add graph nodes.
+    if torch.compiler.is_compiling():
+        return
     with torch.no_grad():
         tensor.as_strided((0,), (1,)).zero_()
 
@@ -55,39 +59,68 @@ def refuse_double_backward(what: str) -> None:
         )
 
 
-class _TokenLogprobsFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, labels, ignore_index, backend_name, extras, inplace_backward):
-        backend = load_backend(backend_name)
-        logp, lse, extra_values = backend.token_logprobs_forward(logits, labels, ignore_index, extras)
-        extra_values = tuple(extra_values[name] for name in sorted(extras))
-        ctx.save_for_backward(logits, labels, lse)
-        ctx.ignore_index = ignore_index
-        ctx.backend_name = backend_name
-        ctx.inplace_backward = inplace_backward
-        ctx.gradient_written = False
-        ctx.mark_non_differentiable(lse, *extra_values)
-        return (logp, lse, *extra_values)
+# The kernel contract as ONE registered operator for every backend, with its autograd formula
+# attached by ``register_autograd``: torch.compile sees an opaque op with a fake implementation
+# (no graph break, whatever the backend does inside), and eager autograd behaves as before.
+@torch.library.custom_op("dpo_kernels::token_logprobs", mutates_args=())
+def token_logprobs_op(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int,
+    backend: str,
+    extras_mask: int,
+    inplace_backward: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(logp[B, T], lse[B, T], extras[K, B, T])`` of ``logits[B, T, V]`` by the named concrete
+    backend; ``extras`` has one slice per bit of ``extras_mask`` (``backends.extras_mask``), in
+    bit order. ``lse`` and ``extras`` are not differentiable. ``inplace_backward`` only changes
+    the backward: the gradient overwrites ``logits``, and a second backward raises."""
+    names = extras_names(extras_mask)
+    logp, lse, values = load_backend(backend).token_logprobs_forward(logits, labels, ignore_index, frozenset(names))
+    if names:
+        stacked = torch.stack([values[name] for name in names])
+    else:
+        stacked = empty_forward_outputs(logits, 0)[2]
+    return logp, lse, stacked
 
-    @staticmethod
-    def backward(ctx, grad_logp, *_grad_lse_and_extras):
-        if ctx.inplace_backward and ctx.gradient_written:
-            raise RuntimeError(
-                "dpo_kernels: a second backward through a loss computed with inplace_backward=True; "
-                "the first backward already overwrote the logits with their gradient. Use "
-                "inplace_backward=False to backward more than once (retain_graph, double backward)."
-            )
-        refuse_double_backward("the fused per-token log-probs")
-        logits, labels, lse = ctx.saved_tensors
-        backend = load_backend(ctx.backend_name)
-        grad_logp = grad_logp.to(lse.dtype).contiguous()
-        grad = backend.token_logprobs_backward(
-            logits, labels, lse, grad_logp, ctx.ignore_index, inplace=ctx.inplace_backward
+
+@token_logprobs_op.register_fake
+def _token_logprobs_fake(logits, labels, ignore_index, backend, extras_mask, inplace_backward):
+    return empty_forward_outputs(logits, extras_mask)
+
+
+def _token_logprobs_setup_context(ctx, inputs, output):
+    logits, labels, ignore_index, backend, _extras_mask, inplace_backward = inputs
+    _logp, lse, extras = output
+    ctx.save_for_backward(logits, labels, lse)
+    ctx.ignore_index = ignore_index
+    ctx.backend_name = backend
+    ctx.inplace_backward = inplace_backward
+    ctx.gradient_written = False
+    ctx.mark_non_differentiable(lse, extras)
+
+
+def _token_logprobs_backward(ctx, grad_logp, _grad_lse, _grad_extras):
+    if ctx.inplace_backward and ctx.gradient_written:
+        raise RuntimeError(
+            "dpo_kernels: a second backward through a loss computed with inplace_backward=True; "
+            "the first backward already overwrote the logits with their gradient. Use "
+            "inplace_backward=False to backward more than once (retain_graph, double backward)."
         )
-        if ctx.inplace_backward:
-            ctx.gradient_written = True
-            _bump_version(logits)
-        return grad, None, None, None, None, None
+    refuse_double_backward("the fused per-token log-probs")
+    logits, labels, lse = ctx.saved_tensors
+    backend = load_backend(ctx.backend_name)
+    grad_logp = grad_logp.to(lse.dtype).contiguous()
+    grad = backend.token_logprobs_backward(
+        logits, labels, lse, grad_logp, ctx.ignore_index, inplace=ctx.inplace_backward
+    )
+    if ctx.inplace_backward:
+        ctx.gradient_written = True
+        _bump_version(logits)
+    return grad, None, None, None, None, None
+
+
+token_logprobs_op.register_autograd(_token_logprobs_backward, setup_context=_token_logprobs_setup_context)
 
 
 def token_logprobs(
@@ -105,18 +138,19 @@ def token_logprobs(
     Exact gradient in one pass over the logits. ``extras`` names same-pass statistics to compute
     as well (any of ``backends.EXTRAS``: "logits_sum", "entropy", "accuracy", "lse_2z"). Inputs
     are not validated here (``fused_dpo_loss`` does that); the kernels still never read outside
-    a row and report NaN for a bad label.
+    a row and report NaN for a bad label. One call of the ``dpo_kernels::token_logprobs``
+    operator, so torch.compile(fullgraph=True) traces it without a graph break; compiled,
+    ``inplace_backward`` is ignored (see below).
     """
-    extras = frozenset(extras)
-    unknown = extras - set(EXTRAS)
-    if unknown:
-        raise ValueError(f"extras must be among {EXTRAS}, got {sorted(unknown)}")
+    mask = extras_mask(extras)
     aligned = align_labels(labels, ignore_index, shift)
     name = resolve_backend(backend, logits.device)
-    logp, lse, *extra_values = _TokenLogprobsFunction.apply(
-        logits, aligned, ignore_index, name, extras, inplace_backward
-    )
-    return TokenLogprobs(logp, lse, dict(zip(sorted(extras), extra_values)), aligned)
+    # Inside torch.compile the in-place write would be functionalized, and Inductor copies the
+    # saved logits into a fresh buffer to overwrite that (a backward-graph input is never written):
+    # an extra pass over the logits for no memory saved. The allocating backward is cheaper.
+    inplace = bool(inplace_backward) and not torch.compiler.is_compiling()
+    logp, lse, stacked = token_logprobs_op(logits, aligned, int(ignore_index), name, mask, inplace)
+    return TokenLogprobs(logp, lse, dict(zip(extras_names(mask), stacked.unbind(0))), aligned)
 
 
 def completion_lengths(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:

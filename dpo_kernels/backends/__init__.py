@@ -10,10 +10,15 @@ A backend is a module with two functions over ``logits[B, T, V]`` (any strides) 
   -> the gradient w.r.t. ``logits`` in the logits dtype (``logits`` itself when ``inplace``);
 
 and optionally ``dpo_sigmoid_loss(...)``, the default loss fused on the device.
+
+Every kernel launch goes through a registered operator (``torch.ops.dpo_kernels.*``: the C++ ops
+of ``cpu.py``, the ``triton_*`` custom ops of ``triton/``) with a fake implementation, so that
+``torch.compile`` and fake tensors see shapes without running a kernel. Everything called while a
+graph is traced (``resolve_backend`` and what it calls) avoids what Dynamo cannot trace
+(``importlib``, ``functools.lru_cache``, ``warnings``), so dispatch costs no graph break.
 """
 from __future__ import annotations
 
-import functools
 import importlib
 import warnings
 from types import ModuleType
@@ -23,6 +28,34 @@ import torch
 # Per-token statistics a forward pass can produce besides logp and lse (no gradient flows through
 # them): sum of the row's logits, its entropy, whether its argmax is the label, logsumexp(2z).
 EXTRAS = ("logits_sum", "entropy", "accuracy", "lse_2z")
+
+
+def extras_mask(extras) -> int:
+    """The operators' encoding of a set of extras: bit ``i`` set for ``EXTRAS[i]``."""
+    unknown = set(extras) - set(EXTRAS)
+    if unknown:
+        raise ValueError(f"extras must be among {EXTRAS}, got {sorted(unknown)}")
+    return sum(1 << i for i, name in enumerate(EXTRAS) if name in extras)
+
+
+def empty_forward_outputs(logits: torch.Tensor, mask: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Uninitialised ``(logp[B, T], lse[B, T], extras[K, B, T])`` of a forward operator on
+    ``logits[B, T, V]``: contiguous, fp32 (fp64 for fp64 logits). Also the fake implementation
+    of the forward operators, so the real and fake outputs cannot disagree."""
+    B, T = logits.shape[0], logits.shape[1]
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    logp = logits.new_empty((B, T), dtype=dtype)
+    lse = logits.new_empty((B, T), dtype=dtype)
+    extras = logits.new_empty((len(extras_names(mask)), B, T), dtype=dtype)
+    return logp, lse, extras
+
+
+def extras_names(mask: int) -> tuple[str, ...]:
+    """The extras of ``mask``, in bit order: the order of the slices of an operator's ``extras``
+    output ``[K, B, T]``."""
+    if not 0 <= mask < 1 << len(EXTRAS):
+        raise ValueError(f"extras_mask must be in [0, {1 << len(EXTRAS)}), got {mask}")
+    return tuple(name for i, name in enumerate(EXTRAS) if mask >> i & 1)
 
 # name -> module path; "auto" picks among them per device.
 _BACKEND_MODULES = {
@@ -43,12 +76,21 @@ def load_backend(name: str) -> ModuleType:
         raise RuntimeError(f"backend {name!r} is not available here: {exc}") from exc
 
 
+_triton_importable: bool | None = None
+
+
 def triton_available() -> bool:
-    try:
-        importlib.import_module("triton")
-    except ImportError:
-        return False
-    return True
+    """Whether ``triton`` imports here (checked once). An ``import`` statement, not importlib:
+    Dynamo traces it when the import succeeds."""
+    global _triton_importable
+    if _triton_importable is None:
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            _triton_importable = False
+        else:
+            _triton_importable = True
+    return _triton_importable
 
 
 def available_backends(device: torch.device) -> list[str]:
@@ -67,9 +109,7 @@ def available_backends(device: torch.device) -> list[str]:
 _cpu_fallback_warned = False
 
 
-@functools.lru_cache(maxsize=None)
-def cpu_extension_available() -> bool:
-    """True when the C++ CPU backend (``dpo_kernels._C``) was built and loads (checked once)."""
+def _probe_cpu_extension() -> bool:
     try:
         load_backend("cpu")
     except RuntimeError:
@@ -77,11 +117,22 @@ def cpu_extension_available() -> bool:
     return True
 
 
+# Probed once at import (loading the extension takes a few ms) rather than on first use: a first
+# use inside torch.compile could not trace a failing import.
+_CPU_EXTENSION = _probe_cpu_extension()
+
+
+def cpu_extension_available() -> bool:
+    """True when the C++ CPU backend (``dpo_kernels._C``) was built and loads (checked once)."""
+    return _CPU_EXTENSION
+
+
 def _auto_cpu() -> str:
     global _cpu_fallback_warned
     if cpu_extension_available():
         return "cpu"
-    if not _cpu_fallback_warned:
+    # Dynamo cannot trace warnings.warn: inside a compiled region the fallback is silent.
+    if not _cpu_fallback_warned and not torch.compiler.is_compiling():
         _cpu_fallback_warned = True
         warnings.warn(
             "dpo_kernels: the C++ CPU backend (dpo_kernels._C) is not built, so backend='auto' uses "

@@ -21,12 +21,9 @@ import torch
 
 from dpo_kernels import _C  # noqa: F401  (loads the library: registers torch.ops.dpo_kernels.*)
 
-from . import EXTRAS
+from . import EXTRAS, extras_mask, extras_names
 
 _ops = torch.ops.dpo_kernels
-
-# Bit of each extra in ``extras_mask``; the slices of the op's ``extras`` output follow this order.
-_EXTRA_BITS = {name: 1 << i for i, name in enumerate(EXTRAS)}
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -67,13 +64,9 @@ def token_logprobs_forward(
     extras: frozenset[str] = frozenset(),
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """``logits[B, T, V]`` (any strides), ``labels[B, T]`` -> ``(logp, lse, extras)``."""
-    unknown = set(extras) - set(EXTRAS)
-    if unknown:
-        raise ValueError(f"extras must be among {EXTRAS}, got {sorted(unknown)}")
-    names = [name for name in EXTRAS if name in extras]  # the op's slice order
-    mask = sum(_EXTRA_BITS[name] for name in names)
+    mask = extras_mask(extras)
     logp, lse, stacked = _ops.token_logprobs_fwd(logits, labels, int(ignore_index), mask)
-    return logp, lse, dict(zip(names, stacked.unbind(0)))
+    return logp, lse, dict(zip(extras_names(mask), stacked.unbind(0)))
 
 
 def token_logprobs_backward(

@@ -99,38 +99,28 @@ def _dpo_sigmoid_loss_kernel(
     tl.store(seq_coef_ptr + rejected_row, -coef)
 
 
-def dpo_sigmoid_loss(
-    token_logp: torch.Tensor,
-    labels: torch.Tensor,
-    ref_logps: torch.Tensor,
-    ignore_index: int,
-    beta: float,
-    label_smoothing: float,
-    average: bool,
-) -> dict[str, torch.Tensor]:
-    """Launch the loss kernel on ``token_logp[2P, T]`` (contiguous fp32) and ``ref_logps[2P]``.
+_OUTPUTS = ("losses", "chosen_rewards", "rejected_rewards", "seq_logps", "seq_counts", "seq_coef")
 
-    Returns per-pair ``losses``, ``chosen_rewards``, ``rejected_rewards`` (``[P]``) and
-    per-sequence ``seq_logps``, ``seq_counts`` and ``seq_coef`` (``[2P]``, fp32).
-    """
+
+def _empty_outputs(token_logp: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The op's outputs in ``_OUTPUTS`` order: three ``[P]`` and three ``[2P]`` fp32 tensors."""
+    rows = token_logp.shape[0]
+    P = rows // 2
+    return tuple(token_logp.new_empty((P if i < 3 else rows,), dtype=torch.float32) for i in range(6))
+
+
+def launch_dpo_sigmoid_loss(token_logp, labels, ref_logps, ignore_index, beta, label_smoothing, average):
+    """Allocate the outputs (``_OUTPUTS`` order) and launch the loss kernel (the operator's body)."""
+    out = _empty_outputs(token_logp)
     rows, T = token_logp.shape
     P = rows // 2
-    f32 = dict(dtype=torch.float32, device=token_logp.device)
-    out = {
-        "losses": torch.empty(P, **f32),
-        "chosen_rewards": torch.empty(P, **f32),
-        "rejected_rewards": torch.empty(P, **f32),
-        "seq_logps": torch.empty(rows, **f32),
-        "seq_counts": torch.empty(rows, **f32),
-        "seq_coef": torch.empty(rows, **f32),
-    }
     if P == 0:
         return out
+    losses, chosen_rewards, rejected_rewards, seq_logps, seq_counts, seq_coef = out
     block_t = min(1024, triton.next_power_of_2(max(T, 1)))
     _dpo_sigmoid_loss_kernel[(P,)](
         token_logp.contiguous(), labels, ref_logps.to(torch.float32).contiguous(),
-        out["losses"], out["chosen_rewards"], out["rejected_rewards"],
-        out["seq_logps"], out["seq_counts"], out["seq_coef"],
+        losses, chosen_rewards, rejected_rewards, seq_logps, seq_counts, seq_coef,
         P, T,
         labels.stride(0), labels.stride(1),
         ignore_index,
@@ -140,3 +130,43 @@ def dpo_sigmoid_loss(
         num_warps=4,
     )
     return out
+
+
+@torch.library.custom_op("dpo_kernels::triton_dpo_sigmoid_loss", mutates_args=())
+def dpo_sigmoid_loss_op(
+    token_logp: torch.Tensor,
+    labels: torch.Tensor,
+    ref_logps: torch.Tensor,
+    ignore_index: int,
+    beta: float,
+    label_smoothing: float,
+    average: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The loss kernel as a registered operator; outputs in ``_OUTPUTS`` order. No autograd of
+    its own: ``logprobs.fused_sigmoid_dpo`` builds the gradient from ``seq_coef``."""
+    return launch_dpo_sigmoid_loss(token_logp, labels, ref_logps, ignore_index, beta, label_smoothing, average)
+
+
+@dpo_sigmoid_loss_op.register_fake
+def _dpo_sigmoid_loss_fake(token_logp, labels, ref_logps, ignore_index, beta, label_smoothing, average):
+    return _empty_outputs(token_logp)
+
+
+def dpo_sigmoid_loss(
+    token_logp: torch.Tensor,
+    labels: torch.Tensor,
+    ref_logps: torch.Tensor,
+    ignore_index: int,
+    beta: float,
+    label_smoothing: float,
+    average: bool,
+) -> dict[str, torch.Tensor]:
+    """The loss kernel on ``token_logp[2P, T]`` (fp32) and ``ref_logps[2P]``.
+
+    Returns per-pair ``losses``, ``chosen_rewards``, ``rejected_rewards`` (``[P]``) and
+    per-sequence ``seq_logps``, ``seq_counts`` and ``seq_coef`` (``[2P]``, fp32).
+    """
+    out = dpo_sigmoid_loss_op(
+        token_logp, labels, ref_logps, int(ignore_index), float(beta), float(label_smoothing), bool(average)
+    )
+    return dict(zip(_OUTPUTS, out))

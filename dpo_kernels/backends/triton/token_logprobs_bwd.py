@@ -85,23 +85,12 @@ def _token_logprobs_bwd_kernel(
         tl.store(grad_ptr + g_start + peel * stride_gv, grad_peel.to(grad_ptr.dtype.element_ty), mask=peel_real)
 
 
-def token_logprobs_backward(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    lse: torch.Tensor,
-    grad_logp: torch.Tensor,
-    ignore_index: int,
-    inplace: bool = False,
-) -> torch.Tensor:
-    """Gradient of the per-token log-probs w.r.t. ``logits[B, T, V]``, in the logits dtype.
-
-    ``lse`` and ``grad_logp`` are ``[B, T]`` contiguous. With ``inplace`` the result is ``logits``
-    itself, overwritten.
-    """
+def launch_backward(logits, labels, lse, grad_logp, ignore_index, grad) -> None:
+    """Launch the backward kernel: the gradient of ``logits[B, T, V]`` into ``grad`` (``logits``
+    itself in place). The body of the operators below."""
     B, T, V = logits.shape
-    grad = logits if inplace else torch.empty_like(logits)
     if grad.numel() == 0:
-        return grad
+        return
     cfg = pick_config(V, logits.dtype)
     grid = (B * T, triton.cdiv(V, cfg.block_v))
     _token_logprobs_bwd_kernel[grid](
@@ -116,4 +105,55 @@ def token_logprobs_backward(
         ACC_DTYPE=acc_dtype(logits.dtype),
         num_warps=cfg.num_warps,
     )
+
+
+# The backward kernel as two registered operators, the same pair as the C++ backend's: one
+# allocating the gradient (like ``torch.empty_like(logits)``), one overwriting ``logits``.
+
+
+@torch.library.custom_op("dpo_kernels::triton_token_logprobs_bwd", mutates_args=())
+def token_logprobs_bwd_op(
+    logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, grad_logp: torch.Tensor, ignore_index: int
+) -> torch.Tensor:
+    """``coef * (onehot - softmax)`` in a new tensor allocated like ``torch.empty_like(logits)``."""
+    grad = torch.empty_like(logits)
+    launch_backward(logits, labels, lse, grad_logp, ignore_index, grad)
     return grad
+
+
+@token_logprobs_bwd_op.register_fake
+def _token_logprobs_bwd_fake(logits, labels, lse, grad_logp, ignore_index):
+    return torch.empty_like(logits)
+
+
+@torch.library.custom_op("dpo_kernels::triton_token_logprobs_bwd_", mutates_args=("logits",))
+def token_logprobs_bwd_inplace_op(
+    logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, grad_logp: torch.Tensor, ignore_index: int
+) -> None:
+    """``coef * (onehot - softmax)`` written over ``logits`` (saves a logits-sized allocation)."""
+    launch_backward(logits, labels, lse, grad_logp, ignore_index, logits)
+
+
+@token_logprobs_bwd_inplace_op.register_fake
+def _token_logprobs_bwd_inplace_fake(logits, labels, lse, grad_logp, ignore_index):
+    return None
+
+
+def token_logprobs_backward(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    grad_logp: torch.Tensor,
+    ignore_index: int,
+    inplace: bool = False,
+) -> torch.Tensor:
+    """Gradient of the per-token log-probs w.r.t. ``logits[B, T, V]``, in the logits dtype.
+
+    ``lse`` and ``grad_logp`` are ``[B, T]``. With ``inplace`` the result is ``logits`` itself,
+    overwritten.
+    """
+    acc_dtype(logits.dtype)  # a clear TypeError for a dtype the kernel cannot read, before the op
+    if inplace:
+        token_logprobs_bwd_inplace_op(logits, labels, lse, grad_logp, int(ignore_index))
+        return logits
+    return token_logprobs_bwd_op(logits, labels, lse, grad_logp, int(ignore_index))

@@ -25,7 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, out_dtype, peel_offsets, row_split, vector_width
+from .. import empty_forward_outputs, extras_mask, extras_names
+from ._common import acc_dtype, peel_offsets, row_split, vector_width
 from .config import pick_config
 
 
@@ -147,28 +148,20 @@ def _token_logprobs_fwd_kernel(
         tl.store(lse_2z_ptr + row, tl.where(is_ignored, 0.0, lse_2z))
 
 
-def token_logprobs_forward(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    ignore_index: int,
-    extras: frozenset[str] = frozenset(),
-) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """Launch the forward kernel on ``logits[B, T, V]`` (any strides) and ``labels[B, T]``.
-
-    Returns ``(logp, lse, extras)``: ``[B, T]`` contiguous fp32 tensors (fp64 for fp64 logits),
-    ``extras`` holding one such tensor per requested name (see ``backends.EXTRAS``).
-    """
+def launch_forward(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, extras_mask: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Allocate the outputs and launch the forward kernel (the body of the operator below)."""
+    logp, lse, stacked = empty_forward_outputs(logits, extras_mask)
     B, T, V = logits.shape
-    dtype = out_dtype(logits.dtype)
-    logp = torch.empty((B, T), dtype=dtype, device=logits.device)
-    lse = torch.empty((B, T), dtype=dtype, device=logits.device)
-    out = {name: torch.empty((B, T), dtype=dtype, device=logits.device) for name in sorted(extras)}
     if B * T == 0:
-        return logp, lse, out
+        return logp, lse, stacked
+    extras = dict(zip(extras_names(extras_mask), stacked.unbind(0)))
     cfg = pick_config(V, logits.dtype, frozenset(extras))
     _token_logprobs_fwd_kernel[(B * T,)](
         logits, labels, logp, lse,
-        out.get("logits_sum", logp), out.get("entropy", logp), out.get("accuracy", logp), out.get("lse_2z", logp),
+        extras.get("logits_sum", logp), extras.get("entropy", logp), extras.get("accuracy", logp),
+        extras.get("lse_2z", logp),
         T, V,
         logits.stride(0), logits.stride(1), logits.stride(2),
         labels.stride(0), labels.stride(1),
@@ -182,4 +175,41 @@ def token_logprobs_forward(
         WITH_LSE_2Z="lse_2z" in extras,
         num_warps=cfg.num_warps,
     )
-    return logp, lse, out
+    return logp, lse, stacked
+
+
+@torch.library.custom_op("dpo_kernels::triton_token_logprobs_fwd", mutates_args=())
+def token_logprobs_fwd_op(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, extras_mask: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward kernel as an operator: ``(logp[B, T], lse[B, T], extras[K, B, T])``.
+
+    ``extras`` holds one slice per bit of ``extras_mask`` (``backends.extras_mask``), in bit
+    order, like the C++ ``dpo_kernels::token_logprobs_fwd``. A registered operator (not a bare
+    launch) so that torch.compile and fake tensors see its outputs without running it:
+    ``torch.library.triton_op`` does not fit, as the launch reads ``data_ptr()`` alignment
+    (``vector_width``) and the interpreter's kernels cannot be wrapped.
+    """
+    return launch_forward(logits, labels, ignore_index, extras_mask)
+
+
+@token_logprobs_fwd_op.register_fake
+def _token_logprobs_fwd_fake(logits, labels, ignore_index, extras_mask):
+    return empty_forward_outputs(logits, extras_mask)
+
+
+def token_logprobs_forward(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int,
+    extras: frozenset[str] = frozenset(),
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Forward kernel on ``logits[B, T, V]`` (any strides) and ``labels[B, T]``.
+
+    Returns ``(logp, lse, extras)``: ``[B, T]`` contiguous fp32 tensors (fp64 for fp64 logits),
+    ``extras`` holding one such tensor per requested name (see ``backends.EXTRAS``).
+    """
+    acc_dtype(logits.dtype)  # a clear TypeError for a dtype the kernel cannot read, before the op
+    mask = extras_mask(extras)
+    logp, lse, stacked = token_logprobs_fwd_op(logits, labels, int(ignore_index), mask)
+    return logp, lse, dict(zip(extras_names(mask), stacked.unbind(0)))
