@@ -649,6 +649,20 @@ def hidden_timing_row(r: dict) -> list[str]:
     return [r["description"], f"{r['median_ms']:.3f}", f"{r['min_ms']:.3f}", x3, x4, mem, ""]
 
 
+def auto_mode_note(shape: HiddenShape) -> str:
+    """Which mode ``mode="auto"`` takes at this shape (from the labels alone, as the API does)."""
+    try:
+        from dpo_kernels import linear
+        _, _, labels = make_hidden_batch(shape.replace(hidden=1, vocab=2), "cpu", seed=0)
+        pair = linear.largest_pair(labels, IGNORE_INDEX)
+        budget = linear.one_pass_chunk_size(shape.vocab, shape.dtype, None, None)
+    except Exception as exc:  # an older checkout without these helpers
+        return f"; mode='auto': unknown ({type(exc).__name__})"
+    mode = "one_pass" if pair <= budget else "two_phase"
+    return (f"; `mode='auto'` takes **{mode}** here (largest pair {pair} valid tokens, one_pass chunk budget "
+            f"{budget} tokens)")
+
+
 def run_hidden_section(report: Report, args, device, ctx: Context, ceil: dict, iters: int, warmup: int) -> int:
     """The hidden-state path: correctness at reduced shapes, then timing per shape. Returns the
     number of correctness failures."""
@@ -720,7 +734,7 @@ def run_hidden_section(report: Report, args, device, ctx: Context, ceil: dict, i
                           f"4 matmuls {4 * shape.matmul_flops / (tflops * 1e12) * 1e3:.3f} ms "
                           f"({shape.matmul_flops / 1e12:.3f} TFLOP each); the gradients themselves: "
                           f"{fmt_bytes(shape.grads_bytes)}" if tflops else "floors: n/a")
-            report.text(f"### {shape.describe()}\n\n{floor_text}")
+            report.text(f"### {shape.describe()}\n\n{floor_text}{auto_mode_note(shape)}")
             rows = report.table(["variant", "median ms", "min ms", "x floor (3 mm)", "x floor (4 mm)",
                                  "extra peak memory", "note"])
 
