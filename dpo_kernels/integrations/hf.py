@@ -1,0 +1,139 @@
+"""DPO for a plain ``transformers.Trainer``, through its ``compute_loss_func`` hook.
+
+    from dpo_kernels.integrations.hf import dpo_compute_loss_func
+
+    trainer = transformers.Trainer(
+        model=model, args=TrainingArguments(..., remove_unused_columns=False),
+        train_dataset=dataset, data_collator=collate,
+        compute_loss_func=dpo_compute_loss_func(beta=0.1, gradient_accumulation_steps=args.gradient_accumulation_steps),
+    )
+
+The Trainer pops ``batch["labels"]``, calls ``model(**batch)`` with everything else and hands the
+outputs and the labels to the function, which returns ``fused_dpo_loss(outputs.logits, ...)``'s
+loss. The model's logits are scored in place (``inplace_backward=True``): no logits-sized
+temporary beyond the model's own output.
+
+**Batch format** (what the data collator must return), for ``B`` preference pairs padded to ``T``:
+
+- ``input_ids`` ``[2B, T]``: rows ``0..B-1`` are prompt + chosen completion, rows ``B..2B-1``
+  prompt + rejected completion, pair ``i`` in rows ``i`` and ``B + i`` (TRL's layout);
+- ``attention_mask`` ``[2B, T]``;
+- ``labels``: either a LongTensor ``[2B, T]`` equal to ``input_ids`` with ``-100`` on the prompt
+  and padding (the model's position ``t`` is scored on ``labels[:, t + 1]``, as a causal LM's
+  own loss shifts), for reference-free losses (``simpo``, ``cpo``, ``orpo``, ``sft``) or
+  ``reference_free=True``; or a dict ``{"labels": LongTensor [2B, T], "ref_logps": FloatTensor
+  [2B]}`` with the reference model's per-sequence log-probs: SUMS over each row's completion
+  tokens, chosen rows then rejected rows (what TRL's ``precompute_ref_log_probs`` stores, or
+  ``out.chosen_logps``/``out.rejected_logps`` of a ``reference_free=True`` call on the reference's
+  logits under ``torch.no_grad()``).
+
+Set ``remove_unused_columns=False`` when the dataset rows carry other columns the collator needs.
+
+**num_items_in_batch and gradient accumulation.** The Trainer passes ``num_items_in_batch``, the
+number of label tokens in the whole accumulated batch (``None`` when ``labels`` is a dict). A DPO
+loss is a mean over pairs, not over tokens, so the function does not normalize by it. The
+Trainer treats a ``compute_loss_func``'s loss as already scaled for gradient accumulation (it does
+not divide it), so the function divides the pair mean by ``gradient_accumulation_steps`` (pass
+``args.gradient_accumulation_steps``) whenever a gradient is being computed: summed over the
+accumulation steps, the gradient is that of the mean over all their pairs (equal micro-batch
+sizes). Evaluation losses (no gradient) are not divided. An epoch's last accumulation window with
+fewer micro-batches is still divided by ``gradient_accumulation_steps`` (the function cannot see
+how many there are): use ``dataloader_drop_last=True`` or a dataset size that divides evenly for
+exactly equal weighting.
+
+The metrics of the last call (TRL's names, detached device scalars) are kept in
+``loss_func.metrics`` for a callback to log.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .. import fused_dpo_loss
+
+
+class DPOComputeLoss:
+    """The ``compute_loss_func`` made by :func:`dpo_compute_loss_func`: ``(outputs, labels,
+    num_items_in_batch=None) -> loss``. ``metrics`` holds the last call's metrics."""
+
+    def __init__(self, gradient_accumulation_steps: int, inplace_backward: bool, loss_kwargs: dict):
+        self.gradient_accumulation_steps = gradient_accumulation_steps
+        self.inplace_backward = inplace_backward
+        self.loss_kwargs = loss_kwargs
+        self.metrics: dict[str, torch.Tensor] = {}
+
+    def __call__(self, outputs: Any, labels: Any, num_items_in_batch: Any = None) -> torch.Tensor:
+        token_labels, ref_logps = _split_labels(labels)
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits
+        kwargs = dict(self.loss_kwargs)
+        if ref_logps is not None:
+            kwargs["ref_logps"] = ref_logps.to(logits.device)
+        out = fused_dpo_loss(logits, token_labels.to(logits.device), shift=True,
+                             inplace_backward=self.inplace_backward and logits.requires_grad, **kwargs)
+        self.metrics = out.metrics
+        if logits.requires_grad:
+            return out.loss / self.gradient_accumulation_steps
+        return out.loss
+
+
+def _split_labels(labels) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if isinstance(labels, torch.Tensor):
+        return labels, None
+    if isinstance(labels, dict):
+        unknown = sorted(set(labels) - {"labels", "ref_logps"})
+        if "labels" not in labels or unknown:
+            raise ValueError(
+                "batch['labels'] as a dict must hold 'labels' ([2B, T] token ids, -100 off the completions) and "
+                f"optionally 'ref_logps' ([2B] reference sums); got keys {sorted(labels)}"
+            )
+        return labels["labels"], labels.get("ref_logps")
+    if labels is None:
+        raise ValueError(
+            "compute_loss_func got no labels: the batch must have 'labels' (a [2B, T] tensor, or a dict with "
+            "'labels' and 'ref_logps'), see dpo_kernels.integrations.hf"
+        )
+    raise TypeError(f"batch['labels'] must be a tensor or a dict, got {type(labels).__name__}")
+
+
+def dpo_compute_loss_func(
+    *,
+    gradient_accumulation_steps: int = 1,
+    inplace_backward: bool = True,
+    **loss_kwargs,
+) -> DPOComputeLoss:
+    """A ``compute_loss_func`` for ``transformers.Trainer`` computing ``fused_dpo_loss`` on the
+    model's logits (batch format and gradient accumulation: see the module docstring).
+
+    Args:
+        gradient_accumulation_steps: the Trainer's ``args.gradient_accumulation_steps``; the
+            training loss is divided by it (the Trainer does not divide a compute_loss_func's loss).
+        inplace_backward: the logits buffer becomes its own gradient (no logits-sized temporary);
+            set False if something else needs the model's logits in backward.
+        **loss_kwargs: every option of :func:`dpo_kernels.fused_dpo_loss` except those the batch
+            gives (``logits``, ``labels``, ``ref_logps``, ``shift``): ``beta``, ``loss_type``,
+            ``loss_weights``, ``label_smoothing``, ``ld_alpha``, ``use_weighting``,
+            ``reference_free``, ``token_metrics``, ``backend``, ...
+    """
+    if isinstance(gradient_accumulation_steps, bool) or not isinstance(gradient_accumulation_steps, int) \
+            or gradient_accumulation_steps < 1:
+        raise ValueError(f"gradient_accumulation_steps must be an int >= 1, got {gradient_accumulation_steps!r}")
+    if not isinstance(inplace_backward, bool):
+        raise TypeError(f"inplace_backward must be a bool, got {inplace_backward!r}")
+    given = sorted(set(loss_kwargs) & {"logits", "labels", "ref_logps", "ref_logits", "shift"})
+    if given:
+        raise ValueError(f"{given} come from the batch (see dpo_kernels.integrations.hf), not from dpo_compute_loss_func")
+    _dry_run(loss_kwargs)
+    return DPOComputeLoss(gradient_accumulation_steps, inplace_backward, loss_kwargs)
+
+
+def _dry_run(loss_kwargs: dict) -> None:
+    """Check the options now (a clear error at construction) on a tiny random batch."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 4, 5, generator=g)
+    labels = torch.randint(0, 5, (2, 4), generator=g)
+    labels[:, 0] = -100
+    kwargs = {**loss_kwargs, "backend": "reference"}
+    if not kwargs.get("reference_free"):
+        kwargs["ref_logps"] = torch.zeros(2)
+    fused_dpo_loss(logits, labels, shift=True, **kwargs)

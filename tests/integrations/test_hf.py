@@ -1,0 +1,169 @@
+"""``dpo_compute_loss_func`` in a plain ``transformers.Trainer``: the loss it returns against a float64
+oracle, training that lowers the loss, gradient accumulation that gives the same step as one large
+batch, and clear errors for a malformed batch or bad options."""
+from __future__ import annotations
+
+import math
+import tempfile
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+transformers = pytest.importorskip("transformers")
+
+from dpo_kernels import fused_dpo_loss  # noqa: E402
+from dpo_kernels.integrations.hf import dpo_compute_loss_func  # noqa: E402
+from tiny_world import make_models, make_rows, make_tokenizer, quiet_and_single_threaded  # noqa: E402,F401
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+
+
+def collate(examples, tokenizer=None):
+    """The documented batch: [chosen rows; rejected rows], labels -100 off the completions, and the
+    reference sums when the examples carry them."""
+    tokenizer = tokenizer or make_tokenizer()
+    sequences, completion_starts = [], []
+    for key in ("chosen", "rejected"):
+        for ex in examples:
+            prompt = tokenizer(ex["prompt"])["input_ids"]
+            completion = tokenizer(ex[key].strip())["input_ids"] + [tokenizer.eos_token_id]
+            sequences.append(prompt + completion)
+            completion_starts.append(len(prompt))
+    T = max(map(len, sequences))
+    input_ids = torch.full((len(sequences), T), tokenizer.pad_token_id)
+    attention_mask = torch.zeros(len(sequences), T, dtype=torch.long)
+    labels = torch.full((len(sequences), T), -100)
+    for i, (seq, start) in enumerate(zip(sequences, completion_starts)):
+        input_ids[i, :len(seq)] = torch.tensor(seq)
+        attention_mask[i, :len(seq)] = 1
+        labels[i, start:len(seq)] = torch.tensor(seq[start:])
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    if "ref_chosen_logps" in examples[0]:
+        ref = torch.tensor([ex["ref_chosen_logps"] for ex in examples] + [ex["ref_rejected_logps"] for ex in examples])
+        batch["labels"] = {"labels": labels, "ref_logps": ref}
+    return batch
+
+
+def with_reference(rows, reference):
+    """Each row with its reference sums, computed once (as TRL's precompute_ref_log_probs would)."""
+    batch = collate(rows)
+    with torch.no_grad():
+        logits = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        out = fused_dpo_loss(logits, batch["labels"], reference_free=True, shift=True)
+    return [{**row, "ref_chosen_logps": float(c), "ref_rejected_logps": float(r)}
+            for row, c, r in zip(rows, out.chosen_logps, out.rejected_logps)]
+
+
+def oracle_sigmoid_loss(logits, labels, ref_logps, beta):
+    """float64: summed completion log-probs (shifted), then -logsigmoid(beta * margin), mean over pairs."""
+    z = logits.double()[:, :-1]
+    target = labels[:, 1:]
+    scored = target != -100
+    logp = torch.log_softmax(z, -1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1) * scored
+    seq = logp.sum(-1) - ref_logps.double()
+    chosen, rejected = seq.chunk(2)
+    return -F.logsigmoid(beta * (chosen - rejected)).mean()
+
+
+def trainer_args(**kwargs):
+    base = dict(output_dir=tempfile.mkdtemp(prefix="dpo_kernels_hf_"), report_to=[], use_cpu=True,
+                per_device_train_batch_size=4, max_steps=1, logging_steps=1, save_strategy="no", disable_tqdm=True,
+                remove_unused_columns=False, seed=0, lr_scheduler_type="constant")
+    base.update(kwargs)
+    return transformers.TrainingArguments(**base)
+
+
+def make_trainer(model, rows, args, loss_func):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=rows, data_collator=collate,
+                                       compute_loss_func=loss_func)
+    trainer.remove_callback(transformers.PrinterCallback)
+    return trainer
+
+
+@pytest.mark.parametrize("ga_steps", [1, 3])
+def test_loss_matches_float64_oracle(ga_steps):
+    """The training loss is the float64 sigmoid DPO loss divided by the accumulation steps; the
+    evaluation loss (no gradient) is not divided."""
+    policy, ref = make_models()
+    rows = with_reference(make_rows(), ref)
+    batch = collate(rows)
+    loss_func = dpo_compute_loss_func(beta=0.3, gradient_accumulation_steps=ga_steps)
+    outputs = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    want = oracle_sigmoid_loss(outputs.logits.detach(), batch["labels"]["labels"], batch["labels"]["ref_logps"], 0.3)
+    loss = loss_func(outputs, batch["labels"], num_items_in_batch=torch.tensor(123))
+    assert math.isclose(loss.item() * ga_steps, want.item(), rel_tol=1e-5)
+    loss.backward()  # in place into the logits buffer
+    assert policy.lm_head.weight.grad is not None and policy.lm_head.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        outputs = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        assert math.isclose(loss_func(outputs, batch["labels"]).item(), want.item(), rel_tol=1e-5)
+    assert set(loss_func.metrics) >= {"rewards/accuracies", "rewards/margins", "logps/chosen"}
+
+
+def test_trainer_trains_and_the_loss_falls():
+    policy, ref = make_models()
+    rows = with_reference(make_rows(), ref)
+    args = trainer_args(max_steps=12, learning_rate=3e-3, optim="adamw_torch")
+    trainer = make_trainer(policy, rows, args, dpo_compute_loss_func(beta=0.5))
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 12
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.05, losses
+    assert trainer.evaluate(rows)["eval_loss"] < losses[0]
+
+
+def test_gradient_accumulation_equals_one_large_batch():
+    """One step on 4 pairs equals one step on 2 x 2 pairs accumulated (SGD: the update is the gradient)."""
+    policy, ref = make_models()
+    rows = with_reference(make_rows(), ref)
+    weights = []
+    for batch_size, ga_steps in ((4, 1), (2, 2)):
+        args = trainer_args(per_device_train_batch_size=batch_size, gradient_accumulation_steps=ga_steps,
+                            optim="sgd", learning_rate=0.5)
+        model = make_models()[0]
+        trainer = make_trainer(model, rows, args, dpo_compute_loss_func(gradient_accumulation_steps=ga_steps))
+        trainer.train()
+        weights.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    moved = (weights[0]["lm_head.weight"] - policy.lm_head.weight).abs().max()
+    assert moved > 1e-4
+    for name, w in weights[0].items():
+        torch.testing.assert_close(weights[1][name], w, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_reference_free_losses_take_plain_labels():
+    policy, _ = make_models()
+    batch = collate(make_rows())
+    outputs = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    loss = dpo_compute_loss_func(loss_type="simpo")(outputs, batch["labels"])
+    assert torch.isfinite(loss)
+
+
+def test_malformed_batches_raise():
+    policy, _ = make_models()
+    batch = collate(make_rows())
+    outputs = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    loss_func = dpo_compute_loss_func()
+    with pytest.raises(ValueError, match="no reference"):  # sigmoid needs ref_logps
+        loss_func(outputs, batch["labels"])
+    with pytest.raises(ValueError, match="must hold 'labels'"):
+        loss_func(outputs, {"label_ids": batch["labels"]})
+    with pytest.raises(ValueError, match="no labels"):
+        loss_func(outputs, None)
+    with pytest.raises(ValueError, match="ref_logps"):  # wrong shape: names the argument
+        loss_func(outputs, {"labels": batch["labels"], "ref_logps": torch.zeros(3)})
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"loss_type": "nope"}, ValueError, "loss_type"),
+    ({"gradient_accumulation_steps": 0}, ValueError, "gradient_accumulation_steps"),
+    ({"ref_logps": torch.zeros(2)}, ValueError, "from the batch"),
+    ({"beta": -1.0}, ValueError, "beta"),
+    ({"inplace_backward": "yes"}, TypeError, "inplace_backward"),
+])
+def test_bad_options_raise_at_construction(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        dpo_compute_loss_func(**kwargs)
