@@ -1,6 +1,9 @@
 """``python -m dpo_kernels <command>``.
 
 Commands:
+  demo    DPO-train a tiny causal LM with FusedDPOTrainer beside TRL's DPOTrainer on the shipped
+          preference data: reward accuracy and margins, step time, peak memory, a PNG of the curves
+          (see ``dpo_kernels/demo.py``; ``python -m dpo_kernels demo --help``).
   bench   check ``fused_dpo_loss`` against a float64 oracle on this machine's device, then time
           forward + backward of every available backend beside an eager PyTorch loss
           (see ``dpo_kernels/bench.py``; ``python -m dpo_kernels bench --help``).
@@ -19,7 +22,15 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="command")
     commands.required = True
 
-    from . import bench
+    from . import bench, demo
+
+    demo_parser = commands.add_parser(
+        "demo",
+        help="DPO-train a tiny model with FusedDPOTrainer beside TRL's DPOTrainer; curves, step time, memory",
+        description=demo.__doc__.split("\n\n")[0].split(": ", 1)[-1],
+    )
+    demo.add_arguments(demo_parser)
+    demo_parser.set_defaults(func=demo.main)
 
     bench_parser = commands.add_parser(
         "bench",
