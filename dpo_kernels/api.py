@@ -774,6 +774,11 @@ def _check_linear_tensors(hidden, weight, labels, bias, ignore_index,
         )
     if labels.device != hidden.device:
         raise ValueError(f"labels are on {labels.device} but hidden is on {hidden.device}")
+    if labels.device.type == "meta":
+        raise NotImplementedError(
+            "fused_linear_dpo_loss does not run on meta tensors: it reads the labels to gather the valid "
+            "tokens before the matmuls (their number sizes every chunk), and meta tensors hold no values"
+        )
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     return vocab_size
@@ -831,7 +836,7 @@ def _check_label_range(aligned, ignore_index, vocab_size) -> None:
     """One host sync, before any matmul: every scored label is a token id in [0, V).
 
     A no-op while torch.compile traces (see :func:`_validation_skipped`)."""
-    if _validation_skipped():
+    if _validation_skipped(aligned):
         return
     bad = (aligned != ignore_index) & ((aligned < 0) | (aligned >= vocab_size))
     if bool(bad.any()):
@@ -901,17 +906,18 @@ def _reference_logps(ref_given, aligned_labels, ignore_index, average, backend_n
     return sequence_logprobs(logp, aligned_labels, ignore_index, average, token_weights)
 
 
-def _validation_skipped() -> bool:
+def _validation_skipped(*tensors: torch.Tensor) -> bool:
     """``validate=True`` does nothing inside a torch.compile'd region: its host sync (a
     data-dependent branch) would break the graph, which ``fullgraph=True`` refuses. Compiled, a bad
-    label gives a NaN log-prob and NaN/inf logits reach the loss, as with ``validate=False``."""
-    return torch.compiler.is_compiling()
+    label gives a NaN log-prob and NaN/inf logits reach the loss, as with ``validate=False``.
+    Likewise on ``meta`` tensors (shape propagation: there are no values to check)."""
+    return torch.compiler.is_compiling() or any(t.device.type == "meta" for t in tensors)
 
 
 def _check_token_results(tokens: TokenLogprobs, ignore_index: int, vocab_size: int, name: str) -> None:
     """One host sync: bad labels, and non-finite log-probs of scored tokens (not when compiling:
     :func:`_validation_skipped`)."""
-    if _validation_skipped():
+    if _validation_skipped(tokens.labels, tokens.logp):
         return
     labels = tokens.labels
     scored = labels != ignore_index

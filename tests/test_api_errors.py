@@ -4,7 +4,7 @@ import re
 import pytest
 import torch
 
-from dpo_kernels import LOSSES, fused_dpo_loss
+from dpo_kernels import LOSSES, fused_dpo_loss, fused_linear_dpo_loss
 from oracle import IGNORE, make_batch
 
 
@@ -328,3 +328,25 @@ def test_a_reference_loss_in_the_list_needs_a_reference(batch):
     logits, labels, _ = batch
     with pytest.raises(ValueError, match="no reference: pass ref_logps or ref_logits, or reference_free=True"):
         fused_dpo_loss(logits, labels, loss_type=["simpo", "sigmoid"])
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("validate", [True, False])
+def test_meta_tensors_propagate_shapes(backend, validate):
+    """On meta tensors (shape propagation, e.g. building a model on the meta device) the loss and
+    the gradient come out as meta tensors of the right shapes: validation has no values to check
+    and is skipped instead of failing inside its host sync."""
+    logits = torch.empty(4, 8, 50, device="meta", requires_grad=True)
+    labels = torch.zeros(4, 8, dtype=torch.long, device="meta")
+    out = fused_dpo_loss(logits, labels, ref_logps=torch.zeros(4, device="meta"), backend=backend, validate=validate)
+    out.loss.backward()
+    assert out.loss.device.type == "meta" and out.loss.shape == ()
+    assert out.chosen_logps.shape == (2,) and logits.grad.shape == logits.shape
+
+
+def test_meta_tensors_on_the_hidden_path_raise_clearly():
+    hidden = torch.empty(4, 8, 16, device="meta")
+    weight = torch.empty(50, 16, device="meta")
+    labels = torch.zeros(4, 8, dtype=torch.long, device="meta")
+    with pytest.raises(NotImplementedError, match="does not run on meta tensors"):
+        fused_linear_dpo_loss(hidden, weight, labels, ref_logps=torch.zeros(4, device="meta"))
