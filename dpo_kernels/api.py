@@ -342,7 +342,10 @@ def fused_linear_dpo_loss(
     needs = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
     needs = tuple(n and torch.is_grad_enabled() for n in needs)
     one_pass_chunk = linear.one_pass_chunk_size(vocab_size, hidden.dtype, softcap, chunk_tokens)
-    chosen_mode = _pick_mode(mode, objective, aligned, ignore_index, one_pass_chunk, any(needs), specs)
+    # auto: the pairs' token counts decide the mode (one host sync) and, for one_pass, size its chunks.
+    pair_counts = (linear.pair_token_counts(aligned, ignore_index, num_pairs)
+                   if mode == "auto" and any(needs) and not objective.batch_coupled else None)
+    chosen_mode = _pick_mode(mode, objective, pair_counts, one_pass_chunk, any(needs), specs)
     if chosen_mode == "two_phase":
         logp, lse, ext = linear.linear_token_logprobs(hidden, head, token_labels, extras, chunk_tokens=chunk,
                                                       backward_chunk_tokens=chunk_tokens, vocab_chunk=vocab_chunk)
@@ -366,7 +369,8 @@ def fused_linear_dpo_loss(
                                                             allow_fused=False)
         return loss, torch.cat([chosen, rejected])
 
-    runner = linear.OnePass(head, aligned, extras, one_pass_chunk, loss_fn, final_fn, num_pairs, needs)
+    runner = linear.OnePass(head, aligned, extras, one_pass_chunk, loss_fn, final_fn, num_pairs, needs,
+                            pair_counts=pair_counts)
     loss, seq_logps = linear.one_pass(hidden, head, runner)
     logp, lse, ext = runner.tokens
     policy = TokenLogprobs(logp, lse, ext, aligned)
@@ -376,9 +380,9 @@ def fused_linear_dpo_loss(
                             logps_override=(loss, seq_logps[:num_pairs], seq_logps[num_pairs:]))
 
 
-def _pick_mode(mode, objective, aligned, ignore_index, chunk, grad_needed, specs) -> str:
-    from . import linear
-
+def _pick_mode(mode, objective, pair_counts, chunk, grad_needed, specs) -> str:
+    """``pair_counts``: valid tokens per pair (:func:`linear.pair_token_counts`), needed by ``auto``
+    when a gradient is wanted and the loss is not batch-coupled."""
     if mode == "one_pass":
         if objective.batch_coupled:
             coupled = [spec.name for spec in specs if spec.batch_coupled]
@@ -391,7 +395,7 @@ def _pick_mode(mode, objective, aligned, ignore_index, chunk, grad_needed, specs
         return "two_phase"
     if not grad_needed or objective.batch_coupled:
         return "two_phase"
-    return "one_pass" if linear.largest_pair(aligned, ignore_index) <= chunk else "two_phase"
+    return "one_pass" if max(pair_counts, default=0) <= chunk else "two_phase"
 
 
 def _loss_setup(loss_type, loss_weights, **options):

@@ -303,22 +303,23 @@ class _Grads:
         hidden and weight buffers (exact when ``scale`` is 1, else one more rounding)."""
         if self.weight is not None and not self.weight_started:
             self.weight.zero_()  # no valid token: no chunk ran
+        factor = None if scale is None else float(scale)  # the one host sync of the backward
         out = []
         for buf, like in ((self.hidden, None), (self.weight, head.weight), (self.bias, head.bias)):
             if buf is None:
                 out.append(None)
                 continue
-            if scale is not None:
-                _scale_(buf, scale)
+            if factor is not None:
+                _scale_(buf, factor)
             out.append(buf if like is None else buf.to(like.dtype))
         return tuple(out)
 
 
-def _scale_(buf: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def _scale_(buf: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
     """``buf *= scale`` in place, one pass, the product formed in the op-math precision (fp32 for
     bf16/fp16) and rounded once; nothing at all when ``scale`` is 1 (the usual ``loss.backward()``).
-    Knowing that costs one host sync in the backward (the forward of this path syncs anyway to
-    gather the valid tokens); it saves a read and a write of the weight gradient per step."""
+    Knowing that costs a host sync when ``scale`` is a device tensor (:meth:`_Grads.final` reads
+    it once for all three gradients); it saves a read and a write of the weight gradient per step."""
     factor = float(scale)
     if factor != 1.0:
         buf.mul_(factor)  # a Python scalar: kept in fp32 by the kernel, never rounded to bf16
@@ -515,19 +516,26 @@ def linear_token_logprobs(hidden, head: Head, aligned, extras=(), *, chunk_token
 # one_pass: gradients during the forward, chunks of whole pairs.
 
 
-def pair_positions(aligned: torch.Tensor, ignore_index: int, num_pairs: int, chunk_tokens: int):
+def pair_token_counts(aligned: torch.Tensor, ignore_index: int, num_pairs: int) -> list[int]:
+    """Valid tokens of each pair (chosen + rejected sequence): one host sync."""
+    per_seq = (aligned != ignore_index).sum(-1)
+    return (per_seq[:num_pairs] + per_seq[num_pairs:]).tolist()
+
+
+def pair_positions(aligned: torch.Tensor, ignore_index: int, num_pairs: int, chunk_tokens: int,
+                   counts: list[int] | None = None):
     """The valid positions ``(rows, cols)`` pair by pair (chosen then rejected sequence of pair 0,
     then of pair 1, ...) and the ``(start, end)`` of each chunk: whole pairs, as many as fit
     ``chunk_tokens`` (at least one). Also returns the largest pair's token count.
 
-    One host sync (the per-sequence counts): the positions themselves come from
-    ``nonzero_static`` with the total already known, in pair order by construction (the rows of
-    the mask are visited pair-major), so there is no sort and no second sync."""
+    At most one host sync: :func:`pair_token_counts`, unless ``counts`` (its result) is given.
+    The positions themselves come from ``nonzero_static`` with the total already known, in pair
+    order by construction (the rows of the mask are visited pair-major): no sort, no other sync."""
     P = num_pairs
+    if counts is None:
+        counts = pair_token_counts(aligned, ignore_index, P)
     pair_major = torch.arange(2 * P, device=aligned.device).view(2, P).t().reshape(-1)  # 0, P, 1, P+1, ...
     mask = (aligned != ignore_index)[pair_major]
-    per_seq = mask.sum(-1).tolist()  # the one host sync
-    counts = [per_seq[2 * p] + per_seq[2 * p + 1] for p in range(P)]
     total = sum(counts)
     try:
         idx = torch.nonzero_static(mask, size=total)
@@ -547,9 +555,7 @@ def pair_positions(aligned: torch.Tensor, ignore_index: int, num_pairs: int, chu
 
 def largest_pair(aligned: torch.Tensor, ignore_index: int) -> int:
     """Valid tokens of the largest pair (one host sync)."""
-    P = aligned.shape[0] // 2
-    per_seq = (aligned != ignore_index).sum(-1)
-    return int((per_seq[:P] + per_seq[P:]).max().item()) if P else 0
+    return max(pair_token_counts(aligned, ignore_index, aligned.shape[0] // 2), default=0)
 
 
 class _OnePassFunction(torch.autograd.Function):
@@ -588,16 +594,19 @@ class OnePass:
     loss, differentiable in ``logp``; ``final_fn(logp, lse, extras)`` returns ``(loss, seq_logps)``
     of the finished (detached) token results. Each pair's loss must depend on that pair only."""
 
-    def __init__(self, head: Head, aligned, extras, chunk_tokens, loss_fn, final_fn, num_pairs, needs):
+    def __init__(self, head: Head, aligned, extras, chunk_tokens, loss_fn, final_fn, num_pairs, needs,
+                 pair_counts: list[int] | None = None):
         self.needs = tuple(needs)  # gradients wanted for (hidden, weight, bias)
         self.head, self.aligned, self.extras = head, aligned, tuple(sorted(extras))
         self.chunk_tokens, self.loss_fn, self.final_fn, self.num_pairs = chunk_tokens, loss_fn, final_fn, num_pairs
+        self.pair_counts = pair_counts  # pair_token_counts(), when the caller already synced for it
         self.tokens = None
 
     def run(self, hidden):
         head, aligned = self.head, self.aligned
         shape = aligned.shape
-        rows, cols, bounds, _ = pair_positions(aligned, head.ignore_index, self.num_pairs, self.chunk_tokens)
+        rows, cols, bounds, _ = pair_positions(aligned, head.ignore_index, self.num_pairs, self.chunk_tokens,
+                                               self.pair_counts)
         acc = _acc_dtype(hidden.dtype)
         scored = aligned != head.ignore_index
         # Placeholders for the tokens not processed yet: -1 (a finite log-prob), so every pair's loss
