@@ -157,6 +157,26 @@ def eager(hidden, weight, labels, ref_logps, beta: float = BETA) -> torch.Tensor
     return dpo_sigmoid_loss(eager_sequence_logps(logits, labels, IGNORE_INDEX), ref_logps, beta)
 
 
+def float64_oracle(hidden, weight, labels, ref_logps, weight_rows, beta: float = BETA):
+    """``(loss, grad_hidden, grad_weight[weight_rows])`` in float64: autograd through materialized
+    fp64 logits of the same inputs (the yardstick of the hidden-path correctness checks)."""
+    h64 = hidden.detach().double().requires_grad_(True)
+    w64 = weight.detach().double().requires_grad_(True)
+    loss64 = eager(h64, w64, labels, ref_logps.double(), beta)
+    gh64, gw64 = torch.autograd.grad(loss64, (h64, w64))
+    return loss64.detach(), gh64, gw64[weight_rows]
+
+
+def row_rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max over rows of max |got - want| / max |want| of the row (inf where want's row is 0 and
+    got's is not)."""
+    g, e = got.double(), want.double()
+    diff = (g - e).abs().amax(-1)
+    scale = e.abs().amax(-1)
+    rel = torch.where(scale > 0, diff / scale.clamp(min=1e-300), torch.where(diff > 0, torch.inf, 0.0))
+    return float(rel.max()) if rel.numel() else 0.0
+
+
 # --------------------------------------------------------------------------------------------
 # Liger: LigerFusedLinearDPOLoss
 

@@ -517,16 +517,6 @@ def hidden_shapes(smoke: bool) -> list[HiddenShape]:
     ]
 
 
-def _row_rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    """max over rows of max |got - want| / max |want| of the row (inf where want's row is 0 and
-    got's is not)."""
-    g, e = got.double(), want.double()
-    diff = (g - e).abs().amax(-1)
-    scale = e.abs().amax(-1)
-    rel = torch.where(scale > 0, diff / scale.clamp(min=1e-300), torch.where(diff > 0, torch.inf, 0.0))
-    return float(rel.max()) if rel.numel() else 0.0
-
-
 def check_hidden(shape: HiddenShape, device, ctx: Context, seed: int = 11) -> list[dict]:
     """Ours (both modes) and eager at ``shape`` against a float64 oracle (materialized fp64
     logits by autograd): the loss, every hidden-gradient row (ignored rows must be exactly 0)
@@ -538,12 +528,7 @@ def check_hidden(shape: HiddenShape, device, ctx: Context, seed: int = 11) -> li
     label_rows = torch.unique(labels[mask])[:256]
     random_rows = torch.randint(0, shape.vocab, (64,), generator=gen).to(device)
     wrows = torch.unique(torch.cat([label_rows, random_rows]))
-    h64 = hidden.detach().double().requires_grad_(True)
-    w64 = weight.detach().double().requires_grad_(True)
-    loss64 = baselines_hidden.eager(h64, w64, labels, ref.double(), BETA)
-    gh64, gw64 = torch.autograd.grad(loss64, (h64, w64))
-    gw64 = gw64[wrows]
-    del h64, w64
+    loss64, gh64, gw64 = baselines_hidden.float64_oracle(hidden, weight, labels, ref, wrows)
     release_memory(device)
     results, eager_errs = [], None
     order = ["eager"] + [v for v in HIDDEN_CHECK_VARIANTS if v != "eager"]
@@ -567,8 +552,8 @@ def check_hidden(shape: HiddenShape, device, ctx: Context, seed: int = 11) -> li
             gh, gw = torch.autograd.grad(loss, (hidden, weight))
             errs = {
                 "loss_err": abs(float(loss) - float(loss64)),
-                "grad_hidden_err": _row_rel_err(gh[mask], gh64[mask]),
-                "grad_weight_err": _row_rel_err(gw[wrows], gw64),
+                "grad_hidden_err": baselines_hidden.row_rel_err(gh[mask], gh64[mask]),
+                "grad_weight_err": baselines_hidden.row_rel_err(gw[wrows], gw64),
             }
             ignored_nonzero = int((gh[~mask] != 0).any(-1).sum())
             record.update(errs, ignored_rows_nonzero=ignored_nonzero, weight_rows_checked=int(wrows.numel()))

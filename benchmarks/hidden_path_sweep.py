@@ -90,24 +90,13 @@ def loss_fn(mode: str, **knobs):
     return fn
 
 
-def row_rel_err(got, want) -> float:
-    diff = (got.double() - want.double()).abs().amax(-1)
-    scale = want.double().abs().amax(-1).clamp(min=1e-300)
-    return float((diff / scale).max())
-
-
 def check_paths(doc: Doc, shape: HiddenShape, device) -> None:
     """Multi-chunk paths against float64 (the loss, valid hidden rows, weight rows of the labels)."""
     hidden, weight, labels = make_hidden_batch(shape, device, seed=5)
     ref = near_reference_logps(hidden, weight, labels, seed=6)
     mask = labels != IGNORE_INDEX
     wrows = torch.unique(labels[mask])[:256]
-    h64 = hidden.detach().double().requires_grad_(True)
-    w64 = weight.detach().double().requires_grad_(True)
-    loss64 = baselines_hidden.eager(h64, w64, labels, ref.double(), BETA)
-    gh64, gw64 = torch.autograd.grad(loss64, (h64, w64))
-    gw64 = gw64[wrows]
-    del h64, w64
+    loss64, gh64, gw64 = baselines_hidden.float64_oracle(hidden, weight, labels, ref, wrows)
     per_pair = int(mask.view(2, shape.pairs, -1).sum((0, 2)).max())
     cases = [
         ("eager (materialized bf16 logits)", baselines_hidden.eager),
@@ -123,8 +112,8 @@ def check_paths(doc: Doc, shape: HiddenShape, device) -> None:
             loss = fn(hidden, weight, labels, ref) if fn is not baselines_hidden.eager else fn(hidden, weight, labels,
                                                                                                  ref, BETA)
             gh, gw = torch.autograd.grad(loss, (hidden, weight))
-            rows.append([name, f"{abs(float(loss) - float(loss64)):.2e}", f"{row_rel_err(gh[mask], gh64[mask]):.2e}",
-                         f"{row_rel_err(gw[wrows], gw64):.2e}", str(int((gh[~mask] != 0).any(-1).sum()))])
+            rows.append([name, f"{abs(float(loss) - float(loss64)):.2e}", f"{baselines_hidden.row_rel_err(gh[mask], gh64[mask]):.2e}",
+                         f"{baselines_hidden.row_rel_err(gw[wrows], gw64):.2e}", str(int((gh[~mask] != 0).any(-1).sum()))])
         except Exception as exc:  # a row saying why, never an aborted sweep
             log(traceback.format_exc(limit=4))
             rows.append([name, f"raised {type(exc).__name__}: {str(exc)[:200]}", "", "", ""])
