@@ -361,13 +361,18 @@ def fused_linear_dpo_loss(
         # wide, small beside the V-wide logits; its backward gathers the gradient back).
         hidden = packing.to_padded(hidden[0])
 
+    # The loss runs once per chunk (for its tokens' coefficients) and once at the end: with the
+    # Triton backend the default sigmoid loss is its one-kernel form (a few launches instead of
+    # ~50 small ones per chunk, which on a GPU cost more than the loss's arithmetic).
     def loss_fn(logp, lse, ext):
-        return objective.loss_terms(TokenLogprobs(logp, lse, ext, aligned), ref_seq, allow_fused=False)[0]
+        return objective.loss_terms(TokenLogprobs(logp, lse, ext, aligned), ref_seq)[0]
+
+    final_terms = []
 
     def final_fn(logp, lse, ext):
-        loss, chosen, rejected, _, _ = objective.loss_terms(TokenLogprobs(logp, lse, ext, aligned), ref_seq,
-                                                            allow_fused=False)
-        return loss, torch.cat([chosen, rejected])
+        terms = objective.loss_terms(TokenLogprobs(logp, lse, ext, aligned), ref_seq)
+        final_terms.append(tuple(t.detach() for t in terms[3:]))  # the rewards, for the output
+        return terms[0], torch.cat([terms[1], terms[2]])
 
     runner = linear.OnePass(head, aligned, extras, one_pass_chunk, loss_fn, final_fn, num_pairs, needs,
                             pair_counts=pair_counts)
@@ -376,8 +381,9 @@ def fused_linear_dpo_loss(
     policy = TokenLogprobs(logp, lse, ext, aligned)
     if validate:
         _check_token_results(policy, ignore_index, vocab_size, "hidden @ weight.T")
-    return objective.output(policy, ref_seq, vocab_size, allow_fused=False,
-                            logps_override=(loss, seq_logps[:num_pairs], seq_logps[num_pairs:]))
+    chosen_rewards, rejected_rewards = final_terms[0]
+    return objective.output(policy, ref_seq, vocab_size, terms=(loss, seq_logps[:num_pairs], seq_logps[num_pairs:],
+                                                               chosen_rewards, rejected_rewards))
 
 
 def _pick_mode(mode, objective, pair_counts, chunk, grad_needed, specs) -> str:
@@ -453,13 +459,13 @@ class Objective:
         """Some pair's loss depends on other pairs (AOT sorts across the batch)."""
         return any(spec.batch_coupled for spec in self.specs)
 
-    def loss_terms(self, policy: TokenLogprobs, ref_seq: torch.Tensor, *, allow_fused: bool = True):
+    def loss_terms(self, policy: TokenLogprobs, ref_seq: torch.Tensor):
         """``(loss, chosen_logps, rejected_logps, chosen_rewards, rejected_rewards)``; ``loss`` and
         the logps carry gradients back to ``policy.logp``."""
         P, ignore_index = self.num_pairs, self.ignore_index
         specs = self.specs
         use_fused = (
-            allow_fused and self.fused_sigmoid and len(specs) == 1 and specs[0].name == "sigmoid"
+            self.fused_sigmoid and len(specs) == 1 and specs[0].name == "sigmoid"
             and self.opts.f_divergence_type == "reverse_kl" and self.token_weights is None
             and not self.use_weighting and policy.logp.dtype == torch.float32
         )
@@ -487,18 +493,16 @@ class Objective:
         chosen_rewards, rejected_rewards = rewards(pair, self.opts.beta)
         return loss, pair.chosen_logps, pair.rejected_logps, chosen_rewards, rejected_rewards
 
-    def output(self, policy: TokenLogprobs, ref_seq: torch.Tensor, vocab_size: int, *,
-               allow_fused: bool = True, logps_override=None) -> DPOOutput:
+    def output(self, policy: TokenLogprobs, ref_seq: torch.Tensor, vocab_size: int, *, terms=None) -> DPOOutput:
         """The :class:`DPOOutput` of ``policy``'s token results against the reference ``ref_seq``.
 
-        ``logps_override`` (``(loss, chosen_logps, rejected_logps)``) replaces the differentiable
-        tensors (the one-pass mode returns its own, whose gradients it already computed).
+        ``terms``: :meth:`loss_terms`' result when the caller already has it (the one-pass mode
+        computed it with its own differentiable loss and logps, whose gradients it already formed);
+        else it is computed here.
         """
-        loss, chosen_logps, rejected_logps, chosen_rewards, rejected_rewards = self.loss_terms(
-            policy, ref_seq, allow_fused=allow_fused
-        )
-        if logps_override is not None:
-            loss, chosen_logps, rejected_logps = logps_override
+        if terms is None:
+            terms = self.loss_terms(policy, ref_seq)
+        loss, chosen_logps, rejected_logps, chosen_rewards, rejected_rewards = terms
         metrics = _metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, policy,
                            self.ignore_index, vocab_size, self.num_pairs, self.token_metrics)
         return DPOOutput(loss, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, metrics)

@@ -300,26 +300,33 @@ class _Grads:
 
     def final(self, head: Head, scale: torch.Tensor | None = None):
         """The gradients times ``scale`` (the incoming gradient of the loss), in place for the
-        hidden and weight buffers (exact when ``scale`` is 1, else one more rounding)."""
+        hidden and weight buffers (exact when ``scale`` is 1, else one more rounding).
+
+        A backend with a device-side ``scale_`` (Triton) decides ``scale == 1`` on the device: no
+        host synchronisation in the backward. Otherwise the scale is read once on the host (free
+        for CPU tensors) and nothing runs when it is 1."""
         if self.weight is not None and not self.weight_started:
             self.weight.zero_()  # no valid token: no chunk ran
-        factor = None if scale is None else float(scale)  # the one host sync of the backward
-        out = []
-        for buf, like in ((self.hidden, None), (self.weight, head.weight), (self.bias, head.bias)):
-            if buf is None:
-                out.append(None)
-                continue
-            if factor is not None:
-                _scale_(buf, factor)
-            out.append(buf if like is None else buf.to(like.dtype))
-        return tuple(out)
+        bufs = [b for b in (self.hidden, self.weight, self.bias) if b is not None]
+        if scale is not None and bufs:
+            device_scale = getattr(load_backend(head.backend_name), "scale_", None)
+            if device_scale is not None and scale.device == bufs[0].device:
+                for buf in bufs:
+                    device_scale(buf, scale)
+            else:
+                factor = float(scale)  # one host read for all three gradients
+                for buf in bufs:
+                    _scale_(buf, factor)
+        return (self.hidden, None if self.weight is None else self.weight.to(head.weight.dtype),
+                None if self.bias is None else self.bias.to(head.bias.dtype))
 
 
 def _scale_(buf: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
     """``buf *= scale`` in place, one pass, the product formed in the op-math precision (fp32 for
     bf16/fp16) and rounded once; nothing at all when ``scale`` is 1 (the usual ``loss.backward()``).
     Knowing that costs a host sync when ``scale`` is a device tensor (:meth:`_Grads.final` reads
-    it once for all three gradients); it saves a read and a write of the weight gradient per step."""
+    it once for all three gradients, where the backend has no device-side ``scale_``); it saves a
+    read and a write of the weight gradient per step."""
     factor = float(scale)
     if factor != 1.0:
         buf.mul_(factor)  # a Python scalar: kept in fp32 by the kernel, never rounded to bf16

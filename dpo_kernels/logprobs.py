@@ -214,6 +214,9 @@ class _FusedSigmoidDPOFunction(torch.autograd.Function):
     def forward(ctx, token_logp, labels, ref_logps, ignore_index, beta, label_smoothing, average):
         from .backends.triton import dpo_sigmoid_loss
 
+        # Unused outputs get None in the backward, not zero-filled tensors (the one-pass mode runs
+        # this backward once per chunk: each fill would be one more launch).
+        ctx.set_materialize_grads(False)
         out = dpo_sigmoid_loss(token_logp, labels, ref_logps, ignore_index, beta, label_smoothing, average)
         loss = out["losses"].mean()
         ctx.save_for_backward(labels, out["seq_counts"], out["seq_coef"])
@@ -225,7 +228,11 @@ class _FusedSigmoidDPOFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_seq_logps, _gc, _gr, _gl):
         labels, seq_counts, seq_coef = ctx.saved_tensors
-        grad_seq = grad_loss * seq_coef + grad_seq_logps
+        if grad_loss is None and grad_seq_logps is None:
+            return None, None, None, None, None, None, None
+        grad_seq = None if grad_loss is None else grad_loss * seq_coef
+        if grad_seq_logps is not None:
+            grad_seq = grad_seq_logps if grad_seq is None else grad_seq + grad_seq_logps
         if ctx.average:
             grad_seq = grad_seq / seq_counts.clamp(min=1.0)
         grad_token = grad_seq.unsqueeze(-1) * (labels != ctx.ignore_index)

@@ -9,7 +9,9 @@ A backend is a module with two functions over ``logits[B, T, V]`` (any strides) 
 - ``token_logprobs_backward(logits, labels, lse, grad_logp, ignore_index, inplace)``
   -> the gradient w.r.t. ``logits`` in the logits dtype (``logits`` itself when ``inplace``);
 
-and optionally ``dpo_sigmoid_loss(...)``, the default loss fused on the device.
+and optionally ``dpo_sigmoid_loss(...)``, the default loss fused on the device, and
+``scale_(buf, scale)``, ``buf *= scale`` in place decided on the device (nothing when the
+one-element ``scale`` is 1, and no host synchronisation to find that out).
 
 Every kernel launch goes through a registered operator (``torch.ops.dpo_kernels.*``: the C++ ops
 of ``cpu.py``, the ``triton_*`` custom ops of ``triton/``) with a fake implementation, so that

@@ -1,6 +1,7 @@
 """Triton backend: the kernel contract on the GPU (and on the CPU through TRITON_INTERPRET=1)."""
 from .dpo_sigmoid_loss import dpo_sigmoid_loss
+from .scale import scale_
 from .token_logprobs_bwd import token_logprobs_backward
 from .token_logprobs_fwd import token_logprobs_forward
 
-__all__ = ["token_logprobs_forward", "token_logprobs_backward", "dpo_sigmoid_loss"]
+__all__ = ["token_logprobs_forward", "token_logprobs_backward", "dpo_sigmoid_loss", "scale_"]
