@@ -267,8 +267,8 @@ def fused_linear_dpo_loss(
         vocab_chunk: vocabulary rows per slice of the ``two_phase`` backward, whose weight
             gradient is formed one slice at a time: one product written into the gradient when
             one token chunk holds all valid tokens, else summed in an fp32 ``[vocab_chunk, H]``
-            buffer (default: as many rows as such a buffer has in 32 MiB, i.e. 2048 at H = 4096;
-            the whole vocabulary when smaller).
+            buffer (default: the hidden size H rounded down to a multiple of 128, at least 2048
+            rows; the whole vocabulary when smaller).
         cu_seqlens: a packed (padding-free) batch, as in :func:`fused_dpo_loss`: ``hidden``
             ``[1, total, H]`` or ``[total, H]``, ``labels`` ``[1, total]`` or ``[total]``,
             ``ref_hidden`` like ``hidden``; the ``B`` chosen sequences first, then the ``B``

@@ -18,10 +18,10 @@ rounded, see below):
   ``coef * (onehot - exp(z - lse))`` with the full row's ``lse`` from the forward (each slice's
   softmax is exact) and the labels shifted into the slice (a label outside it is out of range:
   no one-hot). Four matmuls over the valid tokens (logits, recompute, grad hidden, grad weight),
-  each split into slices, none repeated. Slice size: ``vocab_chunk`` or what keeps the slice's
-  fp32 ``[rows, H]`` block within :data:`DEFAULT_SLICE_BYTES` (32 MiB: 2048 rows at
-  H = 4096); tokens per backward chunk: ``chunk_tokens`` or what keeps ``tokens x slice`` logits
-  within :data:`DEFAULT_CHUNK_BYTES`.
+  each split into slices, none repeated. Slice size: ``vocab_chunk`` or the hidden size H (at
+  least :data:`MIN_SLICE_ROWS`; see there why); tokens per backward chunk: ``chunk_tokens`` or
+  what keeps ``tokens x slice`` logits within :data:`DEFAULT_CHUNK_BYTES`. The hidden gradient
+  itself is allocated after the slices, once the gathered hidden states are freed.
 - ``one_pass`` (three matmuls): when each pair's loss depends on that pair only (every loss but
   the batch-coupled ``aot``/``aot_unpaired``; the batch-mean NLL of ``sft``/``cpo``/``orpo`` is
   linear so its per-token coefficient is a constant), chunks hold whole pairs (default budget
@@ -39,7 +39,7 @@ on the CPU both chunk-sized operands are upcast). The kernel rounds ``grad_logit
 dtype once (the same rounding as materialized bf16 logits would have); then:
 
 - ``two_phase``: ``grad_weight[v0:v1] = grad_slice.T @ h``: with one token chunk per slice (the
-  default up to ``DEFAULT_CHUNK_BYTES / (2 x slice)`` valid tokens: 65536 at a 2048-row slice in
+  default up to ``DEFAULT_CHUNK_BYTES / (2 x slice)`` valid tokens: 32768 at a 4096-row slice in
   bf16) a single product written straight into the weight gradient, rounded once; with several
   token chunks summed in an fp32 ``[v1 - v0, H]`` buffer, rounded once. No ``[V, H]`` fp32
   buffer. ``grad_hidden = sum_slices grad_slice @ weight[v0:v1]`` in an fp32 ``[N_valid, H]``
@@ -74,10 +74,18 @@ DEFAULT_CHUNK_BYTES = 256 << 20
 # largest pair fits it.
 DEFAULT_ONE_PASS_CHUNK_BYTES = 512 << 20
 
-# Default size of one vocabulary slice of the ``two_phase`` backward, as the bytes of its fp32
-# ``[rows, H]`` weight-gradient block: 32 MiB is 2048 rows at H = 4096. Smaller slices lower the
-# backward's ``tokens x slice`` logits; too small ones make thin matmuls.
-DEFAULT_SLICE_BYTES = 32 << 20
+# Default vocabulary rows of one slice of the ``two_phase`` backward: the hidden size H (a multiple
+# of 128), at least this many. Why H: each slice's hidden-gradient product ``[n, rows] @ [rows, H]``
+# adds into an fp32 ``[n, H]`` accumulator that the GEMM reads and writes once per slice, 8 n H
+# bytes per 2 n rows H flops, so the slice sets the arithmetic intensity of the accumulation
+# (rows / 4 flop per byte: at 2048 rows the H200 took 11.0 ms for products that take 8.5 ms
+# without the accumulator); and the slice's logits ``[n, rows]`` (input dtype) then stay no larger
+# than the gathered hidden states ``[n, H]`` that the backward holds anyway, a third of its
+# n-sized buffers (``[n, H]`` fp32 accumulator + ``[n, H]`` hidden states + ``[n, rows]`` logits).
+MIN_SLICE_ROWS = 2048
+
+# Bytes of one block when the fp32 hidden-gradient accumulator is rounded into the gradient.
+ROUNDING_BLOCK_BYTES = 32 << 20
 
 
 @dataclass(frozen=True)
@@ -411,6 +419,9 @@ def two_phase_backward(head: Head, hidden, aligned, rows, cols, lse, grad_logp, 
     gradient; ``grad_hidden`` sums ``grad_slice @ weight[v0:v1]`` over the slices in an fp32
     ``[N_valid, H]`` buffer, rounded once at the end (with a single slice there is nothing to sum:
     one product per chunk, in the input dtype, and no buffer). No ``[V, H]`` fp32 buffer exists.
+    With several slices the ``[2P, T, H]`` hidden gradient is allocated only for that rounding,
+    after the gathered hidden rows are freed: the two never coexist, and the peak of the loop is
+    the weight gradient + the accumulator + the gathered rows + one slice's logits.
     Matmuls over valid tokens: the recomputed logits, grad hidden, grad weight (plus the forward's
     logits: four in all), each split into slices, not repeated.
     """
@@ -419,7 +430,7 @@ def two_phase_backward(head: Head, hidden, aligned, rows, cols, lse, grad_logp, 
     V, H = head.weight.shape
     n = rows.numel()
     acc = _acc_dtype(head.weight.dtype)
-    grad_hidden = torch.zeros_like(hidden, memory_format=torch.contiguous_format) if need_h else None
+    sliced = vocab_step < V
     grad_weight = torch.empty_like(head.weight, memory_format=torch.contiguous_format) if need_w else None
     grad_bias = torch.empty_like(head.bias) if need_b else None
     if n == 0 or not (need_h or need_w or need_b):
@@ -427,8 +438,12 @@ def two_phase_backward(head: Head, hidden, aligned, rows, cols, lse, grad_logp, 
             grad_weight.zero_()
         if grad_bias is not None:
             grad_bias.zero_()
-        return grad_hidden, grad_weight, grad_bias
-    sliced = vocab_step < V
+        return (torch.zeros_like(hidden, memory_format=torch.contiguous_format) if need_h else None,
+                grad_weight, grad_bias)
+    # One slice: each chunk writes its rows of the hidden gradient directly. Several: the slices
+    # sum into the fp32 accumulator, and the gradient is allocated at the end (see above).
+    grad_hidden = (torch.zeros_like(hidden, memory_format=torch.contiguous_format) if need_h and not sliced
+                   else None)
     gh_acc = torch.empty((n, H), dtype=acc, device=hidden.device) if need_h and sliced else None
     coef = grad_logp[rows, cols]
     token_lse = lse[rows, cols]
@@ -478,20 +493,20 @@ def two_phase_backward(head: Head, hidden, aligned, rows, cols, lse, grad_logp, 
     if gh_acc is not None:
         # Rounded once into the hidden gradient, a block of rows at a time: the bf16 temporary
         # stays small beside the fp32 accumulator.
-        step = max(1, DEFAULT_SLICE_BYTES // max(2 * H, 1))
+        grad_hidden = torch.zeros_like(hidden, memory_format=torch.contiguous_format)
+        step = max(1, ROUNDING_BLOCK_BYTES // max(2 * H, 1))
         for s in range(0, n, step):
             grad_hidden[rows[s:s + step], cols[s:s + step]] = gh_acc[s:s + step].to(hidden.dtype)
     return grad_hidden, grad_weight, grad_bias
 
 
 def vocab_slice_size(vocab_size: int, hidden_size: int, vocab_chunk: int | None) -> int:
-    """Vocabulary rows per slice of the ``two_phase`` backward: ``vocab_chunk`` if given, else as
-    many as keep the slice's fp32 weight-gradient accumulator within :data:`DEFAULT_SLICE_BYTES`
-    (a multiple of 128 from 256 rows up), never more than ``vocab_size``."""
+    """Vocabulary rows per slice of the ``two_phase`` backward: ``vocab_chunk`` if given, else the
+    hidden size rounded down to a multiple of 128, at least :data:`MIN_SLICE_ROWS` (why: see
+    there), never more than ``vocab_size``."""
     if vocab_chunk is not None:
         return max(1, min(int(vocab_chunk), vocab_size))
-    rows = max(1, DEFAULT_SLICE_BYTES // max(4 * hidden_size, 1))
-    rows = rows - rows % 128 if rows >= 256 else rows
+    rows = max(MIN_SLICE_ROWS, hidden_size - hidden_size % 128)
     return max(1, min(rows, vocab_size))
 
 

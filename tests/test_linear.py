@@ -460,9 +460,34 @@ def test_two_phase_backward_allocates_no_fp32_vocab_by_hidden_buffer():
     assert not wide, wide
 
 
-def test_vocab_slice_size_from_memory_budget():
-    step = linear.vocab_slice_size(128256, 4096, None)
-    assert step * 4096 * 4 <= linear.DEFAULT_SLICE_BYTES and step >= 1024 and step % 128 == 0
+def test_two_phase_backward_peak_holds_the_hidden_gradient_and_gathered_rows_never_together():
+    """The backward's peak (CPU allocator, every byte) is the weight gradient + the fp32
+    ``[n, H]`` accumulator + the gathered ``[n, H]`` rows + one slice's ``[n, rows]`` logits, plus
+    small per-token vectors: the ``[2P, T, H]`` hidden gradient is allocated after the rows are
+    freed (it would add 0.5 MB here)."""
+    from dpo_kernels.bench import peak_extra_bytes
+
+    P, T, H, V, rows = 4, 64, 256, 2048, 512
+    hidden = torch.randn(2 * P, T, H, requires_grad=True)
+    weight = (torch.randn(V, H) * 0.1).requires_grad_(True)
+    labels = torch.randint(0, V, (2 * P, T))
+    labels[:, :24] = IGNORE
+    n = int((labels != IGNORE).sum())
+    out = fused_linear_dpo_loss(hidden, weight, labels, ref_logps=torch.randn(2 * P) - 30, mode="two_phase",
+                                vocab_chunk=rows)
+    peak = peak_extra_bytes(lambda: torch.autograd.grad(out.loss, (hidden, weight)), "cpu")
+    if peak is None:
+        pytest.skip("the CPU allocator's events are not observable here")
+    model = V * H * 4 + n * H * 4 + n * H * 4 + n * rows * 4  # weight grad, accumulator, rows, logits
+    hidden_grad = 2 * P * T * H * 4
+    assert model <= peak <= model + hidden_grad // 4, (peak, model)
+
+
+def test_vocab_slice_size_default_is_the_hidden_size():
+    assert linear.vocab_slice_size(128256, 4096, None) == 4096
+    assert linear.vocab_slice_size(152064, 3584, None) == 3584
+    assert linear.vocab_slice_size(151936, 3500, None) == 3456  # a multiple of 128
+    assert linear.vocab_slice_size(151936, 896, None) == linear.MIN_SLICE_ROWS == 2048
     assert linear.vocab_slice_size(300, 4096, None) == 300  # V smaller than one slice
     assert linear.vocab_slice_size(300, 16, 64) == 64 and linear.vocab_slice_size(300, 16, 1000) == 300
     head = linear.Head(torch.empty(128256, 1, device="meta"), None, 1.0, None, "reference", IGNORE)
