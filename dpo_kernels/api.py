@@ -342,9 +342,13 @@ def fused_linear_dpo_loss(
     needs = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
     needs = tuple(n and torch.is_grad_enabled() for n in needs)
     one_pass_chunk = linear.one_pass_chunk_size(vocab_size, hidden.dtype, softcap, chunk_tokens)
-    # auto: the pairs' token counts decide the mode (one host sync) and, for one_pass, size its chunks.
-    pair_counts = (linear.pair_token_counts(aligned, ignore_index, num_pairs)
-                   if mode == "auto" and any(needs) and not objective.batch_coupled else None)
+    # auto: the pairs' token counts decide the mode (one host sync; one_pass reuses them for its
+    # chunks), unless every pair fits one one_pass chunk whatever its count (2 T tokens at most):
+    # then one_pass counts them itself, after queuing the work that needs no count.
+    pair_counts = None
+    if (mode == "auto" and any(needs) and not objective.batch_coupled
+            and 2 * aligned.shape[-1] > one_pass_chunk):
+        pair_counts = linear.pair_token_counts(aligned, ignore_index, num_pairs)
     chosen_mode = _pick_mode(mode, objective, pair_counts, one_pass_chunk, any(needs), specs)
     if chosen_mode == "two_phase":
         logp, lse, ext = linear.linear_token_logprobs(hidden, head, token_labels, extras, chunk_tokens=chunk,
@@ -388,7 +392,8 @@ def fused_linear_dpo_loss(
 
 def _pick_mode(mode, objective, pair_counts, chunk, grad_needed, specs) -> str:
     """``pair_counts``: valid tokens per pair (:func:`linear.pair_token_counts`), needed by ``auto``
-    when a gradient is wanted and the loss is not batch-coupled."""
+    when a gradient is wanted, the loss is not batch-coupled and a pair may exceed ``chunk``
+    (``None``: every pair fits)."""
     if mode == "one_pass":
         if objective.batch_coupled:
             coupled = [spec.name for spec in specs if spec.batch_coupled]
@@ -401,6 +406,8 @@ def _pick_mode(mode, objective, pair_counts, chunk, grad_needed, specs) -> str:
         return "two_phase"
     if not grad_needed or objective.batch_coupled:
         return "two_phase"
+    if pair_counts is None:
+        return "one_pass"
     return "one_pass" if max(pair_counts, default=0) <= chunk else "two_phase"
 
 

@@ -554,10 +554,13 @@ def pair_positions(aligned: torch.Tensor, ignore_index: int, num_pairs: int, chu
     The positions themselves come from ``nonzero_static`` with the total already known, in pair
     order by construction (the rows of the mask are visited pair-major): no sort, no other sync."""
     P = num_pairs
-    if counts is None:
-        counts = pair_token_counts(aligned, ignore_index, P)
+    # The device work that needs no count is queued before the sync, so the sync finds it done
+    # and the host has less left to do while the device waits for the first matmul.
     pair_major = torch.arange(2 * P, device=aligned.device).view(2, P).t().reshape(-1)  # 0, P, 1, P+1, ...
     mask = (aligned != ignore_index)[pair_major]
+    if counts is None:
+        per_pair = mask.reshape(P, 2 * mask.shape[1]).sum(-1)  # pair-major: chosen and rejected side by side
+        counts = per_pair.tolist()  # the sync
     total = sum(counts)
     try:
         idx = torch.nonzero_static(mask, size=total)
@@ -627,9 +630,10 @@ class OnePass:
     def run(self, hidden):
         head, aligned = self.head, self.aligned
         shape = aligned.shape
-        rows, cols, bounds, _ = pair_positions(aligned, head.ignore_index, self.num_pairs, self.chunk_tokens,
-                                               self.pair_counts)
         acc = _acc_dtype(hidden.dtype)
+        # Everything that does not depend on the token counts first: on a GPU these launches queue
+        # behind the model's forward; after the counts' host sync (in pair_positions) only the
+        # gather and the first matmul remain before the device has work again.
         scored = aligned != head.ignore_index
         # Placeholders for the tokens not processed yet: -1 (a finite log-prob), so every pair's loss
         # stays finite; a pair's coefficients do not depend on the other pairs' values.
@@ -637,6 +641,8 @@ class OnePass:
         lse = torch.zeros(shape, dtype=acc, device=hidden.device)
         ext = {name: torch.zeros(shape, dtype=acc, device=hidden.device) for name in self.extras}
         grads = _Grads(hidden, head, *self.needs) if any(self.needs) else None
+        rows, cols, bounds, _ = pair_positions(aligned, head.ignore_index, self.num_pairs, self.chunk_tokens,
+                                               self.pair_counts)
         for s, e in bounds:
             r, c = rows[s:e], cols[s:e]
             h = hidden[r, c]

@@ -744,6 +744,39 @@ def test_one_pass_backward_reads_nothing_on_the_host_with_triton(grad_scale):
         torch.testing.assert_close(got, want * grad_scale, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("mode", ["auto", "one_pass"])
+def test_one_pass_queues_everything_else_before_its_positions(mode):
+    """one_pass's one host sync sizes the gather of the valid positions (``nonzero_static``): the
+    buffers, placeholders and mask are queued before it, so after it only the position index and
+    the hidden-row gather stand before the first matmul (on a GPU the device idles meanwhile).
+    ``auto`` decides one_pass without a sync of its own when every pair fits one chunk."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func)
+            return func(*args, **(kwargs or {}))
+
+    hidden, weight, _, labels = make_inputs(4, 12, 16, 90, seed=2)
+    hidden.requires_grad_(True)
+    weight.requires_grad_(True)
+    with Ops() as rec:
+        fused_linear_dpo_loss(hidden, weight, labels, ref_logps=torch.randn(8) - 10, mode=mode, validate=False)
+    aten = torch.ops.aten
+    ops = rec.ops
+    assert ops.count(aten.nonzero_static.default) == 1 and aten.nonzero.default not in ops
+    start = ops.index(aten.nonzero_static.default)
+    first_mm = next(i for i, op in enumerate(ops) if op in (aten.mm.default, aten.addmm.default))
+    views = {aten.select.int, aten.slice.Tensor, aten.t.default, aten.view.default}
+    between = [op for op in ops[start + 1:first_mm] if op not in views]
+    assert between == [aten.index.Tensor, aten.index.Tensor], between  # rows of the positions; the gather
+    assert aten.zeros_like.default in ops[:start] and aten.empty_like.default in ops[:start]  # the gradients
+
+
 @pytest.mark.parametrize("chunk_tokens", [1, 9, 25, 1000])
 def test_pair_positions_order_and_chunks(chunk_tokens):
     """Valid positions pair by pair (chosen sequence, then rejected, row-major inside each), whole
