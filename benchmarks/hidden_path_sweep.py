@@ -130,7 +130,8 @@ def sweep(doc: Doc, shape: HiddenShape, device, tflops, iters, warmup, budget_s)
     floor = {k: k * flops / (tflops * 1e12) * 1e3 if tflops else None for k in (3, 4)}
     variants = [("one_pass", {}), ("one_pass", {"chunk_tokens": 2 * per_pair}),
                 ("one_pass", {"chunk_tokens": shape.pairs * per_pair})]
-    variants += [("two_phase", {})] + [("two_phase", {"vocab_chunk": v}) for v in (4096, 8192)]
+    # two_phase's default slice is the hidden size (4096 here); 2048 was the default before.
+    variants += [("two_phase", {})] + [("two_phase", {"vocab_chunk": v}) for v in (2048, 8192)]
     if shape.vocab < 8192:  # smoke
         variants = [("one_pass", {}), ("one_pass", {"chunk_tokens": 1}), ("two_phase", {}),
                     ("two_phase", {"vocab_chunk": 300})]
@@ -188,6 +189,8 @@ def profile(doc: Doc, hidden, weight, labels, ref, device) -> None:
             for e in prof.events():
                 if e.device_type != want or (not cuda and not e.name.startswith(("aten::", "dpo_kernels::"))):
                     continue
+                if cuda and _is_annotation(e):  # the GPU track of record_function: not a kernel
+                    continue
                 if not cuda and e.cpu_parent is not None and e.cpu_parent.name != "sweep_step":  # CPU: top-level ops
                     continue
                 kernels.setdefault(e.name, []).append(e.time_range.elapsed_us() / 1e3)
@@ -206,17 +209,74 @@ def profile(doc: Doc, hidden, weight, labels, ref, device) -> None:
             gaps = idle_gaps(prof, want) if cuda else ""
             doc.add(f"## Profile of one `{mode}` step (defaults; {'CUDA kernels' if cuda else 'CPU top-level ops'})\n\n"
                     + markdown_table(["", "ms"], grows) + "\n\n" + markdown_table(["kernel", "calls", "ms"], rows)
-                    + gaps)
+                    + gaps + phases(fn, hidden, weight, labels, ref, device))
         except Exception as exc:
             log(traceback.format_exc(limit=4))
             doc.add(f"## Profile of one `{mode}` step: raised {type(exc).__name__}: {str(exc)[:200]}")
 
 
+def _is_annotation(event) -> bool:
+    """A ``record_function`` range mirrored on the GPU track (it spans the kernels launched inside
+    it: counted as a kernel it hides every gap and doubles the kernel time)."""
+    return bool(getattr(event, "is_user_annotation", False)) or event.name == "sweep_step"
+
+
+def phases(fn, hidden, weight, labels, ref, device, reps: int = 5) -> str:
+    """Without the profiler (whose own start-up shows up as idle time): CUDA events at the step's
+    start, just before the first lm_head matmul is queued, between forward and backward and at
+    the end, beside the host's clock at the same points. The device's time to its first matmul is
+    the step's fixed cost before the GEMMs (host work, the host sync, small kernels)."""
+    if device.type != "cuda":
+        return ""
+    original = linear.logits_matmul
+    rows = {k: [] for k in ("host: start -> first matmul queued", "device: start -> first matmul starts",
+                            "device: first matmul -> end of forward", "device: backward", "device: whole step",
+                            "host: whole step (until the backward returned)")}
+    for _ in range(reps):
+        marks = {}
+
+        def first_mark(*args, **kwargs):
+            if "mm" not in marks:
+                marks["mm_host"] = time.perf_counter()
+                marks["mm"] = torch.cuda.Event(enable_timing=True)
+                marks["mm"].record()
+            return original(*args, **kwargs)
+
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+        linear.logits_matmul = first_mark
+        try:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            events[0].record()
+            loss = fn(hidden, weight, labels, ref)
+            events[1].record()
+            grads = torch.autograd.grad(loss, (hidden, weight))
+            events[2].record()
+            t1 = time.perf_counter()
+            torch.cuda.synchronize()
+        finally:
+            linear.logits_matmul = original
+        del grads, loss
+        if "mm" not in marks:
+            return "\n\nPhases: the first matmul was not seen (no valid token?)."
+        rows["host: start -> first matmul queued"].append((marks["mm_host"] - t0) * 1e3)
+        rows["device: start -> first matmul starts"].append(events[0].elapsed_time(marks["mm"]))
+        rows["device: first matmul -> end of forward"].append(marks["mm"].elapsed_time(events[1]))
+        rows["device: backward"].append(events[1].elapsed_time(events[2]))
+        rows["device: whole step"].append(events[0].elapsed_time(events[2]))
+        rows["host: whole step (until the backward returned)"].append((t1 - t0) * 1e3)
+    table = [[k, f"{statistics.median(v):.3f}", f"{min(v):.3f}"] for k, v in rows.items()]
+    return ("\n\nPhases without the profiler (CUDA events and the host clock, median / min of "
+            f"{reps}):\n\n" + markdown_table(["", "median ms", "min ms"], table))
+
+
 def idle_gaps(prof, kernel_type, top: int = 10) -> str:
     """Where the device sat idle inside the profiled step: before its first kernel, between kernels
-    (the largest gaps) and after its last, each with the host ops that were running meanwhile."""
+    (the largest gaps) and after its last, each with the host ops that were running meanwhile.
+    (The profiler's own start-up lands before the first kernel: ``phases`` measures without it.)"""
     events = list(prof.events())
-    kernels = sorted((e for e in events if e.device_type == kernel_type), key=lambda e: e.time_range.start)
+    kernels = sorted((e for e in events if e.device_type == kernel_type and not _is_annotation(e)),
+                     key=lambda e: e.time_range.start)
     steps = [e for e in events if e.name == "sweep_step" and e.device_type == torch.autograd.DeviceType.CPU]
     if not kernels or not steps:
         return ""
