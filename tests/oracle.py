@@ -47,6 +47,25 @@ def _logsig(x):
     return F.logsigmoid(x)  # log(sigmoid(x)) without its underflow at |x| > 700
 
 
+class _Exo(torch.autograd.Function):
+    """EXO-pref on the scaled margin ``x``: ``q_w (log q_w - log(1 - eps)) + q_l (log q_l - log eps)``
+    with ``q_w = sigmoid(x)``, ``q_l = sigmoid(-x)``. Its derivative is the textbook
+    ``q_w q_l (x - log(1 - eps) + log eps)``: autograd through the formula cancels terms ~|x| times
+    larger than the result and, saturated, is wrong even in float64 (15% at x = -40)."""
+
+    @staticmethod
+    def forward(ctx, x, eps):
+        q_w, q_l = torch.sigmoid(x), torch.sigmoid(-x)
+        ctx.save_for_backward(x)
+        ctx.eps = eps
+        return q_w * (torch.log(q_w) - math.log(1 - eps)) + q_l * (torch.log(q_l) - math.log(eps))
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * torch.sigmoid(x) * torch.sigmoid(-x) * (x - math.log(1 - ctx.eps) + math.log(ctx.eps)), None
+
+
 def f_scores(logratio, kind="reverse_kl", alpha=0.5):
     """f'(t) at t = pi/ref (f-DPO, Wang et al. 2023), written on t itself."""
     if kind == "reverse_kl":
@@ -90,9 +109,7 @@ def zoo_loss(name, *, pc, pr, rc, rr, lc=None, lr=None, tok_c=None, mask_c=None,
     if name == "ipo":
         return (per_token(sc, lc) - per_token(sr, lr) - 1 / (2 * beta)) ** 2
     if name == "exo_pair":
-        x = beta * (sc - sr)
-        q_w, q_l = torch.sigmoid(x), torch.sigmoid(-x)
-        return q_w * (torch.log(q_w) - math.log(1 - eps)) + q_l * (torch.log(q_l) - math.log(eps))
+        return _Exo.apply(beta * (sc - sr), eps)
     if name == "nca_pair":
         a, b = beta * lrc, beta * lrr
         return -_logsig(a) - 0.5 * _logsig(-a) - 0.5 * _logsig(-b)

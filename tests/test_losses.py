@@ -169,6 +169,30 @@ def test_combined_loss_is_the_weighted_sum_of_means_with_pair_weights():
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_exo_pair_gradient_keeps_its_precision_when_saturated(dtype):
+    """Margins up to |beta m| = 60 either way, at beta = 2: the gradient w.r.t. the policy log-probs
+    stays within a few ulps (relative) of the float64 closed form (autograd through the formula
+    was 26% off in fp32 at beta m = -20)."""
+    P = 9
+    margins = torch.tensor([-30.0, -20.0, -10.0, -4.0, 0.3, 4.0, 10.0, 20.0, 30.0], dtype=torch.float64)
+    ref_c = -torch.rand(P, dtype=torch.float64) * 50 - 10
+    ref_r = -torch.rand(P, dtype=torch.float64) * 50 - 10
+    pc = (ref_c - 5.0).clone()
+    pr = (pc - ref_c + ref_r - margins).clone()  # (pc - ref_c) - (pr - ref_r) = margins
+    leaves64 = [pc.requires_grad_(True), pr.requires_grad_(True)]
+    opts = loss_options([get_loss("exo_pair")], beta=2.0, label_smoothing=1e-3)
+    want = zoo_loss("exo_pair", pc=leaves64[0], pr=leaves64[1], rc=ref_c, rr=ref_r, beta=2.0, eps=1e-3)
+    g_want = torch.autograd.grad(want.sum(), leaves64)
+    leaves = [t.detach().to(dtype).requires_grad_(True) for t in leaves64]
+    pair = PreferencePair(leaves[0], leaves[1], ref_c.to(dtype), ref_r.to(dtype))
+    g_got = torch.autograd.grad(get_loss("exo_pair").fn(pair, opts).sum(), leaves)
+    rtol = 1e-4 if dtype == torch.float32 else 1e-9  # fp32 inputs of ~50 hold margins to ~4e-6 absolute
+    for got, exp in zip(g_got, g_want):
+        assert (got.double() != 0).all()
+        torch.testing.assert_close(got.double(), exp, rtol=rtol, atol=0)
+
+
 def test_log1mexp_both_branches():
     x = -torch.cat([torch.rand(50, dtype=torch.float64) * 0.69, 0.7 + torch.rand(50, dtype=torch.float64) * 30])
     with decimal.localcontext() as ctx:
