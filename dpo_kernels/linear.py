@@ -647,7 +647,8 @@ class OnePass:
             r, c = rows[s:e], cols[s:e]
             h = hidden[r, c]
             z, dcap = _chunk_logits(head, h, keep_derivative=grads is not None)
-            lp, ls, ex = _chunk_forward(head, z, aligned[r, c], self.extras)
+            y = aligned[r, c]
+            lp, ls, ex = _chunk_forward(head, z, y, self.extras)
             logp[r, c], lse[r, c] = lp, ls
             for name in self.extras:
                 ext[name][r, c] = ex[name]
@@ -656,7 +657,7 @@ class OnePass:
                     leaf = logp.detach().requires_grad_(True)
                     loss = self.loss_fn(leaf, lse, ext)
                     (coef,) = torch.autograd.grad(loss, leaf)
-                g = _chunk_grad_logits_(head, z, aligned[r, c], ls, coef[r, c], dcap)
+                g = _chunk_grad_logits_(head, z, y, ls, coef[r, c], dcap)
                 grads.add(head, g, h, r, c)
                 del g
             del z, dcap
