@@ -83,6 +83,7 @@ def fused_dpo_loss(
     validate: bool = True,
     backend: str = "auto",
     cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
 ) -> DPOOutput:
     """DPO-family loss straight from the policy's logits, without a logits-sized temporary.
 
@@ -149,7 +150,15 @@ def fused_dpo_loss(
             padded batch's exactly (an empty sequence is a padded row with every token ignored);
             the logits are never copied or padded, only ``[total]``-sized per-token results are
             moved into the ``[2B, Tmax]`` layout. Validation positions (``labels[0, p]``,
-            ``logits[0, p]``) are packed token positions. Reading the offsets costs one host sync.
+            ``logits[0, p]``) are packed token positions. Reading the offsets costs one host sync,
+            unless ``max_seqlen`` is given.
+        max_seqlen: with ``cu_seqlens``, the longest sequence's length (flash-attention's
+            ``max_seqlen``; a larger value only widens the internal ``[2B, Tmax]`` layout). Then
+            the offsets are read on the host only to validate them (``validate=True``, never inside
+            a compiled region): with ``validate=False``, or compiled, the packed path has no host
+            sync and no graph break. A value below the longest sequence raises a ``ValueError``
+            with ``validate=True``; without validation the bounds check of the index that moves
+            the results raises instead (an ``IndexError`` on the CPU, a device-side assert on CUDA).
     """
     specs, weights, opts = _loss_setup(
         loss_type, loss_weights, beta=beta, label_smoothing=label_smoothing, f_divergence_type=f_divergence_type,
@@ -157,13 +166,14 @@ def fused_dpo_loss(
         cpo_alpha=cpo_alpha,
     )
     packing = None
+    _check_max_seqlen_needs_offsets(cu_seqlens, max_seqlen)
     if cu_seqlens is None:
         num_pairs, vocab_size = _check_inputs(logits, labels, ignore_index)
     else:
         logits, labels, ref_logits = _as_packed(logits, 2), _as_packed(labels, 1), _as_packed(ref_logits, 2)
         _, vocab_size = _check_logits_labels(logits, labels, ignore_index,
                                              layout="[1, total, V] or [total, V] (a packed batch: cu_seqlens given)")
-        packing = _check_packing(cu_seqlens, logits, "logits")
+        packing = _check_packing(cu_seqlens, logits, "logits", max_seqlen, validate)
         num_pairs = packing.num_pairs
     _check_token_options(specs, ld_alpha, use_weighting, average_log_prob, token_metrics)
     _check_inplace(inplace_backward, logits)
@@ -228,6 +238,7 @@ def fused_linear_dpo_loss(
     backend: str = "auto",
     vocab_chunk: int | None = None,
     cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
 ) -> DPOOutput:
     """DPO-family loss from the policy's last hidden states and lm_head, never forming the logits.
 
@@ -276,6 +287,8 @@ def fused_linear_dpo_loss(
             on the packed rows as they are; ``one_pass``, whose chunks hold whole pairs, gathers
             the hidden states into the padded ``[2B, Tmax, H]`` layout first (a differentiable
             index: ``H`` wide, small beside the ``V``-wide logits that are never formed).
+        max_seqlen: with ``cu_seqlens``, as in :func:`fused_dpo_loss` (it saves the read of the
+            offsets; this path still has its own host sync for the valid tokens).
 
     Every other argument is as in :func:`fused_dpo_loss`.
     """
@@ -287,13 +300,14 @@ def fused_linear_dpo_loss(
         cpo_alpha=cpo_alpha,
     )
     packing = None
+    _check_max_seqlen_needs_offsets(cu_seqlens, max_seqlen)
     if cu_seqlens is None:
         num_pairs, vocab_size = _check_linear_inputs(hidden, weight, labels, bias, ignore_index)
     else:
         hidden, labels, ref_hidden = _as_packed(hidden, 2), _as_packed(labels, 1), _as_packed(ref_hidden, 2)
         vocab_size = _check_linear_tensors(hidden, weight, labels, bias, ignore_index,
                                            layout="[1, total, H] or [total, H] (a packed batch: cu_seqlens given)")
-        packing = _check_packing(cu_seqlens, hidden, "hidden")
+        packing = _check_packing(cu_seqlens, hidden, "hidden", max_seqlen, validate)
         num_pairs = packing.num_pairs
     _check_token_options(specs, ld_alpha, use_weighting, average_log_prob, token_metrics)
     softcap, temperature = _check_linear_options(logit_softcap, temperature, mode, chunk_tokens)
@@ -536,15 +550,15 @@ class Packing:
     max_len: int  # Tmax; at least 1, so an all-empty batch is one fully ignored column
 
     @classmethod
-    def from_offsets(cls, cu_seqlens: torch.Tensor, offsets: list[int]) -> "Packing":
-        """From validated offsets: ``cu_seqlens`` on the device, ``offsets`` the same on the host."""
-        device, total = cu_seqlens.device, offsets[-1]
+    def build(cls, cu_seqlens: torch.Tensor, total: int, max_len: int) -> "Packing":
+        """From offsets on the device, the packed length and the padded width: device work only
+        (``repeat_interleave`` is told its output size), no host sync."""
+        device = cu_seqlens.device
         starts = cu_seqlens.to(torch.int64)
         lengths = starts[1:] - starts[:-1]
         seq = torch.repeat_interleave(torch.arange(lengths.numel(), device=device), lengths, output_size=total)
         pos = torch.arange(total, device=device) - starts[seq]
-        max_len = max(max(b - a for a, b in zip(offsets[:-1], offsets[1:])), 1)
-        return cls(seq, pos, lengths.numel(), max_len)
+        return cls(seq, pos, lengths.numel(), max(int(max_len), 1))
 
     @property
     def num_pairs(self) -> int:
@@ -588,10 +602,20 @@ def _as_packed(tensor, token_dims: int):
     return tensor
 
 
-def _check_packing(cu_seqlens, packed: torch.Tensor, name: str) -> Packing:
+def _check_max_seqlen_needs_offsets(cu_seqlens, max_seqlen) -> None:
+    if max_seqlen is not None and cu_seqlens is None:
+        raise ValueError("max_seqlen describes a packed batch: pass it with cu_seqlens (a padded batch needs neither)")
+
+
+def _check_packing(cu_seqlens, packed: torch.Tensor, name: str, max_seqlen: int | None = None,
+                   validate: bool = True) -> Packing:
     """``packed`` (``[1, total, ...]``, already checked against its labels) and its ``cu_seqlens``.
 
-    Reads the offsets to the host once: to check them and to size the padded layout."""
+    Reads the offsets to the host once, to check them and to size the padded layout; with
+    ``max_seqlen`` given, only to check them (``validate``, outside a compiled region)."""
+    if max_seqlen is not None and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int)
+                                   or max_seqlen < 0):
+        raise ValueError(f"max_seqlen must be an int >= 0 (the longest sequence's length), got {max_seqlen!r}")
     if packed.shape[0] != 1:
         raise ValueError(
             f"cu_seqlens describes one packed row: {name} must be [1, total, ...] or [total, ...], got a batch "
@@ -611,6 +635,9 @@ def _check_packing(cu_seqlens, packed: torch.Tensor, name: str) -> Packing:
             f"cu_seqlens must hold 2B + 1 offsets of 2B > 0 sequences (B chosen then B rejected), got "
             f"{cu_seqlens.numel()} offsets, i.e. {num_seqs} sequences"
         )
+    total = packed.shape[1]
+    if max_seqlen is not None and (not validate or _validation_skipped(cu_seqlens)):
+        return Packing.build(cu_seqlens, total, max_seqlen)
     offsets = cu_seqlens.tolist()
     if offsets[0] != 0:
         raise ValueError(f"cu_seqlens[0] must be 0, got {offsets[0]}")
@@ -620,12 +647,18 @@ def _check_packing(cu_seqlens, packed: torch.Tensor, name: str) -> Packing:
                 f"cu_seqlens must be non-decreasing: cu_seqlens[{s + 1}] = {offsets[s + 1]} < "
                 f"cu_seqlens[{s}] = {offsets[s]}"
             )
-    total = packed.shape[1]
     if offsets[-1] != total:
         raise ValueError(
             f"cu_seqlens[-1] = {offsets[-1]} must equal the number of packed tokens: {name} has total = {total}"
         )
-    return Packing.from_offsets(cu_seqlens, offsets)
+    longest = max(b - a for a, b in zip(offsets[:-1], offsets[1:]))
+    if max_seqlen is not None and max_seqlen < longest:
+        s = next(s for s in range(num_seqs) if offsets[s + 1] - offsets[s] == longest)
+        raise ValueError(
+            f"max_seqlen = {max_seqlen} is below the longest sequence: sequence {s} has "
+            f"cu_seqlens[{s + 1}] - cu_seqlens[{s}] = {longest} tokens"
+        )
+    return Packing.build(cu_seqlens, total, longest if max_seqlen is None else max_seqlen)
 
 
 # --------------------------------------------------------------------------------------------

@@ -396,3 +396,92 @@ def test_packed_shape_errors():
     bad[0, 9] = -3
     with pytest.raises(ValueError, match=r"labels\[0, 9\] .* is outside \[0, V=37\)"):
         fused_linear_dpo_loss(hidden, weight, bad, **call)
+
+
+# --------------------------------------------------------------------------------------------
+# max_seqlen: the padded width given, so the offsets need no host read.
+
+
+def _run_logits(logits, labels, **kwargs):
+    x = logits.detach().clone().requires_grad_(True)
+    out = fused_dpo_loss(x, labels, **kwargs)
+    out.loss.backward()
+    return out, x.grad
+
+
+@pytest.mark.parametrize("validate", [True, False])
+@pytest.mark.parametrize("extra", [0, 5])
+def test_max_seqlen_gives_the_same_result(backend, validate, extra):
+    """The longest length, or a wider one (more fully ignored padded columns): same loss, outputs,
+    metrics and gradients as without it, checked or not."""
+    logits, labels, ref_kwargs = logits_inputs(LENGTHS, F32, "logits")
+    kwargs = dict(cu_seqlens=offsets(LENGTHS), shift=True, backend=backend, token_metrics=True,
+                  ld_alpha=0.5, **ref_kwargs)
+    want, want_grad = _run_logits(logits, labels, **kwargs)
+    got, grad = _run_logits(logits, labels, max_seqlen=max(LENGTHS) + extra, validate=validate, **kwargs)
+    assert_same_output(got, want)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["two_phase", "one_pass"])
+def test_max_seqlen_hidden_path(backend, mode):
+    hidden, weight, b, labels = hidden_inputs(LENGTHS, F32, bias=True)
+    kwargs = dict(cu_seqlens=offsets(LENGTHS), shift=True, backend=backend, mode=mode,
+                  ref_logps=torch.randn(8) - 10)
+    want = run_linear(hidden, weight, labels, b, **kwargs)
+    got = run_linear(hidden, weight, labels, b, max_seqlen=max(LENGTHS) + 2, validate=False, **kwargs)
+    assert_same_output(got[0], want[0])
+    for g, w in zip(got[1:], want[1:]):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_max_seqlen_below_the_longest_sequence_is_never_silent():
+    logits, labels, ref_kwargs = logits_inputs(LENGTHS, F32, "logps")
+    kwargs = dict(cu_seqlens=offsets(LENGTHS), backend="reference", **ref_kwargs)
+    with pytest.raises(ValueError, match=r"max_seqlen = 6 is below the longest sequence: sequence 5 has "
+                                         r"cu_seqlens\[6\] - cu_seqlens\[5\] = 7 tokens"):
+        fused_dpo_loss(logits, labels, max_seqlen=6, **kwargs)
+    # Unchecked: the bounds check of the index that moves the per-token results still refuses it.
+    with pytest.raises(IndexError):
+        fused_dpo_loss(logits, labels, max_seqlen=6, validate=False, **kwargs)
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, True, "7"])
+def test_max_seqlen_type_errors(bad):
+    logits, labels, ref_kwargs = logits_inputs(LENGTHS, F32, "logps")
+    with pytest.raises(ValueError, match="max_seqlen must be an int >= 0"):
+        fused_dpo_loss(logits, labels, cu_seqlens=offsets(LENGTHS), max_seqlen=bad, backend="reference",
+                       **ref_kwargs)
+
+
+def test_max_seqlen_without_cu_seqlens():
+    logits, labels = torch.randn(2, 4, V), torch.randint(0, V, (2, 4))
+    with pytest.raises(ValueError, match="max_seqlen describes a packed batch: pass it with cu_seqlens"):
+        fused_dpo_loss(logits, labels, ref_logps=torch.zeros(2), max_seqlen=4)
+    hidden, weight = torch.randn(2, 4, H), torch.randn(V, H)
+    with pytest.raises(ValueError, match="max_seqlen describes a packed batch"):
+        fused_linear_dpo_loss(hidden, weight, labels, ref_logps=torch.zeros(2), max_seqlen=4)
+
+
+def test_packed_batch_compiles_without_a_graph_break_given_max_seqlen():
+    """fullgraph=True refuses any graph break: with max_seqlen the packed path has no host read
+    (without it, the read of the offsets breaks the graph); the compiled loss and gradient equal
+    the eager ones."""
+    logits, labels, ref_kwargs = logits_inputs(LENGTHS, F32, "logps")
+    cu = offsets(LENGTHS)
+
+    def loss_fn(x, max_seqlen):
+        return fused_dpo_loss(x, labels, cu_seqlens=cu, max_seqlen=max_seqlen, shift=True, loss_type="ipo",
+                              **ref_kwargs).loss
+
+    x = logits.detach().clone().requires_grad_(True)
+    compiled = torch.compile(lambda x: loss_fn(x, max(LENGTHS)), fullgraph=True, backend="aot_eager")
+    loss = compiled(x)
+    loss.backward()
+    want, want_grad = _run_logits(logits, labels, cu_seqlens=cu, shift=True, loss_type="ipo", **ref_kwargs)
+    torch.testing.assert_close(loss, want.loss)
+    torch.testing.assert_close(x.grad, want_grad)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="data-dependent|graph break|Could not guard"):
+        torch.compile(lambda x: loss_fn(x, None), fullgraph=True, backend="aot_eager")(x)
+    torch._dynamo.reset()
