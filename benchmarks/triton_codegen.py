@@ -39,6 +39,11 @@ from dpo_kernels.backends import EXTRAS, extras_mask  # noqa: E402
 loss_module = importlib.import_module("dpo_kernels.backends.triton.dpo_sigmoid_loss")
 bwd_module = importlib.import_module("dpo_kernels.backends.triton.token_logprobs_bwd")
 fwd_module = importlib.import_module("dpo_kernels.backends.triton.token_logprobs_fwd")
+scale_module = importlib.import_module("dpo_kernels.backends.triton.scale")
+
+# The device-side scale of fused_linear_dpo_loss's one_pass gradients: Llama-3-8B's lm_head
+# weight gradient (V x H), and one past 2^31 elements (64-bit sizes).
+SCALE_SIZES = [128256 * 4096, (1 << 31) + 8]
 
 # The design's shapes: [2B, T, V] logits of Llama-3's and Qwen's vocabularies, and an odd one.
 SHAPES = [(8, 1024, 128256), (4, 4096, 151936), (8, 512, 50257)]
@@ -156,6 +161,16 @@ def report(arch: int = 90) -> list[dict]:
     kernel = compile_launch(loss.fn, args, kwargs, target)
     rows.append({"kernel": "dpo_sigmoid_loss", "shape": [16, 1024], "dtype": "float32", "grid": list(grid),
                  "block_v": kwargs["BLOCK_T"], "num_warps": kwargs["num_warps"], **analyse(kernel)})
+    for n in SCALE_SIZES:
+        for dtype in (torch.bfloat16, torch.float32):
+            buf = torch.empty(n, dtype=dtype, device="meta")
+            with capture(scale_module, "_scale_unless_one_kernel") as scale:
+                scale_module.launch_scale_unless_one(buf, torch.empty(1, device="meta"))
+            grid, args, kwargs = scale.launches[0]
+            kernel = compile_launch(scale.fn, args, kwargs, target)
+            rows.append({"kernel": "scale_unless_one", "shape": [n], "dtype": str(dtype).replace("torch.", ""),
+                         "grid": list(grid), "block_v": kwargs["BLOCK"], "num_warps": kwargs["num_warps"],
+                         **analyse(kernel)})
     return rows
 
 

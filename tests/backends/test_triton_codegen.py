@@ -56,3 +56,15 @@ def test_backward_reads_and_writes_16_byte_vectors(codegen):
 def test_exp_is_the_fast_hardware_exp(codegen):
     for row in _rows(codegen, "forward") + _rows(codegen, "backward"):
         assert row["ex2_approx"] > 0, row
+
+
+def test_scale_moves_the_gradient_with_16_byte_vectors(codegen):
+    """The device-side scale of one_pass's gradients: below 2^31 elements (every lm_head in use:
+    Llama-3-8B's is 5.3e8) it loads and stores 16-byte vectors, the scale itself the only scalar
+    load. Past 2^31 (a 64-bit size) it compiles and stays correct with scalar accesses."""
+    rows = [r for r in codegen if r["kernel"] == "scale_unless_one"]
+    assert {r["shape"][0] < 2**31 for r in rows} == {True, False}
+    for row in rows:
+        if row["shape"][0] < 2**31:
+            assert row["global_loads_16B"] >= 1 and row["global_loads"] - row["global_loads_16B"] <= 1, row
+            assert row["global_stores_16B"] >= 1 and row["global_stores"] == row["global_stores_16B"], row

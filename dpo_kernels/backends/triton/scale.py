@@ -26,10 +26,11 @@ from .config import interpreting
 def _scale_unless_one_kernel(buf_ptr, scale_ptr, n, BLOCK: tl.constexpr, ACC_DTYPE: tl.constexpr):
     s = tl.load(scale_ptr).to(ACC_DTYPE)
     if s != 1.0:
-        # A grid-stride loop: a capped grid covers any ``n``; 64-bit offsets (n may exceed 2^31).
-        step = tl.num_programs(0).to(tl.int64) * BLOCK
-        for start in range(tl.program_id(0).to(tl.int64) * BLOCK, n, step):
-            offs = start + tl.arange(0, BLOCK)
+        # A grid-stride loop over blocks: a capped grid covers any ``n``. Offsets in 64 bits (n may
+        # exceed 2^31), formed from the 32-bit block index so that the compiler still sees them
+        # as multiples of BLOCK (16-byte vector loads and stores; an int64 loop variable loses that).
+        for block in range(tl.program_id(0), tl.cdiv(n, BLOCK), tl.num_programs(0)):
+            offs = tl.cast(block, tl.int64) * BLOCK + tl.arange(0, BLOCK)
             inside = offs < n
             x = tl.load(buf_ptr + offs, mask=inside)
             tl.store(buf_ptr + offs, (x.to(ACC_DTYPE) * s).to(x.dtype), mask=inside)
