@@ -27,8 +27,8 @@ def _scale_unless_one_kernel(buf_ptr, scale_ptr, n, BLOCK: tl.constexpr, ACC_DTY
     s = tl.load(scale_ptr).to(ACC_DTYPE)
     if s != 1.0:
         # A grid-stride loop over blocks: a capped grid covers any ``n``. Offsets in 64 bits (n may
-        # exceed 2^31), formed from the 32-bit block index so that the compiler still sees them
-        # as multiples of BLOCK (16-byte vector loads and stores; an int64 loop variable loses that).
+        # exceed 2^31). Compiled for sm_90 (benchmarks/triton_codegen.py): 16-byte vector loads
+        # and stores while n < 2^31; past that (a 64-bit n) the accesses are scalar but correct.
         for block in range(tl.program_id(0), tl.cdiv(n, BLOCK), tl.num_programs(0)):
             offs = tl.cast(block, tl.int64) * BLOCK + tl.arange(0, BLOCK)
             inside = offs < n
