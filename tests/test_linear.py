@@ -91,6 +91,23 @@ def compare(hidden, weight, labels, bias=None, dtype=F32, **kwargs):
 # Against the float64 oracle.
 
 
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs triton")
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("average, smoothing", [(False, 0.0), (True, 0.0), (True, 0.2), (False, 0.2)])
+def test_one_pass_with_the_one_kernel_sigmoid_loss(monkeypatch, dtype, average, smoothing):
+    """With the Triton backend one_pass takes each chunk's coefficients from the fused sigmoid
+    loss kernel (cDPO smoothing, per-token averages, one pair per chunk): same as the oracle."""
+    from dpo_kernels import api
+
+    calls = []
+    fused = api.fused_sigmoid_dpo
+    monkeypatch.setattr(api, "fused_sigmoid_dpo", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    hidden, weight, b, labels = make_inputs(3, 9, 24, 200, dtype, bias=True, seed=4)
+    compare(hidden, weight, labels, b, dtype, ref_logps=torch.randn(6) - (2 if average else 20), mode="one_pass",
+            chunk_tokens=1, backend="triton", average_log_prob=average, label_smoothing=smoothing, shift=True)
+    assert len(calls) == 3 + 1  # one per chunk (a pair each), one for the final terms
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", [F32, BF16])
 @pytest.mark.parametrize("bias", [False, True])
