@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The hidden-path checks in ONE device call (a GPU's time is scarce: one start, one command):
+#
+#     bash benchmarks/gpu_checks.sh            # with the device tool: carry [".whl"]
+#
+# 1. installs the wheels the GPU image lacks (TRL, Liger, CCE and TRL's imports) from .whl/, if
+#    present, into /tmp/site: nothing is downloaded (the GPU machine has no internet);
+# 2. gpu_report.py --sections hidden: correctness against float64 and time / memory of ours
+#    (one_pass, two_phase) beside TRL's fused lm head, Liger, CCE and eager at the issue-5 shapes;
+# 3. hidden_path_sweep.py: the knobs, the kernel profile and the phases of a step.
+#
+# Writes under $OUT (default ./gpu_checks_out): report/ and sweep/. Budgets (seconds) can be
+# changed with REPORT_BUDGET_S and SWEEP_BUDGET_S; each script stops starting rows past its budget.
+set -u
+cd "$(dirname "$0")/.."
+OUT_DIR=${OUT:-./gpu_checks_out}
+SITE=/tmp/site
+if compgen -G ".whl/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl
+fi
+python3 benchmarks/gpu_report.py --pythonpath "$SITE" --sections hidden --budget-s "${REPORT_BUDGET_S:-300}" \
+    --out "$OUT_DIR/report"
+report=$?
+python3 benchmarks/hidden_path_sweep.py --pythonpath "$SITE" --budget-s "${SWEEP_BUDGET_S:-120}" --out "$OUT_DIR/sweep"
+sweep=$?
+echo "gpu_report: exit $report; hidden_path_sweep: exit $sweep"
+exit $(( report || sweep ))
