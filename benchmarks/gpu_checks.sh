@@ -11,17 +11,25 @@
 #
 # Writes under $OUT (default ./gpu_checks_out): report/ and sweep/. Budgets (seconds) can be
 # changed with REPORT_BUDGET_S and SWEEP_BUDGET_S; each script stops starting rows past its budget.
+# SMOKE=1 runs both on the CPU at tiny shapes (to check this script; the numbers mean nothing).
 set -u
 cd "$(dirname "$0")/.."
 OUT_DIR=${OUT:-./gpu_checks_out}
 SITE=/tmp/site
+SMOKE_FLAG=()
+if [ "${SMOKE:-0}" = "1" ]; then
+    SMOKE_FLAG=(--smoke)
+elif ! python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "gpu_checks.sh: no CUDA device (SMOKE=1 runs the scripts on the CPU at tiny shapes)" >&2
+    exit 2
+fi
 if compgen -G ".whl/*.whl" > /dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl
 fi
-python3 benchmarks/gpu_report.py --pythonpath "$SITE" --sections hidden --budget-s "${REPORT_BUDGET_S:-300}" \
+python3 benchmarks/gpu_report.py "${SMOKE_FLAG[@]}" --pythonpath "$SITE" --sections hidden --budget-s "${REPORT_BUDGET_S:-300}" \
     --out "$OUT_DIR/report"
 report=$?
-python3 benchmarks/hidden_path_sweep.py --pythonpath "$SITE" --budget-s "${SWEEP_BUDGET_S:-120}" --out "$OUT_DIR/sweep"
+python3 benchmarks/hidden_path_sweep.py "${SMOKE_FLAG[@]}" --pythonpath "$SITE" --budget-s "${SWEEP_BUDGET_S:-120}" --out "$OUT_DIR/sweep"
 sweep=$?
 echo "gpu_report: exit $report; hidden_path_sweep: exit $sweep"
 exit $(( report || sweep ))
