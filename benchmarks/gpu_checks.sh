@@ -26,10 +26,10 @@ fi
 if compgen -G ".whl/*.whl" > /dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl
 fi
-python3 benchmarks/gpu_report.py "${SMOKE_FLAG[@]}" --pythonpath "$SITE" --sections hidden --budget-s "${REPORT_BUDGET_S:-300}" \
+python3 benchmarks/gpu_report.py ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"} --pythonpath "$SITE" --sections hidden --budget-s "${REPORT_BUDGET_S:-300}" \
     --out "$OUT_DIR/report"
 report=$?
-python3 benchmarks/hidden_path_sweep.py "${SMOKE_FLAG[@]}" --pythonpath "$SITE" --budget-s "${SWEEP_BUDGET_S:-120}" --out "$OUT_DIR/sweep"
+python3 benchmarks/hidden_path_sweep.py ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"} --pythonpath "$SITE" --budget-s "${SWEEP_BUDGET_S:-120}" --out "$OUT_DIR/sweep"
 sweep=$?
 echo "gpu_report: exit $report; hidden_path_sweep: exit $sweep"
 exit $(( report || sweep ))
