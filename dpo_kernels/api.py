@@ -382,24 +382,17 @@ def fused_linear_dpo_loss(
     # The loss runs once per chunk (for its tokens' coefficients) and once at the end: with the
     # Triton backend the default sigmoid loss is its one-kernel form (a few launches instead of
     # ~50 small ones per chunk, which on a GPU cost more than the loss's arithmetic).
-    def loss_fn(logp, lse, ext):
-        return objective.loss_terms(TokenLogprobs(logp, lse, ext, aligned), ref_seq)[0]
+    def terms_fn(logp, lse, ext):
+        return objective.loss_terms(TokenLogprobs(logp, lse, ext, aligned), ref_seq)
 
-    final_terms = []
-
-    def final_fn(logp, lse, ext):
-        terms = objective.loss_terms(TokenLogprobs(logp, lse, ext, aligned), ref_seq)
-        final_terms.append(tuple(t.detach() for t in terms[3:]))  # the rewards, for the output
-        return terms[0], torch.cat([terms[1], terms[2]])
-
-    runner = linear.OnePass(head, aligned, extras, one_pass_chunk, loss_fn, final_fn, num_pairs, needs,
+    runner = linear.OnePass(head, aligned, extras, one_pass_chunk, terms_fn, num_pairs, needs,
                             pair_counts=pair_counts)
     loss, seq_logps = linear.one_pass(hidden, head, runner)
     logp, lse, ext = runner.tokens
     policy = TokenLogprobs(logp, lse, ext, aligned)
     if validate:
         _check_token_results(policy, ignore_index, vocab_size, "hidden @ weight.T")
-    chosen_rewards, rejected_rewards = final_terms[0]
+    chosen_rewards, rejected_rewards = runner.rewards
     return objective.output(policy, ref_seq, vocab_size, terms=(loss, seq_logps[:num_pairs], seq_logps[num_pairs:],
                                                                chosen_rewards, rejected_rewards))
 

@@ -559,8 +559,7 @@ def pair_positions(aligned: torch.Tensor, ignore_index: int, num_pairs: int, chu
     pair_major = torch.arange(2 * P, device=aligned.device).view(2, P).t().reshape(-1)  # 0, P, 1, P+1, ...
     mask = (aligned != ignore_index)[pair_major]
     if counts is None:
-        per_pair = mask.reshape(P, 2 * mask.shape[1]).sum(-1)  # pair-major: chosen and rejected side by side
-        counts = per_pair.tolist()  # the sync
+        counts = pair_token_counts(aligned, ignore_index, P)  # the sync
     total = sum(counts)
     try:
         idx = torch.nonzero_static(mask, size=total)
@@ -615,17 +614,19 @@ class _OnePassFunction(torch.autograd.Function):
 
 
 class OnePass:
-    """The one-pass loop. ``loss_fn(logp, lse, extras)`` (full ``[2P, T]`` tensors) returns the
-    loss, differentiable in ``logp``; ``final_fn(logp, lse, extras)`` returns ``(loss, seq_logps)``
-    of the finished (detached) token results. Each pair's loss must depend on that pair only."""
+    """The one-pass loop. ``terms_fn(logp, lse, extras)`` (full ``[2P, T]`` tensors) returns
+    ``(loss, chosen_logps, rejected_logps, chosen_rewards, rejected_rewards)``, the loss and logps
+    differentiable in ``logp``: run once per chunk for its tokens' coefficients (the loss), and
+    once on the finished token results. Each pair's loss must depend on that pair only."""
 
-    def __init__(self, head: Head, aligned, extras, chunk_tokens, loss_fn, final_fn, num_pairs, needs,
+    def __init__(self, head: Head, aligned, extras, chunk_tokens, terms_fn, num_pairs, needs,
                  pair_counts: list[int] | None = None):
         self.needs = tuple(needs)  # gradients wanted for (hidden, weight, bias)
         self.head, self.aligned, self.extras = head, aligned, tuple(sorted(extras))
-        self.chunk_tokens, self.loss_fn, self.final_fn, self.num_pairs = chunk_tokens, loss_fn, final_fn, num_pairs
+        self.chunk_tokens, self.terms_fn, self.num_pairs = chunk_tokens, terms_fn, num_pairs
         self.pair_counts = pair_counts  # pair_token_counts(), when the caller already synced for it
-        self.tokens = None
+        self.tokens = None  # (logp, lse, extras) [2P, T], after run()
+        self.rewards = None  # (chosen_rewards, rejected_rewards), after run()
 
     def run(self, hidden):
         head, aligned = self.head, self.aligned
@@ -655,15 +656,16 @@ class OnePass:
             if grads is not None:
                 with torch.enable_grad():
                     leaf = logp.detach().requires_grad_(True)
-                    loss = self.loss_fn(leaf, lse, ext)
+                    loss = self.terms_fn(leaf, lse, ext)[0]
                     (coef,) = torch.autograd.grad(loss, leaf)
                 g = _chunk_grad_logits_(head, z, y, ls, coef[r, c], dcap)
                 grads.add(head, g, h, r, c)
                 del g
             del z, dcap
         self.tokens = (logp, lse, ext)
-        loss, seq_logps = self.final_fn(logp, lse, ext)
-        return loss.detach(), seq_logps.detach(), grads
+        loss, chosen, rejected, chosen_rewards, rejected_rewards = self.terms_fn(logp, lse, ext)
+        self.rewards = (chosen_rewards.detach(), rejected_rewards.detach())
+        return loss.detach(), torch.cat([chosen, rejected]).detach(), grads
 
 
 def one_pass(hidden, head: Head, runner: OnePass):
