@@ -27,7 +27,6 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
-import logging
 import math
 import tempfile
 import warnings
@@ -35,6 +34,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
+from quiet_training import quiet_single_threaded
 
 trl = pytest.importorskip("trl", reason="TRL parity tests need `trl` (pip install -e '.[dev]')")
 datasets = pytest.importorskip("datasets")
@@ -345,27 +345,13 @@ PRECOMPUTE = [pytest.param(False, id="ref_logits"), pytest.param(True, id="preco
 
 @pytest.fixture(scope="module", autouse=True)
 def _build_world_once():
-    # Tensors here are tiny: intra-op threads only add synchronisation (and stall badly when the
-    # machine is busy), so this module runs single-threaded and restores the setting afterwards.
-    threads = torch.get_num_threads()
-    verbosity = transformers.logging.get_verbosity()
-    progress = datasets.is_progress_bar_enabled()
-    trl_logger = logging.getLogger("trl")
-    trl_level = trl_logger.level
-    torch.set_num_threads(1)
-    transformers.logging.set_verbosity_error()
-    datasets.disable_progress_bar()
-    trl_logger.setLevel(logging.ERROR)
-    try:
-        _world()
-        yield
-    finally:
-        torch.set_num_threads(threads)
-        transformers.logging.set_verbosity(verbosity)
-        if progress:
-            datasets.enable_progress_bar()
-        trl_logger.setLevel(trl_level)
-        _RESULTS.clear()
+    # Tiny tensors: this module runs single-threaded and quiet (quiet_training.py), restored after.
+    with quiet_single_threaded():
+        try:
+            _world()
+            yield
+        finally:
+            _RESULTS.clear()
 
 
 # --------------------------------------------------------------------------------------------

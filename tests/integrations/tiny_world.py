@@ -7,12 +7,12 @@ second module named ``conftest`` would shadow ``tests/conftest.py`` for ``from c
 from __future__ import annotations
 
 import copy
-import logging
 import tempfile
 import warnings
 
 import pytest
 import torch
+from quiet_training import quiet_single_threaded
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -111,18 +111,5 @@ def train(trainer):
 @pytest.fixture(scope="module", autouse=True)
 def quiet_and_single_threaded():
     """Tiny tensors: intra-op threads only add synchronisation (and stall when the machine is busy)."""
-    threads = torch.get_num_threads()
-    verbosity = transformers.logging.get_verbosity()
-    progress = datasets.is_progress_bar_enabled()
-    trl_logger = logging.getLogger("trl")
-    trl_level = trl_logger.level
-    torch.set_num_threads(1)
-    transformers.logging.set_verbosity_error()
-    datasets.disable_progress_bar()
-    trl_logger.setLevel(logging.ERROR)
-    yield
-    torch.set_num_threads(threads)
-    transformers.logging.set_verbosity(verbosity)
-    if progress:
-        datasets.enable_progress_bar()
-    trl_logger.setLevel(trl_level)
+    with quiet_single_threaded():
+        yield
