@@ -55,21 +55,28 @@ class Batch:
                 self.logits.copy_(self._pristine)
 
 
-@pytest.fixture(scope="module")
-def batches():
-    """One :class:`Batch` per shape, built on first use and kept for the module."""
+def one_shape_at_a_time(build):
+    """A module fixture's body: ``get(shape)`` returns ``build(shape, DEVICE)``, built on first use
+    and kept while the same shape is asked for; one shape's inputs at a time (GPU shapes are GBs),
+    released when the module is done."""
     cache: dict = {}
 
-    def get(shape: Shape) -> Batch:
+    def get(shape):
         if shape not in cache:
-            cache.clear()  # one shape's logits at a time (GPU shapes are GBs)
+            cache.clear()
             release_memory(DEVICE)
-            cache[shape] = Batch(shape, DEVICE)
+            cache[shape] = build(shape, DEVICE)
         return cache[shape]
 
     yield get
     cache.clear()
     release_memory(DEVICE)
+
+
+@pytest.fixture(scope="module")
+def batches():
+    """One :class:`Batch` per shape, built on first use and kept for the module."""
+    yield from one_shape_at_a_time(Batch)
 
 
 def run_case(benchmark, batch: Batch, step, description: str, inplace: bool) -> None:

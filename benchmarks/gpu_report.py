@@ -423,6 +423,22 @@ def measure_step(step, device, iters: int, warmup: int, record: dict, ctx, name:
         ctx.after_error(exc, name.split(" on ")[0])
 
 
+def step_or_row(record: dict, ctx, on_row, make_step: Callable[[], Callable]):
+    """The variant's step, or ``None`` after emitting ``record`` with the reason it is not timed:
+    the run is stopping (budget, lost context) or the variant is unavailable here."""
+    reason = ctx.stop_reason()
+    if reason:
+        record["status"] = reason
+        on_row(record)
+        return None
+    try:
+        return make_step()
+    except Unavailable as exc:
+        record["status"] = f"unavailable: {exc}"
+        on_row(record)
+        return None
+
+
 def run_shape(shape, variants, device, ctx, on_row, where: str, timed: Callable[[], None]) -> None:
     """Run one shape's timing section: rows saying why when the run is stopping, and an OOM or
     error while setting the shape up becomes a row, never a crash."""
@@ -460,16 +476,8 @@ def time_shape(shape: Shape, backends: list[str], device, ctx: Context, iters: i
     for variant in logits_path_variants(backends):
         record = {"shape": shape.describe(), "variant": variant.id, "description": variant.description,
                   "floor_ms": floor_ms, "logits_bytes": shape.logits_bytes}
-        reason = ctx.stop_reason()
-        if reason:
-            record["status"] = reason
-            on_row(record)
-            continue
-        try:
-            step = variant.step(logits, labels, ref)
-        except Unavailable as exc:
-            record["status"] = f"unavailable: {exc}"
-            on_row(record)
+        step = step_or_row(record, ctx, on_row, lambda: variant.step(logits, labels, ref))
+        if step is None:
             continue
         measure_step(step, device, iters, warmup, record, ctx, f"{variant.id} on {shape.describe()}")
         step = None
@@ -604,18 +612,10 @@ def time_hidden_shape(shape: HiddenShape, device, ctx: Context, iters: int, warm
     for variant in HIDDEN_VARIANTS:
         record = {"shape": shape.describe(), "variant": variant.id, "description": variant.description,
                   "floor3_ms": floors[3], "floor4_ms": floors[4], "grads_bytes": shape.grads_bytes}
-        reason = ctx.stop_reason()
-        if reason:
-            record["status"] = reason
-            on_row(record)
+        step = step_or_row(record, ctx, on_row,
+                           lambda: variant.check(device) or variant.step(hidden, weight, labels, ref))
+        if step is None:
             continue
-        try:
-            variant.check(device)
-        except Unavailable as exc:
-            record["status"] = f"unavailable: {exc}"
-            on_row(record)
-            continue
-        step = variant.step(hidden, weight, labels, ref)
         measure_step(step, device, iters, warmup, record, ctx, f"{variant.id} on {shape.describe()}")
         step = None
         if not ctx.lost:

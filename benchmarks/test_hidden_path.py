@@ -18,7 +18,7 @@ import pytest
 import torch
 from baselines import Unavailable
 from baselines_hidden import HIDDEN_VARIANTS, HiddenShape, make_hidden_batch, near_reference_logps
-from conftest import DEVICE, ON_CUDA, ROUNDS, WARMUP_ROUNDS
+from conftest import DEVICE, ON_CUDA, ROUNDS, WARMUP_ROUNDS, one_shape_at_a_time
 
 from dpo_kernels.bench import dtype_name, peak_extra_bytes, release_memory
 
@@ -46,18 +46,7 @@ class HiddenBatch:
 
 @pytest.fixture(scope="module")
 def hidden_batches():
-    cache: dict = {}
-
-    def get(shape: HiddenShape) -> HiddenBatch:
-        if shape not in cache:
-            cache.clear()  # one shape's inputs at a time
-            release_memory(DEVICE)
-            cache[shape] = HiddenBatch(shape, DEVICE)
-        return cache[shape]
-
-    yield get
-    cache.clear()
-    release_memory(DEVICE)
+    yield from one_shape_at_a_time(HiddenBatch)
 
 
 @pytest.mark.parametrize("variant", HIDDEN_VARIANTS, ids=[v.id for v in HIDDEN_VARIANTS])
