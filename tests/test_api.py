@@ -5,6 +5,7 @@ import torch
 import oracle
 from dpo_kernels import fused_dpo_loss
 from oracle import IGNORE, assert_close_grad, make_batch
+from runs import run_logits as _run
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -12,11 +13,6 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 _check = oracle.assert_matches_oracle
 
 
-def _run(logits, labels, **kwargs):
-    leaf = logits.detach().clone().requires_grad_(True)
-    out = fused_dpo_loss(leaf, labels, **kwargs)
-    out.loss.backward()
-    return out, leaf.grad
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

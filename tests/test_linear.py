@@ -16,6 +16,7 @@ import oracle
 from dpo_kernels import fused_dpo_loss, fused_linear_dpo_loss, linear
 from oracle import IGNORE
 from conftest import BACKENDS
+from runs import run_linear as run
 
 F32, BF16 = torch.float32, torch.bfloat16
 MODES = ["two_phase", "one_pass"]
@@ -33,13 +34,6 @@ def make_inputs(P, T, H, V, dtype=F32, *, bias=False, prompt=2, seed=None):
     return hidden, weight, b, labels
 
 
-def run(hidden, weight, labels, bias=None, **kwargs):
-    h = hidden.detach().clone().requires_grad_(True)
-    w = weight.detach().clone().requires_grad_(True)
-    b = None if bias is None else bias.detach().clone().requires_grad_(True)
-    out = fused_linear_dpo_loss(h, w, labels, b, **kwargs)
-    out.loss.backward()
-    return out, (h.grad, w.grad, None if b is None else b.grad)
 
 
 def _rel(actual, expected):

@@ -14,6 +14,7 @@ import torch
 import oracle
 from dpo_kernels import fused_dpo_loss, fused_linear_dpo_loss
 from oracle import IGNORE
+from runs import run_linear, run_logits
 
 F32, BF16 = torch.float32, torch.bfloat16
 V = 37  # not a power of two
@@ -238,13 +239,6 @@ def hidden_inputs(lengths, dtype, *, bias):
     return hidden, weight, b, packed_labels(lengths)
 
 
-def run_linear(hidden, weight, labels, bias, **kwargs):
-    h = hidden.detach().clone().requires_grad_(True)
-    w = weight.detach().clone().requires_grad_(True)
-    b = None if bias is None else bias.detach().clone().requires_grad_(True)
-    out = fused_linear_dpo_loss(h, w, labels, b, **kwargs)
-    out.loss.backward()
-    return out, h.grad, w.grad, None if b is None else b.grad
 
 
 def assert_grad_close(actual, expected, dtype, what):
@@ -278,12 +272,12 @@ def check_hidden_case(backend, dtype, shift, case, mode, lengths=LENGTHS):
     else:
         ref_packed["ref_logps"] = ref_padded["ref_logps"] = ref_oracle["ref_logps"] = torch.randn(len(lengths)) - 10
     common = dict(shift=shift, backend=backend, chunk_tokens=4, **options)
-    out, gh, gw, gb = run_linear(hidden, weight, labels, bias, cu_seqlens=offsets(lengths), mode=mode,
+    out, (gh, gw, gb) = run_linear(hidden, weight, labels, bias, cu_seqlens=offsets(lengths), mode=mode,
                                  **ref_packed, **common)
 
     pad_hidden = random_like_padded(hidden[0], lengths, 1.0)
     pad_labels = pad(labels[0], lengths, IGNORE)
-    pad_out, pgh, pgw, pgb = run_linear(pad_hidden, weight, labels=pad_labels, bias=bias, mode=mode,
+    pad_out, (pgh, pgw, pgb) = run_linear(pad_hidden, weight, labels=pad_labels, bias=bias, mode=mode,
                                         **ref_padded, **common)
     assert_same_output(out, pad_out)
     assert_grad_close(gh[0], unpad(pgh, lengths), dtype, "grad hidden vs padded")
@@ -322,7 +316,7 @@ def test_hidden_auto_mode_and_empty_batch():
     """``mode='auto'`` on a packed batch, and a packed batch of empty sequences."""
     check_hidden_case("reference", F32, True, "ld_alpha_wpo_metrics", "auto")
     hidden, weight, bias, _ = hidden_inputs((0, 0), F32, bias=False)
-    out, gh, gw, _ = run_linear(hidden, weight, torch.zeros(0, dtype=torch.long), None,
+    out, (gh, gw, _) = run_linear(hidden, weight, torch.zeros(0, dtype=torch.long), None,
                                 cu_seqlens=offsets((0, 0)), ref_logps=torch.zeros(2))
     assert out.loss.item() == pytest.approx(math.log(2)) and gh.shape == (1, 0, H) and not gw.any()
 
@@ -402,13 +396,6 @@ def test_packed_shape_errors():
 # max_seqlen: the padded width given, so the offsets need no host read.
 
 
-def _run_logits(logits, labels, **kwargs):
-    x = logits.detach().clone().requires_grad_(True)
-    out = fused_dpo_loss(x, labels, **kwargs)
-    out.loss.backward()
-    return out, x.grad
-
-
 @pytest.mark.parametrize("validate", [True, False])
 @pytest.mark.parametrize("extra", [0, 5])
 def test_max_seqlen_gives_the_same_result(backend, validate, extra):
@@ -417,8 +404,8 @@ def test_max_seqlen_gives_the_same_result(backend, validate, extra):
     logits, labels, ref_kwargs = logits_inputs(LENGTHS, F32, "logits")
     kwargs = dict(cu_seqlens=offsets(LENGTHS), shift=True, backend=backend, token_metrics=True,
                   ld_alpha=0.5, **ref_kwargs)
-    want, want_grad = _run_logits(logits, labels, **kwargs)
-    got, grad = _run_logits(logits, labels, max_seqlen=max(LENGTHS) + extra, validate=validate, **kwargs)
+    want, want_grad = run_logits(logits, labels, **kwargs)
+    got, grad = run_logits(logits, labels, max_seqlen=max(LENGTHS) + extra, validate=validate, **kwargs)
     assert_same_output(got, want)
     torch.testing.assert_close(grad, want_grad, rtol=1e-6, atol=1e-7)
 
@@ -431,7 +418,7 @@ def test_max_seqlen_hidden_path(backend, mode):
     want = run_linear(hidden, weight, labels, b, **kwargs)
     got = run_linear(hidden, weight, labels, b, max_seqlen=max(LENGTHS) + 2, validate=False, **kwargs)
     assert_same_output(got[0], want[0])
-    for g, w in zip(got[1:], want[1:]):
+    for g, w in zip(got[1], want[1]):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
 
 
@@ -478,7 +465,7 @@ def test_packed_batch_compiles_without_a_graph_break_given_max_seqlen():
     compiled = torch.compile(lambda x: loss_fn(x, max(LENGTHS)), fullgraph=True, backend="aot_eager")
     loss = compiled(x)
     loss.backward()
-    want, want_grad = _run_logits(logits, labels, cu_seqlens=cu, shift=True, loss_type="ipo", **ref_kwargs)
+    want, want_grad = run_logits(logits, labels, cu_seqlens=cu, shift=True, loss_type="ipo", **ref_kwargs)
     torch.testing.assert_close(loss, want.loss)
     torch.testing.assert_close(x.grad, want_grad)
     torch._dynamo.reset()
