@@ -190,8 +190,7 @@ def fused_dpo_loss(
         logits, token_labels, ignore_index=ignore_index, shift=token_shift, backend=backend_name,
         extras=policy_extras(use_weighting, token_metrics), inplace_backward=inplace_backward,
     )
-    if validate:
-        _check_token_results(policy, ignore_index, vocab_size, "logits")
+    checks = [(policy, vocab_size, "logits")]  # checked with the reference's results: one sync
     if packing is not None:
         policy = packing.padded_tokens(policy, aligned)
     objective = Objective.build(
@@ -200,7 +199,9 @@ def fused_dpo_loss(
         token_metrics=token_metrics, fused_sigmoid=backend_name == "triton",
     )
     ref_seq = _reference_logps(ref_given, policy.labels, ignore_index, objective.average, backend_name,
-                               num_pairs, logits.device, validate, objective.token_weights, packing)
+                               num_pairs, logits.device, checks, objective.token_weights, packing)
+    if validate:
+        _check_token_results(checks, ignore_index)
     return objective.output(policy, ref_seq, vocab_size)
 
 
@@ -273,7 +274,9 @@ def fused_linear_dpo_loss(
             the sequence length. In the ``two_phase``
             backward it applies to the vocabulary slices (default: a 256 MiB budget of
             ``tokens x slice`` logits).
-        validate: check labels range before the matmuls and non-finite logits after (host syncs).
+        validate: check the labels' range before the matmuls (on the path's one read of the
+            valid-token counts: no sync of its own) and, after the policy's forward, non-finite
+            log-probs of the policy and the reference together (one host sync).
         backend: the kernel contract's backend, as in :func:`fused_dpo_loss`.
         vocab_chunk: vocabulary rows per slice of the ``two_phase`` backward, whose weight
             gradient is formed one slice at a time: one product written into the gradient when
@@ -323,8 +326,21 @@ def fused_linear_dpo_loss(
         token_labels = aligned
     else:
         input_labels, aligned, token_labels = packing.labels(labels, ignore_index, shift)
-    if validate:
-        _check_label_range(token_labels, ignore_index, vocab_size)
+    # One host sync before the matmuls: the valid tokens per sequence, read once, on first need
+    # (the positions of the gathers, auto's pair sizes, one_pass's chunks), with the label check.
+    census = linear.TokenCensus(
+        aligned, ignore_index, num_pairs, vocab_size if validate and not _validation_skipped(aligned) else None,
+        on_bad_labels=lambda: _check_label_range(token_labels, ignore_index, vocab_size),
+    )
+    positions = None  # the row-major valid positions of token_labels, shared by the reference and two_phase
+
+    def valid_positions():
+        nonlocal positions
+        if positions is None:
+            positions = linear.valid_positions(token_labels, ignore_index, census.total())
+        return positions
+
+    checks = []  # (tokens, vocab size, name): the non-finite check after the policy's forward, one sync
     objective = Objective.build(
         specs, weights, opts, input_labels, aligned, ignore_index=ignore_index, shift=shift, ld_alpha=ld_alpha,
         use_weighting=use_weighting, average_log_prob=average_log_prob, token_metrics=token_metrics,
@@ -344,10 +360,9 @@ def fused_linear_dpo_loss(
         ref_head = linear.Head(r_weight.detach(), None if r_bias is None else r_bias.detach(), temperature, softcap,
                                backend_name, ignore_index)
         r_chunk = linear.chunk_size(vocab_size, r_hidden.dtype, softcap, chunk_tokens)
-        r_logp, r_lse, _ = linear.forward_tokens(r_hidden.detach(), ref_head, token_labels, chunk_tokens=r_chunk)
-        if validate:
-            _check_token_results(TokenLogprobs(r_logp, r_lse, {}, token_labels), ignore_index, vocab_size,
-                                 "ref_hidden @ ref_weight.T")
+        r_logp, r_lse, _ = linear.forward_tokens(r_hidden.detach(), ref_head, token_labels, chunk_tokens=r_chunk,
+                                                 positions=valid_positions())
+        checks.append((TokenLogprobs(r_logp, r_lse, {}, token_labels), vocab_size, "ref_hidden @ ref_weight.T"))
         if packing is not None:
             r_logp = packing.to_padded(r_logp[0])
         ref_seq = sequence_logprobs(r_logp, aligned, ignore_index, objective.average, objective.token_weights)
@@ -356,20 +371,18 @@ def fused_linear_dpo_loss(
     needs = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
     needs = tuple(n and torch.is_grad_enabled() for n in needs)
     one_pass_chunk = linear.one_pass_chunk_size(vocab_size, hidden.dtype, softcap, chunk_tokens)
-    # auto: the pairs' token counts decide the mode (one host sync; one_pass reuses them for its
+    # auto: the pairs' token counts decide the mode (the census's read; one_pass reuses it for its
     # chunks), unless every pair fits one one_pass chunk whatever its count (2 T tokens at most):
-    # then one_pass counts them itself, after queuing the work that needs no count.
-    pair_counts = None
-    if (mode == "auto" and any(needs) and not objective.batch_coupled
-            and 2 * aligned.shape[-1] > one_pass_chunk):
-        pair_counts = linear.pair_token_counts(aligned, ignore_index, num_pairs)
-    chosen_mode = _pick_mode(mode, objective, pair_counts, one_pass_chunk, any(needs), specs)
+    # then one_pass reads the census itself, after queuing the work that needs no count.
+    may_exceed = 2 * aligned.shape[-1] > one_pass_chunk
+    chosen_mode = _pick_mode(mode, objective, census if may_exceed else None, one_pass_chunk, any(needs), specs)
     if chosen_mode == "two_phase":
         logp, lse, ext = linear.linear_token_logprobs(hidden, head, token_labels, extras, chunk_tokens=chunk,
-                                                      backward_chunk_tokens=chunk_tokens, vocab_chunk=vocab_chunk)
+                                                      positions=valid_positions(), backward_chunk_tokens=chunk_tokens,
+                                                      vocab_chunk=vocab_chunk)
         policy = TokenLogprobs(logp, lse, ext, token_labels)
         if validate:
-            _check_token_results(policy, ignore_index, vocab_size, "hidden @ weight.T")
+            _check_token_results([*checks, (policy, vocab_size, "hidden @ weight.T")], ignore_index)
         if packing is not None:
             policy = packing.padded_tokens(policy, aligned)
         return objective.output(policy, ref_seq, vocab_size)
@@ -385,20 +398,19 @@ def fused_linear_dpo_loss(
     def terms_fn(logp, lse, ext):
         return objective.loss_terms(TokenLogprobs(logp, lse, ext, aligned), ref_seq)
 
-    runner = linear.OnePass(head, aligned, extras, one_pass_chunk, terms_fn, num_pairs, needs,
-                            pair_counts=pair_counts)
+    runner = linear.OnePass(head, aligned, extras, one_pass_chunk, terms_fn, num_pairs, needs, census=census)
     loss, seq_logps = linear.one_pass(hidden, head, runner)
     logp, lse, ext = runner.tokens
     policy = TokenLogprobs(logp, lse, ext, aligned)
     if validate:
-        _check_token_results(policy, ignore_index, vocab_size, "hidden @ weight.T")
+        _check_token_results([*checks, (policy, vocab_size, "hidden @ weight.T")], ignore_index)
     chosen_rewards, rejected_rewards = runner.rewards
     return objective.output(policy, ref_seq, vocab_size, terms=(loss, seq_logps[:num_pairs], seq_logps[num_pairs:],
                                                                chosen_rewards, rejected_rewards))
 
 
-def _pick_mode(mode, objective, pair_counts, chunk, grad_needed, specs) -> str:
-    """``pair_counts``: valid tokens per pair (:func:`linear.pair_token_counts`), needed by ``auto``
+def _pick_mode(mode, objective, census, chunk, grad_needed, specs) -> str:
+    """``census``: the valid tokens per sequence (:class:`linear.TokenCensus`), read by ``auto``
     when a gradient is wanted, the loss is not batch-coupled and a pair may exceed ``chunk``
     (``None``: every pair fits)."""
     if mode == "one_pass":
@@ -413,9 +425,9 @@ def _pick_mode(mode, objective, pair_counts, chunk, grad_needed, specs) -> str:
         return "two_phase"
     if not grad_needed or objective.batch_coupled:
         return "two_phase"
-    if pair_counts is None:
+    if census is None:
         return "one_pass"
-    return "one_pass" if max(pair_counts, default=0) <= chunk else "two_phase"
+    return "one_pass" if max(census.pair_counts(), default=0) <= chunk else "two_phase"
 
 
 def _loss_setup(loss_type, loss_weights, **options):
@@ -929,8 +941,10 @@ def _check_reference(logits, ref_logps, ref_logits, reference_free, num_pairs, s
     return ("logps", ref_logps.detach())
 
 
-def _reference_logps(ref_given, aligned_labels, ignore_index, average, backend_name, num_pairs, device, validate,
+def _reference_logps(ref_given, aligned_labels, ignore_index, average, backend_name, num_pairs, device, checks,
                      token_weights, packing=None):
+    """The reference's per-sequence log-probs ``[2B]``; for reference logits, their token results
+    are appended to ``checks`` (validated with the policy's, one sync)."""
     kind, value = ref_given
     if kind == "none":
         return torch.zeros(2 * num_pairs, dtype=torch.float32, device=device)
@@ -941,8 +955,7 @@ def _reference_logps(ref_given, aligned_labels, ignore_index, average, backend_n
     token_labels = aligned_labels if packing is None else packing.to_packed(aligned_labels).unsqueeze(0)
     with torch.no_grad():
         ref = token_logprobs(value, token_labels, ignore_index=ignore_index, shift=False, backend=backend_name)
-    if validate:
-        _check_token_results(ref, ignore_index, value.shape[-1], "ref_logits")
+    checks.append((ref, value.shape[-1], "ref_logits"))
     logp = ref.logp if packing is None else packing.to_padded(ref.logp[0])
     return sequence_logprobs(logp, aligned_labels, ignore_index, average, token_weights)
 
@@ -955,29 +968,36 @@ def _validation_skipped(*tensors: torch.Tensor) -> bool:
     return torch.compiler.is_compiling() or any(t.device.type == "meta" for t in tensors)
 
 
-def _check_token_results(tokens: TokenLogprobs, ignore_index: int, vocab_size: int, name: str) -> None:
-    """One host sync: bad labels, and non-finite log-probs of scored tokens (not when compiling:
-    :func:`_validation_skipped`)."""
-    if _validation_skipped(tokens.labels, tokens.logp):
+def _check_token_results(checks, ignore_index: int) -> None:
+    """One host sync for all of ``checks`` (``(tokens, vocab_size, name)``: a policy's and its
+    reference's token results): bad labels, and non-finite log-probs of scored tokens; the first
+    failure in ``checks``' order raises. Not when compiling: :func:`_validation_skipped`."""
+    checks = list(checks)
+    if not checks or _validation_skipped(*(t for tokens, _, _ in checks for t in (tokens.labels, tokens.logp))):
         return
-    labels = tokens.labels
-    scored = labels != ignore_index
-    bad_label = scored & ((labels < 0) | (labels >= vocab_size))
-    non_finite = scored & ~bad_label & ~(torch.isfinite(tokens.lse) & torch.isfinite(tokens.logp.detach()))
-    any_bad_label, any_non_finite = torch.stack([bad_label.any(), non_finite.any()]).tolist()
-    if any_bad_label:
-        b, t = bad_label.nonzero()[0].tolist()
-        raise ValueError(
-            f"labels[{b}, {t}] (as aligned with the logits rows) = {labels[b, t].item()} is outside "
-            f"[0, V={vocab_size}) and is not ignore_index={ignore_index}"
-        )
-    if any_non_finite:
-        b, t = non_finite.nonzero()[0].tolist()
-        raise ValueError(
-            f"{name}[{b}, {t}] gives a non-finite log-probability for its label (NaN or inf in the "
-            "logits, a row of -inf, or a label whose logit is -inf); pass validate=False to let it "
-            "propagate to the loss instead"
-        )
+    found, flags = [], []
+    for tokens, vocab_size, name in checks:
+        labels = tokens.labels
+        scored = labels != ignore_index
+        bad_label = scored & ((labels < 0) | (labels >= vocab_size))
+        non_finite = scored & ~bad_label & ~(torch.isfinite(tokens.lse) & torch.isfinite(tokens.logp.detach()))
+        found.append((labels, vocab_size, name, bad_label, non_finite))
+        flags += [bad_label.any(), non_finite.any()]
+    flags = torch.stack(flags).tolist()  # the one sync
+    for k, (labels, vocab_size, name, bad_label, non_finite) in enumerate(found):
+        if flags[2 * k]:
+            b, t = bad_label.nonzero()[0].tolist()
+            raise ValueError(
+                f"labels[{b}, {t}] (as aligned with the logits rows) = {labels[b, t].item()} is outside "
+                f"[0, V={vocab_size}) and is not ignore_index={ignore_index}"
+            )
+        if flags[2 * k + 1]:
+            b, t = non_finite.nonzero()[0].tolist()
+            raise ValueError(
+                f"{name}[{b}, {t}] gives a non-finite log-probability for its label (NaN or inf in the "
+                "logits, a row of -inf, or a label whose logit is -inf); pass validate=False to let it "
+                "propagate to the loss instead"
+            )
 
 
 def _metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, policy: TokenLogprobs,

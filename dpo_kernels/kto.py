@@ -186,7 +186,7 @@ def fused_kto_loss(
     policy = _policy_token_logprobs(logits, labels, ignore_index, shift, backend_name, entropy,
                                     inplace_backward)
     if validate:
-        _check_token_results(policy, ignore_index, vocab_size, "logits")
+        _check_token_results([(policy, vocab_size, "logits")], ignore_index)
     logps = sequence_logprobs(policy.logp, policy.labels, ignore_index, average=False)
 
     ref_seq = _summed_logps(ref, labels, ignore_index, shift, backend_name, validate, "ref_logits")
@@ -254,7 +254,7 @@ def _summed_logps(source, labels, ignore_index, shift, backend_name, validate, n
         tokens = token_logprobs(value, labels, ignore_index=ignore_index, shift=shift, backend=backend_name)
     if validate:
         try:
-            _check_token_results(tokens, ignore_index, value.shape[-1], name)
+            _check_token_results([(tokens, value.shape[-1], name)], ignore_index)
         except ValueError as exc:
             # api's helper calls every label tensor "labels"; the KL completions have their own.
             if name.endswith("kl_logits") and str(exc).startswith("labels["):

@@ -5,7 +5,9 @@ cuBLAS on the GPU), transformed in place (Gemma-2 ``logit_softcap``, then ``temp
 handed to the kernel contract of the chosen backend (``token_logprobs_forward`` /
 ``token_logprobs_backward(..., inplace=True)``, so the logits gradient overwrites the chunk). Only
 the valid tokens (label != ignore_index after the shift) are gathered into chunks: ignored tokens
-cost no matmul and no vocabulary pass. Sizing that gather takes one host sync (``nonzero``).
+cost no matmul and no vocabulary pass. Sizing that gather takes one host sync
+(:class:`TokenCensus`: the valid tokens per sequence, read once per call and shared by the
+reference's and the policy's gathers, ``auto``'s choice and ``one_pass``'s chunks).
 
 Two modes, both exact (no gradient filtering; they differ in how often the bf16 weight gradient is
 rounded, see below):
@@ -123,9 +125,67 @@ def one_pass_chunk_size(vocab_size: int, dtype: torch.dtype, softcap: float | No
     return chunk_size(vocab_size, dtype, softcap, chunk_tokens, DEFAULT_ONE_PASS_CHUNK_BYTES)
 
 
-def valid_positions(aligned: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(rows, cols)`` of the scored tokens, row-major: the one host sync of this path."""
-    return (aligned != ignore_index).nonzero(as_tuple=True)
+class TokenCensus:
+    """How many tokens each sequence scores (``label != ignore_index``): read on the host once, on
+    first use, which is the one host sync of this path before its matmuls (it sizes the gather of
+    the valid positions and the chunks). Every later need (the reference's positions, the policy's,
+    ``auto``'s pair sizes, one_pass's chunks) reuses the read.
+
+    ``vocab_size`` given (validation): the scored labels outside ``[0, vocab_size)`` are counted on
+    the device in the same read, and ``on_bad_labels()`` is called when there is one (it raises
+    with the position): the label check costs no sync of its own, and it still precedes every
+    matmul, since every matmul needs the counts first."""
+
+    def __init__(self, aligned: torch.Tensor, ignore_index: int, num_pairs: int, vocab_size: int | None = None,
+                 on_bad_labels=None):
+        self.aligned, self.ignore_index, self.num_pairs = aligned, ignore_index, num_pairs
+        self.vocab_size, self.on_bad_labels = vocab_size, on_bad_labels
+        self._seq_counts: list[int] | None = None
+
+    def seq_counts(self) -> list[int]:
+        """Scored tokens of each of the ``2P`` sequences (the sync, the first time)."""
+        if self._seq_counts is None:
+            scored = self.aligned != self.ignore_index
+            read = scored.sum(-1)
+            if self.vocab_size is not None:
+                bad = scored & ((self.aligned < 0) | (self.aligned >= self.vocab_size))
+                read = torch.cat([read, bad.sum().view(1)])
+            values = read.tolist()  # the one host sync
+            if self.vocab_size is not None:
+                *values, bad_count = values
+                if bad_count and self.on_bad_labels is not None:
+                    self.on_bad_labels()
+                if bad_count:
+                    raise ValueError(f"{bad_count} scored label(s) outside [0, V={self.vocab_size})")
+            self._seq_counts = values
+        return self._seq_counts
+
+    def pair_counts(self) -> list[int]:
+        """Scored tokens of each pair (chosen + rejected sequence)."""
+        counts, P = self.seq_counts(), self.num_pairs
+        return [counts[p] + counts[P + p] for p in range(P)]
+
+    def total(self) -> int:
+        return sum(self.seq_counts())
+
+
+def valid_positions(aligned: torch.Tensor, ignore_index: int, total: int | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows, cols)`` of the scored tokens, row-major. ``total`` (their number, e.g.
+    :meth:`TokenCensus.total`) known: no host sync; else one."""
+    return _true_positions(aligned != ignore_index, total)
+
+
+def _true_positions(mask: torch.Tensor, total: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows, cols)`` of a 2-D mask's True entries, row-major: ``nonzero_static`` when their
+    number is known (no sync), else ``nonzero`` (one sync)."""
+    if total is not None:
+        try:
+            idx = torch.nonzero_static(mask, size=total)
+            return idx[:, 0], idx[:, 1]
+        except (RuntimeError, NotImplementedError, AttributeError):  # a device without nonzero_static
+            pass
+    return mask.nonzero(as_tuple=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -538,34 +598,25 @@ def linear_token_logprobs(hidden, head: Head, aligned, extras=(), *, chunk_token
 # one_pass: gradients during the forward, chunks of whole pairs.
 
 
-def pair_token_counts(aligned: torch.Tensor, ignore_index: int, num_pairs: int) -> list[int]:
-    """Valid tokens of each pair (chosen + rejected sequence): one host sync."""
-    per_seq = (aligned != ignore_index).sum(-1)
-    return (per_seq[:num_pairs] + per_seq[num_pairs:]).tolist()
-
-
 def pair_positions(aligned: torch.Tensor, ignore_index: int, num_pairs: int, chunk_tokens: int,
-                   counts: list[int] | None = None):
+                   census: TokenCensus | None = None):
     """The valid positions ``(rows, cols)`` pair by pair (chosen then rejected sequence of pair 0,
     then of pair 1, ...) and the ``(start, end)`` of each chunk: whole pairs, as many as fit
     ``chunk_tokens`` (at least one). Also returns the largest pair's token count.
 
-    At most one host sync: :func:`pair_token_counts`, unless ``counts`` (its result) is given.
-    The positions themselves come from ``nonzero_static`` with the total already known, in pair
-    order by construction (the rows of the mask are visited pair-major): no sort, no other sync."""
+    At most one host sync: the ``census``'s read, unless it was already read (a new census when
+    none is given). The positions themselves come from ``nonzero_static`` with the total already
+    known, in pair order by construction (the rows of the mask are visited pair-major): no sort,
+    no other sync."""
     P = num_pairs
+    census = TokenCensus(aligned, ignore_index, P) if census is None else census
     # The device work that needs no count is queued before the sync, so the sync finds it done
     # and the host has less left to do while the device waits for the first matmul.
     pair_major = torch.arange(2 * P, device=aligned.device).view(2, P).t().reshape(-1)  # 0, P, 1, P+1, ...
     mask = (aligned != ignore_index)[pair_major]
-    if counts is None:
-        counts = pair_token_counts(aligned, ignore_index, P)  # the sync
-    total = sum(counts)
-    try:
-        idx = torch.nonzero_static(mask, size=total)
-    except (RuntimeError, NotImplementedError, AttributeError):  # a device without nonzero_static
-        idx = mask.nonzero()
-    rows, cols = pair_major[idx[:, 0]], idx[:, 1]
+    counts = census.pair_counts()  # the sync, unless already read
+    idx_rows, cols = _true_positions(mask, sum(counts))
+    rows = pair_major[idx_rows]
     bounds, start, size = [], 0, 0
     for count in counts:
         if size and size + count > chunk_tokens:
@@ -579,7 +630,7 @@ def pair_positions(aligned: torch.Tensor, ignore_index: int, num_pairs: int, chu
 
 def largest_pair(aligned: torch.Tensor, ignore_index: int) -> int:
     """Valid tokens of the largest pair (one host sync)."""
-    return max(pair_token_counts(aligned, ignore_index, aligned.shape[0] // 2), default=0)
+    return max(TokenCensus(aligned, ignore_index, aligned.shape[0] // 2).pair_counts(), default=0)
 
 
 class _OnePassFunction(torch.autograd.Function):
@@ -620,11 +671,11 @@ class OnePass:
     once on the finished token results. Each pair's loss must depend on that pair only."""
 
     def __init__(self, head: Head, aligned, extras, chunk_tokens, terms_fn, num_pairs, needs,
-                 pair_counts: list[int] | None = None):
+                 census: TokenCensus | None = None):
         self.needs = tuple(needs)  # gradients wanted for (hidden, weight, bias)
         self.head, self.aligned, self.extras = head, aligned, tuple(sorted(extras))
         self.chunk_tokens, self.terms_fn, self.num_pairs = chunk_tokens, terms_fn, num_pairs
-        self.pair_counts = pair_counts  # pair_token_counts(), when the caller already synced for it
+        self.census = census  # the valid-token counts, read by the caller already or read here
         self.tokens = None  # (logp, lse, extras) [2P, T], after run()
         self.rewards = None  # (chosen_rewards, rejected_rewards), after run()
 
@@ -643,7 +694,7 @@ class OnePass:
         ext = {name: torch.zeros(shape, dtype=acc, device=hidden.device) for name in self.extras}
         grads = _Grads(hidden, head, *self.needs) if any(self.needs) else None
         rows, cols, bounds, _ = pair_positions(aligned, head.ignore_index, self.num_pairs, self.chunk_tokens,
-                                               self.pair_counts)
+                                               self.census)
         for s, e in bounds:
             r, c = rows[s:e], cols[s:e]
             h = hidden[r, c]

@@ -107,6 +107,21 @@ def test_non_finite_ref_logits(backend, batch):
         fused_dpo_loss(logits, labels, ref_logits=ref_logits, backend=backend)
 
 
+@pytest.mark.parametrize("validate", [True, False])
+@pytest.mark.parametrize("reference", ["logps", "logits"])
+def test_validation_is_one_host_read(backend, batch, validate, reference):
+    """``validate=True`` checks the policy's and the reference logits' results in one host read
+    (a GPU synchronisation); ``validate=False`` reads nothing in the forward."""
+    from host_syncs import host_reads
+
+    logits, labels, ref = batch
+    kwargs = dict(ref_logps=ref) if reference == "logps" else dict(ref_logits=torch.randn_like(logits))
+    with host_reads() as reads:
+        out = fused_dpo_loss(logits, labels, backend=backend, validate=validate, **kwargs)
+    assert len(reads) == (1 if validate else 0), reads
+    assert torch.isfinite(out.loss)
+
+
 def test_unknown_loss_type_lists_valid_ones(batch):
     logits, labels, ref = batch
     with pytest.raises(ValueError, match=re.escape(f"loss_type must be one of {sorted(LOSSES)}, got 'dpo'")):

@@ -623,12 +623,19 @@ def test_reference_errors(kwargs, error, match):
         fused_linear_dpo_loss(hidden, weight, labels, b, **kwargs)
 
 
-def test_label_out_of_range_is_caught_before_the_matmul(monkeypatch):
+@pytest.mark.parametrize("mode", ["auto", *MODES])
+@pytest.mark.parametrize("reference", ["logps", "hidden"])
+@pytest.mark.parametrize("bad", [30, -3])
+def test_label_out_of_range_is_caught_before_the_matmul(monkeypatch, mode, reference, bad):
+    """The label check rides on the one read of the valid-token counts, which precedes every
+    matmul (the reference model's too)."""
     hidden, weight, labels, b = _args()
-    labels[1, 3] = 30
+    hidden.requires_grad_(True)
+    labels[1, 3] = bad
     rows = _count_matmul_rows(monkeypatch)
-    with pytest.raises(ValueError, match=r"labels\[1, 3\] .* = 30 is outside \[0, V=30\)"):
-        fused_linear_dpo_loss(hidden, weight, labels, b, ref_logps=torch.randn(4))
+    ref = dict(ref_logps=torch.randn(4)) if reference == "logps" else dict(ref_hidden=torch.randn_like(hidden))
+    with pytest.raises(ValueError, match=rf"labels\[1, 3\] .* = {bad} is outside \[0, V=30\)"):
+        fused_linear_dpo_loss(hidden, weight, labels, b, mode=mode, **ref)
     assert rows["logits"] == []
 
 
@@ -786,6 +793,34 @@ def test_one_pass_queues_everything_else_before_its_positions(mode):
     between = [op for op in ops[start + 1:first_mm] if op not in views]
     assert between == [aten.index.Tensor, aten.index.Tensor], between  # rows of the positions; the gather
     assert aten.zeros_like.default in ops[:start] and aten.empty_like.default in ops[:start]  # the gradients
+
+
+@pytest.mark.parametrize("mode", ["auto", *MODES])
+@pytest.mark.parametrize("validate", [True, False])
+@pytest.mark.parametrize("reference", ["logps", "hidden"])
+def test_host_syncs_per_call(mode, validate, reference):
+    """The host reads of one forward + backward: one before the matmuls (the valid tokens per
+    sequence, shared by the reference's and the policy's gathers, auto's choice and one_pass's
+    chunks; the label check rides on it), plus, with ``validate``, one after the policy's forward
+    (non-finite results of the reference and the policy together). Nothing in the backward.
+    ``chunk_tokens`` below the pairs' size makes auto read the counts for its choice (two_phase)."""
+    from host_syncs import host_reads
+
+    hidden, weight, b, labels = make_inputs(3, 10, 16, 90, bias=True, seed=4)
+    h, w, bb = (t.clone().requires_grad_(True) for t in (hidden, weight, b))
+    ref = (dict(ref_logps=torch.randn(6) - 10) if reference == "logps"
+           else dict(ref_hidden=torch.randn_like(hidden)))
+    chunk = dict(chunk_tokens=6) if mode == "auto" else {}
+    with host_reads() as forward:
+        out = fused_linear_dpo_loss(h, w, labels, bb, mode=mode, validate=validate, **ref, **chunk)
+    with host_reads() as backward:
+        out.loss.backward()
+    assert len(forward) == (2 if validate else 1), forward
+    # one_pass on the CPU backend reads the incoming gradient (a CPU tensor: nothing to wait for;
+    # the Triton backend scales on the device, see the test above). auto takes two_phase here.
+    assert backward == ([] if mode != "one_pass" else ["aten._local_scalar_dense.default"]), backward
+    want = oracle.linear_dpo(hidden, weight, labels, b, **ref)
+    torch.testing.assert_close(out.loss.detach().double(), want["loss"], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("chunk_tokens", [1, 9, 25, 1000])
