@@ -268,7 +268,8 @@ def fused_linear_dpo_loss(
             ``rejected_logps`` carry no gradient of their own: a backward through them raises; a
             bf16/fp16 weight gradient is rounded once per chunk), or ``"auto"``: one_pass when the
             loss allows it, a gradient is needed and the largest pair fits one one_pass chunk,
-            else two_phase.
+            else two_phase. Inside torch.compile, ``auto`` takes two_phase (two registered
+            operators: no graph break); one_pass runs eagerly there, in a graph break.
         chunk_tokens: tokens per chunk (default: a budget of chunk logits in the input dtype,
             256 MiB, or 512 MiB for one_pass's chunks of whole pairs); memory does not grow with
             the sequence length. In the ``two_phase``
@@ -333,10 +334,12 @@ def fused_linear_dpo_loss(
         on_bad_labels=lambda: _check_label_range(token_labels, ignore_index, vocab_size),
     )
     positions = None  # the row-major valid positions of token_labels, shared by the reference and two_phase
+    compiling = torch.compiler.is_compiling()
 
     def valid_positions():
+        """None while torch.compile traces: the operators then find them inside, opaque to it."""
         nonlocal positions
-        if positions is None:
+        if positions is None and not compiling:
             positions = linear.valid_positions(token_labels, ignore_index, census.total())
         return positions
 
@@ -360,8 +363,9 @@ def fused_linear_dpo_loss(
         ref_head = linear.Head(r_weight.detach(), None if r_bias is None else r_bias.detach(), temperature, softcap,
                                backend_name, ignore_index)
         r_chunk = linear.chunk_size(vocab_size, r_hidden.dtype, softcap, chunk_tokens)
-        r_logp, r_lse, _ = linear.forward_tokens(r_hidden.detach(), ref_head, token_labels, chunk_tokens=r_chunk,
-                                                 positions=valid_positions())
+        with torch.no_grad():
+            r_logp, r_lse, _ = linear.linear_token_logprobs(r_hidden.detach(), ref_head, token_labels,
+                                                            chunk_tokens=r_chunk, positions=valid_positions())
         checks.append((TokenLogprobs(r_logp, r_lse, {}, token_labels), vocab_size, "ref_hidden @ ref_weight.T"))
         if packing is not None:
             r_logp = packing.to_padded(r_logp[0])
@@ -375,7 +379,8 @@ def fused_linear_dpo_loss(
     # chunks), unless every pair fits one one_pass chunk whatever its count (2 T tokens at most):
     # then one_pass reads the census itself, after queuing the work that needs no count.
     may_exceed = 2 * aligned.shape[-1] > one_pass_chunk
-    chosen_mode = _pick_mode(mode, objective, census if may_exceed else None, one_pass_chunk, any(needs), specs)
+    chosen_mode = _pick_mode(mode, objective, census if may_exceed else None, one_pass_chunk, any(needs), specs,
+                             compiling)
     if chosen_mode == "two_phase":
         logp, lse, ext = linear.linear_token_logprobs(hidden, head, token_labels, extras, chunk_tokens=chunk,
                                                       positions=valid_positions(), backward_chunk_tokens=chunk_tokens,
@@ -409,10 +414,11 @@ def fused_linear_dpo_loss(
                                                                chosen_rewards, rejected_rewards))
 
 
-def _pick_mode(mode, objective, census, chunk, grad_needed, specs) -> str:
+def _pick_mode(mode, objective, census, chunk, grad_needed, specs, compiling=False) -> str:
     """``census``: the valid tokens per sequence (:class:`linear.TokenCensus`), read by ``auto``
     when a gradient is wanted, the loss is not batch-coupled and a pair may exceed ``chunk``
-    (``None``: every pair fits)."""
+    (``None``: every pair fits). ``compiling``: ``auto`` takes two_phase, the mode torch.compile
+    traces whole (one_pass sizes its chunks on the host: it runs eagerly, a graph break)."""
     if mode == "one_pass":
         if objective.batch_coupled:
             coupled = [spec.name for spec in specs if spec.batch_coupled]
@@ -423,7 +429,7 @@ def _pick_mode(mode, objective, census, chunk, grad_needed, specs) -> str:
         return "one_pass"
     if mode == "two_phase":
         return "two_phase"
-    if not grad_needed or objective.batch_coupled:
+    if not grad_needed or objective.batch_coupled or compiling:
         return "two_phase"
     if census is None:
         return "one_pass"

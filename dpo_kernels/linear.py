@@ -12,7 +12,8 @@ reference's and the policy's gathers, ``auto``'s choice and ``one_pass``'s chunk
 Two modes, both exact (no gradient filtering; they differ in how often the bf16 weight gradient is
 rounded, see below):
 
-- ``two_phase`` (low memory): the forward keeps per-token ``lse`` and references to the inputs;
+- ``two_phase`` (low memory; two registered operators, so torch.compile traces it whole): the
+  forward keeps per-token ``lse`` and references to the inputs;
   the backward receives ``dL/dlogp`` per token (any loss, any extra use of the per-sequence
   log-probs) and loops over vocabulary slices ``[v0, v1)`` (outer) and chunks of valid tokens
   (inner): it recomputes the slice's logits ``h @ weight[v0:v1].T (+ bias[v0:v1])`` (softcap and
@@ -57,10 +58,11 @@ dtype once (the same rounding as materialized bf16 logits would have); then:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
-from .backends import load_backend
+from .backends import extras_mask, extras_names, load_backend
 from .logprobs import refuse_double_backward
 
 MODES = ("auto", "one_pass", "two_phase")
@@ -439,30 +441,123 @@ def forward_tokens(hidden: torch.Tensor, head: Head, aligned: torch.Tensor, extr
 # two_phase: an autograd.Function over the valid tokens.
 
 
-class _TwoPhaseFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, aligned, rows, cols, head, extras, chunk_tokens, plan):
-        logp, lse, ext = forward_tokens(hidden, head, aligned, extras, chunk_tokens=chunk_tokens,
-                                        positions=(rows, cols))
-        ctx.save_for_backward(hidden, weight, bias, aligned, rows, cols, lse)
-        ctx.head, ctx.plan = head, plan
-        ext_values = tuple(ext[name] for name in extras)
-        ctx.mark_non_differentiable(lse, *ext_values)
-        return (logp, lse, *ext_values)
+# The forward and the backward are registered operators (the backward attached by
+# ``register_autograd``): torch.compile sees two opaque ops with fake implementations, whose host
+# sync (sizing the gather of the valid tokens) stays inside them, so a compiled training step
+# traces the hidden-state path without a graph break; eager autograd runs the same two ops.
+# ``rows``/``cols``: the valid positions when the caller has them (eager: from its one census
+# read, shared with the reference); None (compiled) and each op finds them itself, one sync each.
 
-    @staticmethod
-    def backward(ctx, grad_logp, *_):
-        refuse_double_backward("fused_linear_dpo_loss")
-        hidden, weight, bias, aligned, rows, cols, lse = ctx.saved_tensors
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_b = bias is not None and ctx.needs_input_grad[2]
-        if grad_logp is None:
-            grads = (torch.zeros_like(hidden) if need_h else None, torch.zeros_like(weight) if need_w else None,
-                     torch.zeros_like(bias) if need_b else None)
-        else:
-            grads = two_phase_backward(ctx.head, hidden, aligned, rows, cols, lse, grad_logp, ctx.plan,
-                                       (need_h, need_w, need_b))
-        return (*grads, None, None, None, None, None, None, None)
+
+def _positions(labels, rows, cols, ignore_index):
+    return valid_positions(labels, ignore_index) if rows is None or cols is None else (rows, cols)
+
+
+@torch.library.custom_op("dpo_kernels::linear_token_logprobs", mutates_args=())
+def linear_token_logprobs_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    labels: torch.Tensor,
+    rows: Optional[torch.Tensor],
+    cols: Optional[torch.Tensor],
+    temperature: float,
+    softcap: Optional[float],
+    backend: str,
+    ignore_index: int,
+    extras_mask: int,
+    chunk_tokens: int,
+    vocab_step: int,
+    backward_chunk_tokens: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(logp[B, T], lse[B, T], extras[K, B, T])`` of the logits ``transform(hidden @ weight.T +
+    bias)`` (never formed whole: chunks of ``chunk_tokens`` valid tokens), labels ``[B, T]``
+    aligned with the hidden rows ``[B, T, H]``. ``vocab_step``/``backward_chunk_tokens``: the
+    backward's plan (:func:`backward_plan`). ``lse`` and ``extras`` are not differentiable."""
+    head = Head(weight, bias, temperature, softcap, backend, ignore_index)
+    names = extras_names(extras_mask)
+    logp, lse, ext = forward_tokens(hidden, head, labels, names, chunk_tokens=chunk_tokens,
+                                    positions=_positions(labels, rows, cols, ignore_index))
+    stacked = torch.stack([ext[name] for name in names]) if names else _empty_results(labels, hidden, 0)[2]
+    return logp, lse, stacked
+
+
+def _empty_results(labels, hidden, mask):
+    acc = _acc_dtype(hidden.dtype)
+    shape = tuple(labels.shape)
+    return (labels.new_empty(shape, dtype=acc), labels.new_empty(shape, dtype=acc),
+            labels.new_empty((len(extras_names(mask)), *shape), dtype=acc))
+
+
+@linear_token_logprobs_op.register_fake
+def _linear_token_logprobs_fake(hidden, weight, bias, labels, rows, cols, temperature, softcap, backend,
+                                ignore_index, extras_mask, chunk_tokens, vocab_step, backward_chunk_tokens):
+    return _empty_results(labels, hidden, extras_mask)
+
+
+@torch.library.custom_op("dpo_kernels::linear_token_logprobs_backward", mutates_args=())
+def linear_token_logprobs_backward_op(
+    grad_logp: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    rows: Optional[torch.Tensor],
+    cols: Optional[torch.Tensor],
+    temperature: float,
+    softcap: Optional[float],
+    backend: str,
+    ignore_index: int,
+    vocab_step: int,
+    chunk_tokens: int,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of hidden, weight and bias (input dtypes) from ``dL/dlogp`` per token
+    (:func:`two_phase_backward`); an empty tensor stands for a gradient not asked for."""
+    head = Head(weight, bias, temperature, softcap, backend, ignore_index)
+    r, c = _positions(labels, rows, cols, ignore_index)
+    grads = two_phase_backward(head, hidden, labels, r, c, lse, grad_logp, (vocab_step, chunk_tokens),
+                               (need_hidden, need_weight, need_bias and bias is not None))
+    return tuple(hidden.new_empty(0) if g is None else g for g in grads)
+
+
+@linear_token_logprobs_backward_op.register_fake
+def _linear_token_logprobs_backward_fake(grad_logp, hidden, weight, bias, labels, lse, rows, cols, temperature,
+                                         softcap, backend, ignore_index, vocab_step, chunk_tokens, need_hidden,
+                                         need_weight, need_bias):
+    def grad(like, needed):
+        return torch.empty_like(like, memory_format=torch.contiguous_format) if needed else hidden.new_empty(0)
+
+    return (grad(hidden, need_hidden), grad(weight, need_weight),
+            grad(bias, need_bias) if bias is not None else hidden.new_empty(0))
+
+
+def _linear_setup_context(ctx, inputs, output):
+    (hidden, weight, bias, labels, rows, cols, temperature, softcap, backend, ignore_index, _mask, _chunk,
+     vocab_step, backward_chunk_tokens) = inputs
+    _logp, lse, extras = output
+    ctx.save_for_backward(hidden, weight, bias, labels, rows, cols, lse)
+    ctx.options = (temperature, softcap, backend, ignore_index, vocab_step, backward_chunk_tokens)
+    ctx.mark_non_differentiable(lse, extras)
+
+
+def _linear_backward(ctx, grad_logp, _grad_lse, _grad_extras):
+    refuse_double_backward("fused_linear_dpo_loss")
+    hidden, weight, bias, labels, rows, cols, lse = ctx.saved_tensors
+    need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+    need_b = need_b and bias is not None
+    grads = (None, None, None)
+    if need_h or need_w or need_b:
+        grads = linear_token_logprobs_backward_op(grad_logp.to(lse.dtype), hidden, weight, bias, labels, lse, rows,
+                                                  cols, *ctx.options, need_h, need_w, need_b)
+        grads = tuple(g if needed else None for g, needed in zip(grads, (need_h, need_w, need_b)))
+    return (*grads, None, None, None, None, None, None, None, None, None, None, None)
+
+
+linear_token_logprobs_op.register_autograd(_linear_backward, setup_context=_linear_setup_context)
 
 
 def two_phase_backward(head: Head, hidden, aligned, rows, cols, lse, grad_logp, plan, needs):
@@ -581,17 +676,26 @@ def backward_plan(head: Head, hidden_size: int, dtype: torch.dtype, chunk_tokens
 
 def linear_token_logprobs(hidden, head: Head, aligned, extras=(), *, chunk_tokens: int, positions=None,
                           backward_chunk_tokens: int | None = None, vocab_chunk: int | None = None):
-    """Differentiable per-token ``(logp, lse, extras)`` ``[2P, T]`` through the two-phase Function.
+    """Per-token ``(logp, lse, extras)`` ``[B, T]`` of the rows of ``hidden`` ``[B, T, H]``, the
+    log-probs differentiable in hidden, weight and bias (the two-phase backward): one call of the
+    ``dpo_kernels::linear_token_logprobs`` operator. Under ``no_grad`` (the reference) it is the
+    chunked forward alone.
 
     ``chunk_tokens``: the forward's tokens per chunk (full vocabulary rows).
+    ``positions``: the valid ``(rows, cols)`` if the caller has them (else the operator finds them:
+    one host sync, and one more in the backward; ``None`` while torch.compile traces).
     ``backward_chunk_tokens`` / ``vocab_chunk``: the backward's tokens per chunk and vocabulary
     rows per slice (default: from the memory budgets, see :func:`backward_plan`)."""
-    rows, cols = valid_positions(aligned, head.ignore_index) if positions is None else positions
-    extras = tuple(sorted(extras))
-    plan = backward_plan(head, hidden.shape[-1], hidden.dtype, backward_chunk_tokens, vocab_chunk)
-    logp, lse, *values = _TwoPhaseFunction.apply(hidden, head.weight, head.bias, aligned, rows, cols, head, extras,
-                                                 chunk_tokens, plan)
-    return logp, lse, dict(zip(extras, values))
+    rows, cols = (None, None) if positions is None else positions
+    names = extras_names(extras_mask(extras))
+    vocab_step, backward_tokens = backward_plan(head, hidden.shape[-1], hidden.dtype, backward_chunk_tokens,
+                                                vocab_chunk)
+    logp, lse, stacked = linear_token_logprobs_op(
+        hidden, head.weight, head.bias, aligned, rows, cols, float(head.temperature), head.softcap,
+        head.backend_name, int(head.ignore_index), extras_mask(extras), int(chunk_tokens), vocab_step,
+        backward_tokens,
+    )
+    return logp, lse, dict(zip(names, stacked.unbind(0)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -719,6 +823,10 @@ class OnePass:
         return loss.detach(), torch.cat([chosen, rejected]).detach(), grads
 
 
+@torch.compiler.disable  # one_pass sizes its chunks of whole pairs on the host; two_phase traces whole
 def one_pass(hidden, head: Head, runner: OnePass):
-    """``(loss, seq_logps)``: the loss carries the precomputed gradients; ``seq_logps`` refuse one."""
+    """``(loss, seq_logps)``: the loss carries the precomputed gradients; ``seq_logps`` refuse one.
+
+    Inside torch.compile this runs eagerly (a graph break: ``fullgraph=True`` refuses it);
+    ``mode="auto"`` takes two_phase there."""
     return _OnePassFunction.apply(hidden, head.weight, head.bias, runner)

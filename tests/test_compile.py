@@ -19,7 +19,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
 import oracle
-from dpo_kernels import fused_dpo_loss
+from dpo_kernels import fused_dpo_loss, fused_linear_dpo_loss
 from dpo_kernels.backends import cpu_extension_available, load_backend, triton_available
 from dpo_kernels.logprobs import token_logprobs
 from oracle import IGNORE
@@ -280,3 +280,114 @@ def test_opcheck_triton_dpo_sigmoid_loss(average):
     token_logp[:, :2] = 0.0  # the contract: ignored tokens carry a 0 log-prob
     args = (token_logp, labels, torch.randn(4) * 3, IGNORE, 0.1, 0.05, average)
     torch.library.opcheck(torch.ops.dpo_kernels.triton_dpo_sigmoid_loss, args)
+
+
+# --------------------------------------------------------------------------------------------
+# The hidden-state path (fused_linear_dpo_loss): two_phase is two registered operators (forward,
+# backward) whose host sync stays inside them, so a compiled step traces it whole.
+
+H = 16
+
+
+def _linear_batch(dtype):
+    hidden = (torch.randn(2 * PAIRS, T, H) * 2).to(dtype)
+    weight = (torch.randn(V, H) * 0.5).to(dtype)
+    bias = (torch.randn(V) * 0.5).to(dtype)
+    ref_hidden = hidden + 0.1 * torch.randn_like(hidden)
+    labels = torch.randint(0, V, (2 * PAIRS, T))
+    labels[:, :3] = IGNORE
+    labels[1, -2:] = IGNORE
+    return hidden, weight, bias, labels, ref_hidden
+
+
+def _linear_step_fn(backend, **options):
+    def step(hidden, weight, bias, labels, ref_hidden):
+        out = fused_linear_dpo_loss(hidden, weight, labels, bias, ref_hidden=ref_hidden, shift=True,
+                                    logit_softcap=4.0, token_metrics=True, backend=backend, **options)
+        return out.loss, out.chosen_logps, out.metrics["entropy"]
+
+    return step
+
+
+def _run_linear(step, hidden, weight, bias, labels, ref_hidden):
+    leaves = [t.detach().clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    loss, chosen_logps, entropy = step(*leaves, labels, ref_hidden)
+    loss.backward()
+    return loss.detach(), chosen_logps.detach(), entropy, [leaf.grad for leaf in leaves]
+
+
+def _check_linear_against_oracle(got, batch, dtype):
+    hidden, weight, bias, labels, ref_hidden = batch
+    want = oracle.linear_dpo(hidden, weight, labels, bias, ref_hidden=ref_hidden, softcap=4.0, shift=True,
+                             token_metrics=True)
+    loss, chosen_logps, entropy, grads = got
+    # The oracle's float64 logits are not rounded to the input dtype, ours are (the lm_head's own
+    # output): bf16 values agree to bf16 rounding of the logits, as in test_linear.py.
+    tol = dict(rtol=2e-5, atol=2e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
+    for value, name in ((loss, "loss"), (chosen_logps, "chosen_logps"), (entropy, "entropy")):
+        expected = want["metrics"]["entropy"] if name == "entropy" else want[name]
+        torch.testing.assert_close(value.double(), expected, **tol, msg=lambda m, n=name: f"{n}: {m}")
+    _assert_params_close(grads, [want["grad_hidden"], want["grad_weight"], want["grad_bias"]], dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("mode", ["auto", "two_phase"])
+def test_compiled_linear_step_matches_eager_and_oracle(backend, dtype, mode):
+    """fullgraph=True over the hidden-state path with a reference model's hidden states, a bias,
+    a softcap, several token chunks and vocabulary slices (the last one partial): one graph, the
+    eager results, the float64 oracle's; new label values (another number of valid tokens) reuse
+    the compiled step."""
+    batch = _linear_batch(dtype)
+    step = _linear_step_fn(backend, mode=mode, chunk_tokens=5, vocab_chunk=16)
+    eager = _run_linear(step, *batch)
+    compiled_step, counter = _compile(step, "aot_eager")
+    compiled = _run_linear(compiled_step, *batch)
+    assert counter.frame_count == 1 and not counters["graph_break"]
+    for got in (eager, compiled):
+        _check_linear_against_oracle(got, batch, dtype)
+    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-6, atol=1e-7)
+    for c, e in zip(compiled[3], eager[3]):
+        torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-6 * e.abs().amax().item())
+
+    hidden, weight, bias, labels, ref_hidden = batch
+    labels2 = labels.clone()
+    labels2[0, 3:6] = IGNORE  # fewer valid tokens: sized inside the operators, no recompilation
+    again = _run_linear(compiled_step, hidden, weight, bias, labels2, ref_hidden)
+    _check_linear_against_oracle(again, (hidden, weight, bias, labels2, ref_hidden), dtype)
+    assert counter.frame_count == 1
+
+
+def test_compiled_linear_one_pass_runs_eagerly_inside():
+    """mode="one_pass" sizes its chunks on the host: compiled without fullgraph it runs eagerly in
+    its graph break, with the eager results; with fullgraph=True torch.compile refuses it."""
+    batch = _linear_batch(torch.float32)
+    step = _linear_step_fn("auto", mode="one_pass")
+    eager = _run_linear(step, *batch)
+    compiled = _run_linear(torch.compile(step, backend="aot_eager"), *batch)
+    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-6, atol=1e-7)
+    for c, e in zip(compiled[3], eager[3]):
+        torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-6 * e.abs().amax().item())
+    _check_linear_against_oracle(compiled, batch, torch.float32)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="(?i)skip|disable|graph break"):
+        _run_linear(torch.compile(step, backend="aot_eager", fullgraph=True), *batch)
+
+
+@pytest.mark.parametrize("case", OP_CASES[:2], ids=_case_id)
+@pytest.mark.parametrize("positions", [False, True], ids=["found-inside", "given"])
+def test_opcheck_linear_token_logprobs(backend, case, positions):
+    """The two-phase forward operator with its registered backward (bias, softcap, extras), and
+    the backward operator on its own."""
+    dtype, layout = case
+    hidden, weight, bias, labels, _ = _linear_batch(dtype)
+    if layout == "view":
+        hidden = torch.cat([hidden, hidden], -1)[..., 3:3 + H]  # rows with a stride of 2H
+    hidden, weight, bias = (t.detach().requires_grad_(True) for t in (hidden, weight, bias))
+    rows, cols = (labels != IGNORE).nonzero(as_tuple=True) if positions else (None, None)
+    args = (hidden, weight, bias, labels, rows, cols, 1.5, 4.0, backend, IGNORE, 0b0101, 5, 16, 7)
+    torch.library.opcheck(torch.ops.dpo_kernels.linear_token_logprobs, args)
+    lse = torch.randn(labels.shape) + 5
+    grad_logp = torch.randn(labels.shape)
+    back = (grad_logp, hidden.detach(), weight.detach(), bias.detach(), labels, lse, rows, cols, 1.5, 4.0, backend,
+            IGNORE, 16, 7, True, True, True)
+    torch.library.opcheck(torch.ops.dpo_kernels.linear_token_logprobs_backward, back)

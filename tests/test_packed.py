@@ -472,3 +472,26 @@ def test_packed_batch_compiles_without_a_graph_break_given_max_seqlen():
     with pytest.raises(Exception, match="data-dependent|graph break|Could not guard"):
         torch.compile(lambda x: loss_fn(x, None), fullgraph=True, backend="aot_eager")(x)
     torch._dynamo.reset()
+
+
+def test_packed_hidden_path_compiles_without_a_graph_break_given_max_seqlen():
+    """The hidden-state path on a packed batch with max_seqlen: fullgraph=True traces it (its
+    valid-token sync is inside the two_phase operators); the compiled loss and gradients equal the
+    eager ones, reference hidden states included."""
+    hidden, weight, bias, labels = hidden_inputs(LENGTHS, F32, bias=True)
+    ref_hidden = hidden + 0.1 * torch.randn_like(hidden)
+    cu = offsets(LENGTHS)
+
+    def loss_fn(h, w, b):
+        return fused_linear_dpo_loss(h, w, labels, b, ref_hidden=ref_hidden, cu_seqlens=cu, max_seqlen=max(LENGTHS),
+                                     shift=True, chunk_tokens=4, vocab_chunk=16).loss
+
+    leaves = [t.detach().clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    loss = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")(*leaves)
+    loss.backward()
+    want, want_grads = run_linear(hidden, weight, labels, bias, ref_hidden=ref_hidden, cu_seqlens=cu, shift=True,
+                                  chunk_tokens=4, vocab_chunk=16)
+    torch.testing.assert_close(loss, want.loss)
+    for got, expected in zip((leaf.grad for leaf in leaves), want_grads):
+        torch.testing.assert_close(got, expected)
+    torch._dynamo.reset()
