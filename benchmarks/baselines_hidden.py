@@ -29,7 +29,9 @@ missing, wrong device, ours not built yet), so that suites and reports skip it c
 - ``cce`` / ``cce_exact``: Apple's Cut Cross-Entropy, ``linear_cross_entropy(...,
   reduction='none')`` (``logp = -loss``), with its default gradient filtering (approximate) and
   with ``filter_eps=None`` (exact). CUDA only.
-- ``ours_one_pass`` / ``ours_two_phase``: ``dpo_kernels.fused_linear_dpo_loss(..., mode=...)``
+- ``ours_one_pass`` / ``ours_two_phase``: ``dpo_kernels.fused_linear_dpo_loss(..., mode=...)``;
+  ``ours_one_pass_160mib``: one_pass with chunks of 160 MiB of logits (low memory: pairs larger
+  than a chunk are cut into pieces)
   (``validate=False``); unavailable while ``dpo_kernels`` has no ``fused_linear_dpo_loss``.
 """
 from __future__ import annotations
@@ -365,12 +367,24 @@ def _load_ours():
     return fn
 
 
-def ours(mode: str) -> HiddenLossFn:
-    def fn(hidden, weight, labels, ref_logps, beta: float = BETA) -> torch.Tensor:
-        return _load_ours()(hidden, weight, labels, ref_logps=ref_logps, beta=beta, loss_type="sigmoid",
-                            ignore_index=IGNORE_INDEX, mode=mode, validate=False).loss
+# one_pass's chunk budget in the low-memory configuration: 160 MiB of logits (640 tokens at
+# V = 128256 in bf16), which keeps its extra memory near the gradients' own (the issue-5 low-memory
+# target at 8 x 1024: <= 1.3 GB with 1.12 GB of gradients). Pairs larger than a chunk are cut into
+# pieces whose logits are formed again for their gradient (dpo_kernels.linear.OnePass).
+LOW_MEMORY_CHUNK_BYTES = 160 << 20
 
-    fn.__name__ = f"ours_{mode}"
+
+def ours(mode: str, chunk_bytes: int | None = None) -> HiddenLossFn:
+    def fn(hidden, weight, labels, ref_logps, beta: float = BETA) -> torch.Tensor:
+        chunk = None
+        if chunk_bytes is not None:
+            from dpo_kernels import linear
+
+            chunk = linear.chunk_size(weight.shape[0], hidden.dtype, None, None, chunk_bytes)
+        return _load_ours()(hidden, weight, labels, ref_logps=ref_logps, beta=beta, loss_type="sigmoid",
+                            ignore_index=IGNORE_INDEX, mode=mode, chunk_tokens=chunk, validate=False).loss
+
+    fn.__name__ = f"ours_{mode}" + ("" if chunk_bytes is None else f"_{chunk_bytes >> 20}mib")
     return fn
 
 
@@ -416,6 +430,10 @@ HIDDEN_VARIANTS: list[HiddenVariant] = [
                   floor_matmuls=3, ours=True),
     HiddenVariant("ours_two_phase", "ours: fused_linear_dpo_loss(mode='two_phase') (4 matmuls, low memory)",
                   ours("two_phase"), floor_matmuls=4, ours=True),
+    HiddenVariant("ours_one_pass_160mib",
+                  "ours: mode='one_pass', chunk_tokens of 160 MiB of logits (pairs cut into pieces, earlier "
+                  "pieces' logits formed again: 3 to 4 matmuls, low memory)",
+                  ours("one_pass", LOW_MEMORY_CHUNK_BYTES), floor_matmuls=3, ours=True),
     HiddenVariant("eager", "eager `hidden @ weight.T` + `log_softmax(float).gather`", eager, floor_matmuls=3),
     HiddenVariant("liger", "Liger `LigerFusedLinearDPOLoss` (sums, zero reference)", liger, floor_matmuls=3),
     HiddenVariant("trl_chunked", "TRL >= 1.16 fused lm head (`trl/kernels/chunked_logprob.py`, exact)",

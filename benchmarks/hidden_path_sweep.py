@@ -101,7 +101,9 @@ def check_paths(doc: Doc, shape: HiddenShape, device) -> None:
     cases = [
         ("eager (materialized bf16 logits)", baselines_hidden.eager),
         ("one_pass, default chunk", loss_fn("one_pass")),
-        ("one_pass, one pair per chunk", loss_fn("one_pass", chunk_tokens=1)),
+        ("one_pass, one pair per chunk", loss_fn("one_pass", chunk_tokens=per_pair)),
+        (f"one_pass, pieces of {max(1, per_pair // 3)} tokens (earlier pieces' logits formed again)",
+         loss_fn("one_pass", chunk_tokens=max(1, per_pair // 3))),
         ("two_phase, default", loss_fn("two_phase")),
         (f"two_phase, {max(1, per_pair // 3)} tokens per backward chunk (fp32 slice accumulator)",
          loss_fn("two_phase", chunk_tokens=max(1, per_pair // 3))),
@@ -130,11 +132,14 @@ def sweep(doc: Doc, shape: HiddenShape, device, tflops, iters, warmup, budget_s)
     floor = {k: k * flops / (tflops * 1e12) * 1e3 if tflops else None for k in (3, 4)}
     variants = [("one_pass", {}), ("one_pass", {"chunk_tokens": 2 * per_pair}),
                 ("one_pass", {"chunk_tokens": shape.pairs * per_pair})]
+    # one_pass below a pair (pieces; the low-memory trade-off: logits formed again for the
+    # earlier pieces of each pair).
+    variants += [("one_pass", {"chunk_tokens": c}) for c in (512, 640, 768)]
     # two_phase's default slice is the hidden size (4096 here); 2048 was the default before.
-    variants += [("two_phase", {})] + [("two_phase", {"vocab_chunk": v}) for v in (2048, 8192)]
+    variants += [("two_phase", {})] + [("two_phase", {"vocab_chunk": v}) for v in (2048, 6144, 8192)]
     if shape.vocab < 8192:  # smoke
-        variants = [("one_pass", {}), ("one_pass", {"chunk_tokens": 1}), ("two_phase", {}),
-                    ("two_phase", {"vocab_chunk": 300})]
+        variants = [("one_pass", {}), ("one_pass", {"chunk_tokens": 1}), ("one_pass", {"chunk_tokens": 7}),
+                    ("two_phase", {}), ("two_phase", {"vocab_chunk": 300})]
     rows = []
     header = ["mode", "knobs", "median ms", "min ms", "x floor (3 mm)", "x floor (4 mm)", "extra peak memory", "note"]
     title = (f"## Time and memory ({shape.describe()}; the gradients themselves: {fmt_bytes(shape.grads_bytes)}; "

@@ -264,15 +264,16 @@ def fused_linear_dpo_loss(
         temperature: the logits are divided by it (``> 0``), after the softcap.
         mode: ``"two_phase"`` (low memory: the backward recomputes the logits; four matmuls),
             ``"one_pass"`` (three matmuls: the gradients are formed during the forward, chunks
-            hold whole pairs; not for batch-coupled losses; the returned ``chosen_logps``/
-            ``rejected_logps`` carry no gradient of their own: a backward through them raises; a
-            bf16/fp16 weight gradient is rounded once per chunk), or ``"auto"``: one_pass when the
-            loss allows it, a gradient is needed and the largest pair fits one one_pass chunk,
-            else two_phase. Inside torch.compile, ``auto`` takes two_phase (two registered
+            hold whole pairs; a pair larger than ``chunk_tokens`` is cut into pieces and the
+            earlier pieces' logits are formed again for their gradient, 3 to 4 matmuls; not for
+            batch-coupled losses; the returned ``chosen_logps``/``rejected_logps`` carry no
+            gradient of their own: a backward through them raises; a bf16/fp16 weight gradient is
+            rounded once per chunk or piece), or ``"auto"``: one_pass when the loss allows it, a
+            gradient is needed and the largest pair fits one one_pass chunk, else two_phase. Inside torch.compile, ``auto`` takes two_phase (two registered
             operators: no graph break); one_pass runs eagerly there, in a graph break.
         chunk_tokens: tokens per chunk (default: a budget of chunk logits in the input dtype,
-            256 MiB, or 512 MiB for one_pass's chunks of whole pairs); memory does not grow with
-            the sequence length. In the ``two_phase``
+            256 MiB, or 512 MiB for one_pass's chunks of whole pairs); no chunk of logits larger
+            than this ever exists, in either mode: memory does not grow with the sequence length. In the ``two_phase``
             backward it applies to the vocabulary slices (default: a 256 MiB budget of
             ``tokens x slice`` logits).
         validate: check the labels' range before the matmuls (on the path's one read of the

@@ -31,7 +31,10 @@ rounded, see below):
   :data:`DEFAULT_ONE_PASS_CHUNK_BYTES` of logits), the per-token coefficients are computed right
   after each chunk's forward (autograd on the tiny per-pair loss) and the gradients of hidden,
   weight and bias are accumulated during the forward (Liger-style); the backward only scales them
-  by the incoming gradient. It keeps, from its forward to its backward, the weight gradient in the
+  by the incoming gradient. A pair larger than a chunk is cut into pieces of at most
+  ``chunk_tokens``: only the last piece's logits are kept through the pair's coefficients, the
+  earlier pieces' are formed again for their gradient (3 + f matmuls, f the fraction formed
+  again; still fewer than two_phase's 4), so no mode ever holds more than a chunk of logits. It keeps, from its forward to its backward, the weight gradient in the
   weight's dtype (no fp32 ``[V, H]`` buffer), an fp32 ``[V]`` bias one and the hidden gradient
   ``[2P, T, H]`` in the input dtype (plus the ``[2P, T]`` token results).
 
@@ -48,9 +51,11 @@ dtype once (the same rounding as materialized bf16 logits would have); then:
   buffer. ``grad_hidden = sum_slices grad_slice @ weight[v0:v1]`` in an fp32 ``[N_valid, H]``
   buffer rounded once at the end (one slice: a single product per token, no buffer). Bias likewise
   per slice. Every gradient is rounded to its dtype exactly once: the exact mode.
-- ``one_pass``: the weight gradient is one product per chunk (fp32 inside), summed over the chunks
-  in the weight's dtype by the GEMM (``addmm_``): a bf16 weight gradient takes one rounding per
-  chunk (2 to 8 roundings of its running sum at typical batches; fp32 weights: fp32 throughout);
+- ``one_pass``: the weight gradient is one product per chunk (or piece of a pair larger than a
+  chunk; fp32 inside), summed over them in the weight's dtype by the GEMM (``addmm_``): a bf16
+  weight gradient takes one rounding per chunk or piece (2 to 8 roundings of its running sum at
+  typical batches with the default chunk; N_valid / chunk_tokens with small chunks; fp32
+  weights: fp32 throughout);
   each token's hidden gradient is one product ``grad_logits @ weight``. The incoming gradient
   scales both in place in fp32, one rounding (none when it is 1). For a single rounding of every
   gradient use ``two_phase``.
@@ -122,8 +127,8 @@ def chunk_size(vocab_size: int, dtype: torch.dtype, softcap: float | None, chunk
 
 
 def one_pass_chunk_size(vocab_size: int, dtype: torch.dtype, softcap: float | None, chunk_tokens: int | None) -> int:
-    """Tokens per ``one_pass`` chunk (a chunk still holds at least one whole pair): ``chunk_tokens``
-    if given, else what fits :data:`DEFAULT_ONE_PASS_CHUNK_BYTES`."""
+    """Tokens per ``one_pass`` chunk (whole pairs; a larger pair is cut into pieces of this size):
+    ``chunk_tokens`` if given, else what fits :data:`DEFAULT_ONE_PASS_CHUNK_BYTES`."""
     return chunk_size(vocab_size, dtype, softcap, chunk_tokens, DEFAULT_ONE_PASS_CHUNK_BYTES)
 
 
@@ -706,7 +711,8 @@ def pair_positions(aligned: torch.Tensor, ignore_index: int, num_pairs: int, chu
                    census: TokenCensus | None = None):
     """The valid positions ``(rows, cols)`` pair by pair (chosen then rejected sequence of pair 0,
     then of pair 1, ...) and the ``(start, end)`` of each chunk: whole pairs, as many as fit
-    ``chunk_tokens`` (at least one). Also returns the largest pair's token count.
+    ``chunk_tokens`` (at least one: :class:`OnePass` cuts a larger pair into pieces). Also returns
+    the largest pair's token count.
 
     At most one host sync: the ``census``'s read, unless it was already read (a new census when
     none is given). The positions themselves come from ``nonzero_static`` with the total already
@@ -768,11 +774,31 @@ class _OnePassFunction(torch.autograd.Function):
         return (*grads.final(ctx.head, grad_loss.detach()), None)
 
 
+def pair_pieces(start: int, end: int, chunk_tokens: int) -> list[tuple[int, int]]:
+    """``[start, end)`` (a chunk of ``one_pass``: whole pairs) cut into pieces of at most
+    ``chunk_tokens`` tokens: itself when it fits, else a first piece of the remainder then full
+    pieces, so the last piece (the one whose logits ``one_pass`` keeps) is the largest."""
+    size = end - start
+    if size <= chunk_tokens:
+        return [(start, end)]
+    full = chunk_tokens
+    first = size - full * ((size - 1) // full)
+    cuts = [start, *range(start + first, end + 1, full)]
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
 class OnePass:
     """The one-pass loop. ``terms_fn(logp, lse, extras)`` (full ``[2P, T]`` tensors) returns
     ``(loss, chosen_logps, rejected_logps, chosen_rewards, rejected_rewards)``, the loss and logps
     differentiable in ``logp``: run once per chunk for its tokens' coefficients (the loss), and
-    once on the finished token results. Each pair's loss must depend on that pair only."""
+    once on the finished token results. Each pair's loss must depend on that pair only.
+
+    A chunk holds whole pairs, as many as fit ``chunk_tokens``. A pair larger than that is cut
+    into pieces of at most ``chunk_tokens`` (:func:`pair_pieces`): each piece's logits are formed
+    and reduced in turn, only the last piece's are kept, and once the pair's coefficients are
+    known the earlier pieces' logits are formed again for their gradient (the matmuls of a pair of
+    m tokens whose last piece holds c: 3 m + (m - c) instead of two_phase's 4 m). So no logits
+    beyond ``chunk_tokens`` rows ever exist."""
 
     def __init__(self, head: Head, aligned, extras, chunk_tokens, terms_fn, num_pairs, needs,
                  census: TokenCensus | None = None):
@@ -800,23 +826,37 @@ class OnePass:
         rows, cols, bounds, _ = pair_positions(aligned, head.ignore_index, self.num_pairs, self.chunk_tokens,
                                                self.census)
         for s, e in bounds:
-            r, c = rows[s:e], cols[s:e]
-            h = hidden[r, c]
-            z, dcap = _chunk_logits(head, h, keep_derivative=grads is not None)
-            y = aligned[r, c]
-            lp, ls, ex = _chunk_forward(head, z, y, self.extras)
-            logp[r, c], lse[r, c] = lp, ls
-            for name in self.extras:
-                ext[name][r, c] = ex[name]
-            if grads is not None:
-                with torch.enable_grad():
-                    leaf = logp.detach().requires_grad_(True)
-                    loss = self.terms_fn(leaf, lse, ext)[0]
-                    (coef,) = torch.autograd.grad(loss, leaf)
-                g = _chunk_grad_logits_(head, z, y, ls, coef[r, c], dcap)
+            pieces = pair_pieces(s, e, self.chunk_tokens)
+            for k, (a, b) in enumerate(pieces):
+                kept = grads is not None and k == len(pieces) - 1
+                r, c = rows[a:b], cols[a:b]
+                h = hidden[r, c]
+                z, dcap = _chunk_logits(head, h, keep_derivative=kept)
+                y = aligned[r, c]
+                lp, ls, ex = _chunk_forward(head, z, y, self.extras)
+                logp[r, c], lse[r, c] = lp, ls
+                for name in self.extras:
+                    ext[name][r, c] = ex[name]
+                del ex
+                if not kept:
+                    del z, dcap  # an earlier piece of a pair larger than the chunk: formed again below
+            if grads is None:
+                continue
+            with torch.enable_grad():
+                leaf = logp.detach().requires_grad_(True)
+                loss = self.terms_fn(leaf, lse, ext)[0]
+                (coef,) = torch.autograd.grad(loss, leaf)
+            # The last piece's logits are still here; the earlier pieces' are formed again.
+            g = _chunk_grad_logits_(head, z, y, ls, coef[r, c], dcap)
+            grads.add(head, g, h, r, c)
+            del g, z, dcap
+            for a, b in pieces[:-1]:
+                r, c = rows[a:b], cols[a:b]
+                h = hidden[r, c]
+                z, dcap = _chunk_logits(head, h, keep_derivative=True)
+                g = _chunk_grad_logits_(head, z, aligned[r, c], lse[r, c], coef[r, c], dcap)
                 grads.add(head, g, h, r, c)
-                del g
-            del z, dcap
+                del g, z, dcap
         self.tokens = (logp, lse, ext)
         loss, chosen, rejected, chosen_rewards, rejected_rewards = self.terms_fn(logp, lse, ext)
         self.rewards = (chosen_rewards.detach(), rejected_rewards.detach())
