@@ -976,26 +976,27 @@ def _validation_skipped(*tensors: torch.Tensor) -> bool:
 
 
 def _check_token_results(checks, ignore_index: int) -> None:
-    """One host sync for all of ``checks`` (``(tokens, vocab_size, name)``: a policy's and its
-    reference's token results): bad labels, and non-finite log-probs of scored tokens; the first
-    failure in ``checks``' order raises. Not when compiling: :func:`_validation_skipped`."""
-    checks = list(checks)
-    if not checks or _validation_skipped(*(t for tokens, _, _ in checks for t in (tokens.labels, tokens.logp))):
+    """One host sync for all of ``checks`` (``(tokens, vocab_size, name)``, optionally with the
+    name of their labels, default ``"labels"``: a policy's and its reference's token results):
+    bad labels, and non-finite log-probs of scored tokens; the first failure in ``checks``' order
+    raises. Not when compiling: :func:`_validation_skipped`."""
+    checks = [(*check, "labels") if len(check) == 3 else tuple(check) for check in checks]
+    if not checks or _validation_skipped(*(t for tokens, *_ in checks for t in (tokens.labels, tokens.logp))):
         return
     found, flags = [], []
-    for tokens, vocab_size, name in checks:
+    for tokens, vocab_size, name, labels_name in checks:
         labels = tokens.labels
         scored = labels != ignore_index
         bad_label = scored & ((labels < 0) | (labels >= vocab_size))
         non_finite = scored & ~bad_label & ~(torch.isfinite(tokens.lse) & torch.isfinite(tokens.logp.detach()))
-        found.append((labels, vocab_size, name, bad_label, non_finite))
+        found.append((labels, vocab_size, name, labels_name, bad_label, non_finite))
         flags += [bad_label.any(), non_finite.any()]
     flags = torch.stack(flags).tolist()  # the one sync
-    for k, (labels, vocab_size, name, bad_label, non_finite) in enumerate(found):
+    for k, (labels, vocab_size, name, labels_name, bad_label, non_finite) in enumerate(found):
         if flags[2 * k]:
             b, t = bad_label.nonzero()[0].tolist()
             raise ValueError(
-                f"labels[{b}, {t}] (as aligned with the logits rows) = {labels[b, t].item()} is outside "
+                f"{labels_name}[{b}, {t}] (as aligned with the logits rows) = {labels[b, t].item()} is outside "
                 f"[0, V={vocab_size}) and is not ignore_index={ignore_index}"
             )
         if flags[2 * k + 1]:

@@ -185,20 +185,22 @@ def fused_kto_loss(
 
     policy = _policy_token_logprobs(logits, labels, ignore_index, shift, backend_name, entropy,
                                     inplace_backward)
-    if validate:
-        _check_token_results([(policy, vocab_size, "logits")], ignore_index)
+    # The token results of every pass, validated together (one host sync) before any state changes.
+    checks = [(policy, vocab_size, "logits")]
     logps = sequence_logprobs(policy.logp, policy.labels, ignore_index, average=False)
 
-    ref_seq = _summed_logps(ref, labels, ignore_index, shift, backend_name, validate, "ref_logits")
+    ref_seq = _summed_logps(ref, labels, ignore_index, shift, backend_name, checks, "ref_logits")
     logratios = logps - ref_seq.to(logps.dtype)
     rewards = beta * logratios.detach()
 
     if kl_sources is not None:
-        kl_policy = _summed_logps(kl_sources[0], kl_labels, ignore_index, shift, backend_name, validate, "kl_logits")
-        kl_ref = _summed_logps(kl_sources[1], kl_labels, ignore_index, shift, backend_name, validate, "ref_kl_logits")
+        kl_policy = _summed_logps(kl_sources[0], kl_labels, ignore_index, shift, backend_name, checks, "kl_logits")
+        kl_ref = _summed_logps(kl_sources[1], kl_labels, ignore_index, shift, backend_name, checks, "ref_kl_logits")
         kl = (kl_policy.float() - kl_ref.float()).mean().detach().clamp(min=0)
     else:
         kl = torch.zeros((), dtype=torch.float32, device=logits.device)
+    if validate:
+        _check_token_results(checks, ignore_index)
 
     delta = None
     if loss_type == "kto":
@@ -245,21 +247,16 @@ def _policy_token_logprobs(logits, labels, ignore_index, shift, backend_name, en
         return token_logprobs(logits, labels, extras=("logits_sum",), **kwargs)
 
 
-def _summed_logps(source, labels, ignore_index, shift, backend_name, validate, name):
-    """Detached per-sequence summed log-probs from ``("logps", t)`` or ``("logits", t)``."""
+def _summed_logps(source, labels, ignore_index, shift, backend_name, checks, name):
+    """Detached per-sequence summed log-probs from ``("logps", t)`` or ``("logits", t)``; for
+    logits, their token results join ``checks`` (validated with the policy's, one sync), the KL
+    completions' labels named ``kl_labels`` in the error."""
     kind, value = source
     if kind == "logps":
         return value.detach()
     with torch.no_grad():
         tokens = token_logprobs(value, labels, ignore_index=ignore_index, shift=shift, backend=backend_name)
-    if validate:
-        try:
-            _check_token_results([(tokens, value.shape[-1], name)], ignore_index)
-        except ValueError as exc:
-            # api's helper calls every label tensor "labels"; the KL completions have their own.
-            if name.endswith("kl_logits") and str(exc).startswith("labels["):
-                raise ValueError("kl_" + str(exc)) from None
-            raise
+    checks.append((tokens, value.shape[-1], name, "kl_labels" if name.endswith("kl_logits") else "labels"))
     return sequence_logprobs(tokens.logp, tokens.labels, ignore_index, average=False)
 
 

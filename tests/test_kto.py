@@ -357,6 +357,21 @@ def test_bad_labels_and_non_finite_logits(backend, where):
         _call(dict(kw, backend=backend))
 
 
+@pytest.mark.parametrize("validate", [True, False])
+def test_validation_is_one_host_read(backend, validate):
+    """Policy, reference, KL and reference-KL logits: their token results are validated together,
+    one host read (a GPU synchronisation); none without validation."""
+    from host_syncs import host_reads
+
+    kw = _good()
+    kw.update(ref_logps=None, ref_logits=torch.randn_like(kw["logits"]), ref_kl_logps=None,
+              ref_kl_logits=torch.randn_like(kw["kl_logits"]), backend=backend, validate=validate)
+    with host_reads() as reads:
+        out = _call(kw)
+    assert len(reads) == (1 if validate else 0), reads
+    assert torch.isfinite(out.loss)
+
+
 # --------------------------------------------------------------------------------------------
 # parity with TRL's KTOTrainer on a tiny Llama (fp32, CPU, one batch)
 
