@@ -102,18 +102,11 @@ def build_model(vocab_size: int, seed: int):
 # Measurement
 
 
-def _vm_hwm_kib() -> int | None:
+def _proc_status_kib(field: str) -> int | None:
+    """A memory field of ``/proc/self/status`` in KiB (``VmHWM``, ``VmRSS``); None off Linux."""
     try:
         with open("/proc/self/status") as f:
-            return int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1))
-    except (OSError, AttributeError):
-        return None
-
-
-def _vm_rss_kib() -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1))
+            return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1))
     except (OSError, AttributeError):
         return None
 
@@ -138,7 +131,7 @@ class PeakMemory:
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # resets VmHWM to the current RSS
-            self._base = _vm_rss_kib()
+            self._base = _proc_status_kib("VmRSS")
             self.how = "peak RSS (VmHWM) above the start"
         except OSError:
             self._base = None
@@ -152,7 +145,7 @@ class PeakMemory:
             torch.cuda.synchronize()
             self.bytes = torch.cuda.max_memory_allocated() - self._base
         elif self._base is not None:
-            peak = _vm_hwm_kib()
+            peak = _proc_status_kib("VmHWM")
             self.bytes = None if peak is None else max(0, peak - self._base) * 1024
         return False
 

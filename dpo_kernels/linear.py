@@ -34,7 +34,8 @@ rounded, see below):
   by the incoming gradient. A pair larger than a chunk is cut into pieces of at most
   ``chunk_tokens``: only the last piece's logits are kept through the pair's coefficients, the
   earlier pieces' are formed again for their gradient (3 + f matmuls, f the fraction formed
-  again; still fewer than two_phase's 4), so no mode ever holds more than a chunk of logits. It keeps, from its forward to its backward, the weight gradient in the
+  again; still fewer than two_phase's 4), so no mode ever holds more than a chunk of logits.
+  It keeps, from its forward to its backward, the weight gradient in the
   weight's dtype (no fp32 ``[V, H]`` buffer), an fp32 ``[V]`` bias one and the hidden gradient
   ``[2P, T, H]`` in the input dtype (plus the ``[2P, T]`` token results).
 
@@ -67,7 +68,7 @@ from typing import Optional
 
 import torch
 
-from .backends import extras_mask, extras_names, load_backend
+from .backends import empty_forward_outputs, extras_mask, extras_names, load_backend
 from .logprobs import refuse_double_backward
 
 MODES = ("auto", "one_pass", "two_phase")
@@ -483,21 +484,15 @@ def linear_token_logprobs_op(
     names = extras_names(extras_mask)
     logp, lse, ext = forward_tokens(hidden, head, labels, names, chunk_tokens=chunk_tokens,
                                     positions=_positions(labels, rows, cols, ignore_index))
-    stacked = torch.stack([ext[name] for name in names]) if names else _empty_results(labels, hidden, 0)[2]
+    stacked = torch.stack([ext[name] for name in names]) if names else empty_forward_outputs(hidden, 0)[2]
     return logp, lse, stacked
-
-
-def _empty_results(labels, hidden, mask):
-    acc = _acc_dtype(hidden.dtype)
-    shape = tuple(labels.shape)
-    return (labels.new_empty(shape, dtype=acc), labels.new_empty(shape, dtype=acc),
-            labels.new_empty((len(extras_names(mask)), *shape), dtype=acc))
 
 
 @linear_token_logprobs_op.register_fake
 def _linear_token_logprobs_fake(hidden, weight, bias, labels, rows, cols, temperature, softcap, backend,
                                 ignore_index, extras_mask, chunk_tokens, vocab_step, backward_chunk_tokens):
-    return _empty_results(labels, hidden, extras_mask)
+    # hidden [B, T, H] gives the [B, T] shapes and the accumulation dtype, as logits would.
+    return empty_forward_outputs(hidden, extras_mask)
 
 
 @torch.library.custom_op("dpo_kernels::linear_token_logprobs_backward", mutates_args=())
@@ -692,15 +687,14 @@ def linear_token_logprobs(hidden, head: Head, aligned, extras=(), *, chunk_token
     ``backward_chunk_tokens`` / ``vocab_chunk``: the backward's tokens per chunk and vocabulary
     rows per slice (default: from the memory budgets, see :func:`backward_plan`)."""
     rows, cols = (None, None) if positions is None else positions
-    names = extras_names(extras_mask(extras))
+    mask = extras_mask(extras)
     vocab_step, backward_tokens = backward_plan(head, hidden.shape[-1], hidden.dtype, backward_chunk_tokens,
                                                 vocab_chunk)
     logp, lse, stacked = linear_token_logprobs_op(
         hidden, head.weight, head.bias, aligned, rows, cols, float(head.temperature), head.softcap,
-        head.backend_name, int(head.ignore_index), extras_mask(extras), int(chunk_tokens), vocab_step,
-        backward_tokens,
+        head.backend_name, int(head.ignore_index), mask, int(chunk_tokens), vocab_step, backward_tokens,
     )
-    return logp, lse, dict(zip(names, stacked.unbind(0)))
+    return logp, lse, dict(zip(extras_names(mask), stacked.unbind(0)))
 
 
 # --------------------------------------------------------------------------------------------
