@@ -268,19 +268,24 @@ def fused_linear_dpo_loss(
             earlier pieces' logits are formed again for their gradient, 3 to 4 matmuls; not for
             batch-coupled losses; the returned ``chosen_logps``/``rejected_logps`` carry no
             gradient of their own: a backward through them raises; a bf16/fp16 weight gradient is
-            rounded once per chunk or piece), or ``"auto"``: one_pass when the loss allows it, a
-            gradient is needed and the largest pair fits one one_pass chunk, else two_phase. Inside torch.compile, ``auto`` takes two_phase (two registered
-            operators: no graph break); one_pass runs eagerly there, in a graph break.
+            rounded once per chunk or piece), ``"split"`` (four matmuls, lower memory than
+            two_phase, every gradient rounded once: one_pass's forward forms the hidden gradient,
+            the backward forms the weight gradient by vocabulary slices from the per-token loss
+            coefficients the forward kept, as two_phase does; one_pass's limits), or ``"auto"``:
+            one_pass when the loss allows it, a gradient is needed and the largest pair fits one
+            one_pass chunk, else two_phase. Inside torch.compile, ``auto`` takes two_phase (two
+            registered operators: no graph break); one_pass and split run eagerly there, in a graph
+            break.
         chunk_tokens: tokens per chunk (default: a budget of chunk logits in the input dtype,
-            256 MiB, or 512 MiB for one_pass's chunks of whole pairs); no chunk of logits larger
-            than this ever exists, in either mode: memory does not grow with the sequence length. In the ``two_phase``
-            backward it applies to the vocabulary slices (default: a 256 MiB budget of
-            ``tokens x slice`` logits).
+            256 MiB, or 512 MiB for one_pass's and split's chunks of whole pairs); no chunk of
+            logits larger than this ever exists, in any mode: memory does not grow with the
+            sequence length. In the ``two_phase`` and ``split`` backward it applies to the
+            vocabulary slices (default: a 256 MiB budget of ``tokens x slice`` logits).
         validate: check the labels' range before the matmuls (on the path's one read of the
             valid-token counts: no sync of its own) and, after the policy's forward, non-finite
             log-probs of the policy and the reference together (one host sync).
         backend: the kernel contract's backend, as in :func:`fused_dpo_loss`.
-        vocab_chunk: vocabulary rows per slice of the ``two_phase`` backward, whose weight
+        vocab_chunk: vocabulary rows per slice of the ``two_phase`` and ``split`` backward, whose weight
             gradient is formed one slice at a time: one product written into the gradient when
             one token chunk holds all valid tokens, else summed in an fp32 ``[vocab_chunk, H]``
             buffer (default: the hidden size H rounded down to a multiple of 128, at least 2048
@@ -289,7 +294,8 @@ def fused_linear_dpo_loss(
             ``[1, total, H]`` or ``[total, H]``, ``labels`` ``[1, total]`` or ``[total]``,
             ``ref_hidden`` like ``hidden``; the ``B`` chosen sequences first, then the ``B``
             rejected. Equal to the padded batch's result. ``two_phase`` (and the reference) run
-            on the packed rows as they are; ``one_pass``, whose chunks hold whole pairs, gathers
+            on the packed rows as they are; ``one_pass`` and ``split``, whose chunks hold whole
+            pairs, gather
             the hidden states into the padded ``[2B, Tmax, H]`` layout first (a differentiable
             index: ``H`` wide, small beside the ``V``-wide logits that are never formed).
         max_seqlen: with ``cu_seqlens``, as in :func:`fused_dpo_loss` (it saves the read of the
@@ -404,7 +410,11 @@ def fused_linear_dpo_loss(
     def terms_fn(logp, lse, ext):
         return objective.loss_terms(TokenLogprobs(logp, lse, ext, aligned), ref_seq)
 
-    runner = linear.OnePass(head, aligned, extras, one_pass_chunk, terms_fn, num_pairs, needs, census=census)
+    # split: one_pass without the weight gradient, which its backward forms by vocabulary slices.
+    weight_plan = (linear.backward_plan(head, hidden.shape[-1], hidden.dtype, chunk_tokens, vocab_chunk)
+                   if chosen_mode == "split" else None)
+    runner = linear.OnePass(head, aligned, extras, one_pass_chunk, terms_fn, num_pairs, needs, census=census,
+                            weight_plan=weight_plan)
     loss, seq_logps = linear.one_pass(hidden, head, runner)
     logp, lse, ext = runner.tokens
     policy = TokenLogprobs(logp, lse, ext, aligned)
@@ -420,14 +430,14 @@ def _pick_mode(mode, objective, census, chunk, grad_needed, specs, compiling=Fal
     when a gradient is wanted, the loss is not batch-coupled and a pair may exceed ``chunk``
     (``None``: every pair fits). ``compiling``: ``auto`` takes two_phase, the mode torch.compile
     traces whole (one_pass sizes its chunks on the host: it runs eagerly, a graph break)."""
-    if mode == "one_pass":
+    if mode in ("one_pass", "split"):  # both find each pair's coefficients right after its forward
         if objective.batch_coupled:
             coupled = [spec.name for spec in specs if spec.batch_coupled]
             raise ValueError(
-                f"mode='one_pass' needs each pair's loss to depend on that pair only; loss_type {coupled!r} "
+                f"mode={mode!r} needs each pair's loss to depend on that pair only; loss_type {coupled!r} "
                 "couples the pairs of the batch (it sorts across it): use mode='two_phase' or 'auto'"
             )
-        return "one_pass"
+        return mode
     if mode == "two_phase":
         return "two_phase"
     if not grad_needed or objective.batch_coupled or compiling:

@@ -9,8 +9,8 @@ cost no matmul and no vocabulary pass. Sizing that gather takes one host sync
 (:class:`TokenCensus`: the valid tokens per sequence, read once per call and shared by the
 reference's and the policy's gathers, ``auto``'s choice and ``one_pass``'s chunks).
 
-Two modes, both exact (no gradient filtering; they differ in how often the bf16 weight gradient is
-rounded, see below):
+Three modes, all exact (no gradient filtering; they differ in how often the bf16 weight gradient
+is rounded, see below):
 
 - ``two_phase`` (low memory; two registered operators, so torch.compile traces it whole): the
   forward keeps per-token ``lse`` and references to the inputs;
@@ -38,6 +38,13 @@ rounded, see below):
   It keeps, from its forward to its backward, the weight gradient in the
   weight's dtype (no fp32 ``[V, H]`` buffer), an fp32 ``[V]`` bias one and the hidden gradient
   ``[2P, T, H]`` in the input dtype (plus the ``[2P, T]`` token results).
+- ``split`` (four matmuls, every gradient rounded once, less memory than ``two_phase``): one_pass's
+  forward without the weight gradient (the hidden and bias gradients are formed there, each
+  token's hidden gradient one product over the whole vocabulary), keeping each valid token's loss
+  coefficient; its backward is ``two_phase``'s backward for the weight alone, driven by those
+  coefficients times the incoming gradient (:func:`split_weight_grad`). No fp32 ``[N_valid, H]``
+  accumulator: ``two_phase`` needs one only because its hidden gradient is summed over vocabulary
+  slices. The losses it serves are one_pass's.
 
 Precision of the products (fp32 accumulation inside every GEMM: cuBLAS for bf16/fp16 operands;
 where an fp32 result is summed over chunks the GEMM writes/accumulates fp32 directly,
@@ -59,11 +66,13 @@ dtype once (the same rounding as materialized bf16 logits would have); then:
   weights: fp32 throughout);
   each token's hidden gradient is one product ``grad_logits @ weight``. The incoming gradient
   scales both in place in fp32, one rounding (none when it is 1). For a single rounding of every
-  gradient use ``two_phase``.
+  gradient use ``two_phase`` or ``split``.
+- ``split``: the weight gradient as ``two_phase``'s (the same code), the hidden and bias
+  gradients as ``one_pass``'s.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -71,7 +80,7 @@ import torch
 from .backends import empty_forward_outputs, extras_mask, extras_names, load_backend
 from .logprobs import refuse_double_backward
 
-MODES = ("auto", "one_pass", "two_phase")
+MODES = ("auto", "one_pass", "two_phase", "split")
 
 # Default memory budget of one chunk's logits (chunk_tokens x V in the compute dtype): the
 # ``two_phase`` forward, the reference model's forward, and the ``two_phase`` backward's
@@ -747,6 +756,10 @@ class _OnePassFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         loss, seq_logps, grads = runner.run(hidden)
         ctx.grads, ctx.head = grads, runner.head
+        ctx.split = None
+        if runner.deferred is not None:  # split: the weight gradient is formed in the backward
+            ctx.save_for_backward(hidden, weight)  # version-checked: an in-place change raises there
+            ctx.split = (runner.aligned, runner.tokens[1], *runner.deferred, runner.weight_plan)
         return loss, seq_logps
 
     @staticmethod
@@ -765,7 +778,23 @@ class _OnePassFunction(torch.autograd.Function):
         if grad_loss is None or grads is None:
             return None, None, None, None
         # Scaled in the accumulation dtype, then rounded once to each input's dtype.
-        return (*grads.final(ctx.head, grad_loss.detach()), None)
+        grad_hidden, grad_weight, grad_bias = grads.final(ctx.head, grad_loss.detach())
+        if ctx.split is not None:
+            hidden, weight = ctx.saved_tensors
+            grad_weight = split_weight_grad(replace(ctx.head, weight=weight), hidden, grad_loss.detach(), *ctx.split)
+            ctx.split = None
+        return grad_hidden, grad_weight, grad_bias, None
+
+
+def split_weight_grad(head: Head, hidden, scale, aligned, lse, rows, cols, coef_tokens, plan):
+    """``split``'s weight gradient, in its backward: :func:`two_phase_backward` for the weight
+    alone (vocabulary slices outer, chunks of valid tokens inner: the slice's logits formed again,
+    turned into their gradient with the full rows' ``lse``, one ``grad_slice.T @ h`` product per
+    slice when one token chunk holds the valid tokens, else summed in fp32; rounded once), driven
+    by the coefficients the forward found, times the incoming gradient ``scale`` (on the device:
+    no host read). Two of the mode's four matmuls."""
+    grad_logp = coef_tokens.mul_(scale.to(coef_tokens.dtype))  # the forward's buffer, used once
+    return two_phase_backward(head, hidden, aligned, rows, cols, lse, grad_logp, plan, (False, True, False))[1]
 
 
 def pair_pieces(start: int, end: int, chunk_tokens: int) -> list[tuple[int, int]]:
@@ -792,21 +821,34 @@ class OnePass:
     and reduced in turn, only the last piece's are kept, and once the pair's coefficients are
     known the earlier pieces' logits are formed again for their gradient (the matmuls of a pair of
     m tokens whose last piece holds c: 3 m + (m - c) instead of two_phase's 4 m). So no logits
-    beyond ``chunk_tokens`` rows ever exist."""
+    beyond ``chunk_tokens`` rows ever exist.
+
+    ``weight_plan`` (``split`` mode; ``(vocabulary rows per slice, tokens per chunk)`` as
+    :func:`backward_plan`): the weight gradient is not formed here. The forward keeps each valid
+    token's coefficient instead, and the backward forms the weight gradient one vocabulary slice at
+    a time (:func:`split_weight_grad`), so a bf16 weight gradient is rounded once, as in
+    ``two_phase``, while the hidden gradient stays one product per token over the whole vocabulary
+    (no fp32 accumulator across slices, unlike ``two_phase``)."""
 
     def __init__(self, head: Head, aligned, extras, chunk_tokens, terms_fn, num_pairs, needs,
-                 census: TokenCensus | None = None):
+                 census: TokenCensus | None = None, weight_plan: tuple[int, int] | None = None):
         self.needs = tuple(needs)  # gradients wanted for (hidden, weight, bias)
         self.head, self.aligned, self.extras = head, aligned, tuple(sorted(extras))
         self.chunk_tokens, self.terms_fn, self.num_pairs = chunk_tokens, terms_fn, num_pairs
         self.census = census  # the valid-token counts, read by the caller already or read here
+        self.weight_plan = weight_plan if self.needs[1] else None  # split: the weight gradient in the backward
         self.tokens = None  # (logp, lse, extras) [2P, T], after run()
         self.rewards = None  # (chosen_rewards, rejected_rewards), after run()
+        self.deferred = None  # split: (rows, cols, per-token coefficients [2P, T]) for the backward
 
     def run(self, hidden):
         head, aligned = self.head, self.aligned
         shape = aligned.shape
         acc = _acc_dtype(hidden.dtype)
+        need_hidden, need_weight, need_bias = self.needs
+        split = self.weight_plan is not None
+        # Gradients formed during the forward: all three in one_pass; hidden and bias in split.
+        forward_needs = (need_hidden, need_weight and not split, need_bias)
         # Everything that does not depend on the token counts first: on a GPU these launches queue
         # behind the model's forward; after the counts' host sync (in pair_positions) only the
         # gather and the first matmul remain before the device has work again.
@@ -816,13 +858,16 @@ class OnePass:
         logp = torch.where(scored, -1.0, 0.0).to(acc)
         lse = torch.zeros(shape, dtype=acc, device=hidden.device)
         ext = {name: torch.zeros(shape, dtype=acc, device=hidden.device) for name in self.extras}
-        grads = _Grads(hidden, head, *self.needs) if any(self.needs) else None
+        grads = _Grads(hidden, head, *forward_needs) if any(self.needs) else None
+        forming = any(forward_needs)  # the chunks' logits gradients are needed in the forward
+        # split: every valid token's dL/dlogp (what two_phase's backward receives), for the backward.
+        coef_tokens = torch.zeros(shape, dtype=acc, device=hidden.device) if split else None
         rows, cols, bounds, _ = pair_positions(aligned, head.ignore_index, self.num_pairs, self.chunk_tokens,
                                                self.census)
         for s, e in bounds:
             pieces = pair_pieces(s, e, self.chunk_tokens)
             for k, (a, b) in enumerate(pieces):
-                kept = grads is not None and k == len(pieces) - 1
+                kept = forming and k == len(pieces) - 1
                 r, c = rows[a:b], cols[a:b]
                 h = hidden[r, c]
                 z, dcap = _chunk_logits(head, h, keep_derivative=kept)
@@ -840,6 +885,10 @@ class OnePass:
                 leaf = logp.detach().requires_grad_(True)
                 loss = self.terms_fn(leaf, lse, ext)[0]
                 (coef,) = torch.autograd.grad(loss, leaf)
+            if coef_tokens is not None:
+                coef_tokens[rows[s:e], cols[s:e]] = coef[rows[s:e], cols[s:e]]
+            if not forming:
+                continue
             # The last piece's logits are still here; the earlier pieces' are formed again.
             g = _chunk_grad_logits_(head, z, y, ls, coef[r, c], dcap)
             grads.add(head, g, h, r, c)
@@ -852,6 +901,8 @@ class OnePass:
                 grads.add(head, g, h, r, c)
                 del g, z, dcap
         self.tokens = (logp, lse, ext)
+        if split:
+            self.deferred = (rows, cols, coef_tokens)
         loss, chosen, rejected, chosen_rewards, rejected_rewards = self.terms_fn(logp, lse, ext)
         self.rewards = (chosen_rewards.detach(), rejected_rewards.detach())
         return loss.detach(), torch.cat([chosen, rejected]).detach(), grads

@@ -93,7 +93,7 @@ def test_gpu_report_smoke(tmp_path):
         assert "dpo_kernels has no fused_linear_dpo_loss" in report
         pytest.skip("fused_linear_dpo_loss does not exist yet: its hidden-path rows are not checked")
     hidden = report[report.index("# Hidden-state path"):]
-    for mode in ("one_pass", "two_phase"):
+    for mode in ("one_pass", "two_phase", "split"):
         assert f"| ours_{mode} |" in hidden and f"fused_linear_dpo_loss(mode='{mode}')" in hidden
     check_rows = [line for line in hidden.splitlines() if "| ours_" in line]
     assert check_rows and all(line.rstrip().endswith("| PASS |") for line in check_rows), check_rows

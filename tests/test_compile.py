@@ -357,11 +357,13 @@ def test_compiled_linear_step_matches_eager_and_oracle(backend, dtype, mode):
     assert counter.frame_count == 1
 
 
-def test_compiled_linear_one_pass_runs_eagerly_inside():
-    """mode="one_pass" sizes its chunks on the host: compiled without fullgraph it runs eagerly in
-    its graph break, with the eager results; with fullgraph=True torch.compile refuses it."""
+@pytest.mark.parametrize("mode", ["one_pass", "split"])
+def test_compiled_linear_one_pass_runs_eagerly_inside(mode):
+    """mode="one_pass" (and "split", its variant) sizes its chunks on the host: compiled without
+    fullgraph it runs eagerly in its graph break, with the eager results; with fullgraph=True
+    torch.compile refuses it."""
     batch = _linear_batch(torch.float32)
-    step = _linear_step_fn("auto", mode="one_pass")
+    step = _linear_step_fn("auto", mode=mode)
     eager = _run_linear(step, *batch)
     compiled = _run_linear(torch.compile(step, backend="aot_eager"), *batch)
     torch.testing.assert_close(compiled[0], eager[0], rtol=1e-6, atol=1e-7)

@@ -77,7 +77,7 @@ def _linear_run(backend, inputs, mode, **options):
     return _flat(out, [h.grad, w.grad, b.grad])
 
 
-@pytest.mark.parametrize("mode", ["two_phase", "one_pass"])
+@pytest.mark.parametrize("mode", ["two_phase", "one_pass", "split"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_linear_dpo_loss_is_bitwise_repeatable(backend, mode, dtype):
     inputs = _linear_inputs(dtype)
@@ -109,7 +109,7 @@ def test_cpu_backend_is_bitwise_identical_across_thread_counts(threads, config):
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="C++ extension dpo_kernels._C not built")
-@pytest.mark.parametrize("mode", ["two_phase", "one_pass"])
+@pytest.mark.parametrize("mode", ["two_phase", "one_pass", "split"])
 def test_cpu_backend_linear_is_bitwise_identical_across_thread_counts(threads, mode):
     inputs = _linear_inputs(torch.bfloat16)
     runs = [_with_threads(n, lambda: _linear_run("cpu", inputs, mode, shift=True)) for n in (1, 2, 1, 2)]

@@ -97,7 +97,7 @@ def test_double_backward_is_right_or_raises_clearly(backend):
     torch.testing.assert_close(hvp, want_hvp, rtol=1e-7, atol=1e-10)
 
 
-@pytest.mark.parametrize("mode", ["one_pass", "two_phase"])
+@pytest.mark.parametrize("mode", ["one_pass", "two_phase", "split"])
 def test_linear_path_double_backward_raises_clearly(mode):
     from dpo_kernels import fused_linear_dpo_loss
 

@@ -19,7 +19,7 @@ from conftest import BACKENDS
 from runs import run_linear as run
 
 F32, BF16 = torch.float32, torch.bfloat16
-MODES = ["two_phase", "one_pass"]
+MODES = ["two_phase", "one_pass", "split"]
 
 
 def make_inputs(P, T, H, V, dtype=F32, *, bias=False, prompt=2, seed=None):
@@ -212,13 +212,14 @@ def test_matches_fused_dpo_loss_on_materialized_logits():
 
 @pytest.mark.parametrize("dtype", [F32, BF16])
 @pytest.mark.parametrize("chunk_tokens", [1, 3, 7, 1000])
-def test_both_modes_agree_at_every_chunk_size(dtype, chunk_tokens):
+def test_every_mode_agrees_at_every_chunk_size(dtype, chunk_tokens):
     hidden, weight, b, labels = make_inputs(3, 8, 16, 100, dtype, bias=True)
     kwargs = dict(ref_logps=torch.randn(6) - 15, shift=True, token_metrics=True, chunk_tokens=chunk_tokens)
     two, g2 = run(hidden, weight, labels, b, mode="two_phase", **kwargs)
     one, g1 = run(hidden, weight, labels, b, mode="one_pass", **kwargs)
+    split, gs = run(hidden, weight, labels, b, mode="split", **kwargs)
     big, gb = run(hidden, weight, labels, b, mode="two_phase", **{**kwargs, "chunk_tokens": 10_000})
-    for other, grads in ((one, g1), (big, gb)):
+    for other, grads in ((one, g1), (split, gs), (big, gb)):
         torch.testing.assert_close(other.loss, two.loss, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(other.chosen_logps, two.chosen_logps, rtol=1e-6, atol=1e-5)
         for name in two.metrics:
@@ -262,11 +263,13 @@ def _one_pass_roundings(labels, shift, pairs, chunk_tokens):
 def test_bf16_weight_gradient_accumulated_in_fp32():
     """Many tiny chunks: the bf16 weight gradient is within bf16 rounding of the float64 one,
     about as close as the float64 gradient rounded once to bf16 (two_phase: one rounding whatever
-    the chunks; one_pass: one per chunk, here one pair per chunk)."""
+    the chunks, and split, whose weight gradient is two_phase's; one_pass: one per chunk, here one
+    pair per chunk)."""
     hidden, weight, b, labels = make_inputs(4, 16, 32, 64, BF16, bias=True, seed=7)
     ref = torch.randn(8) - 30
     for mode in MODES:
-        chunk = 1 if mode == "two_phase" else max(_pair_sizes(labels, False, 4))
+        # split: pieces of one token in the forward, chunks of one token in its weight-gradient backward
+        chunk = max(_pair_sizes(labels, False, 4)) if mode == "one_pass" else 1
         out, grads = run(hidden, weight, labels, b, ref_logps=ref, mode=mode, chunk_tokens=chunk)
         want = oracle.linear_dpo(hidden, weight, labels, b, ref_logps=ref)
         rounded = _rel(want["grad_weight"].to(BF16), want["grad_weight"])
@@ -304,10 +307,11 @@ def test_ignored_tokens_cost_no_matmul(monkeypatch, mode):
     run(hidden, weight, labels, b, ref_logps=torch.randn(4), shift=True, mode=mode, chunk_tokens=chunk)
     valid = int((oracle.aligned(labels, True) != IGNORE).sum())
     assert valid <= labels.numel() - 4 * 3 - 4 - 3  # prompt (after the shift), the last row, padding
-    if mode == "two_phase":  # every logit recomputed in backward
-        recomputed = valid
-    else:  # pairs above the chunk: all but the last piece's logits are formed again
-        recomputed = sum(m - min(m, chunk) for m in _pair_sizes(labels, True, 2))
+    recomputed = 0
+    if mode != "two_phase":  # pairs above the chunk: all but the last piece's logits are formed again
+        recomputed += sum(m - min(m, chunk) for m in _pair_sizes(labels, True, 2))
+    if mode != "one_pass":  # every logit formed again in the backward (split: for the weight gradient)
+        recomputed += valid
     assert sum(rows["logits"]) == valid + recomputed
     assert sum(rows["grad_hidden"]) == valid and sum(rows["grad_weight"]) == valid
     assert max(rows["logits"]) <= chunk  # memory bounded by the chunk, not the sequence length
@@ -548,6 +552,96 @@ def test_one_pass_peak_is_bounded_by_the_chunk_not_the_pair():
     torch.testing.assert_close(gw, wgw, rtol=1e-5, atol=1e-7)
 
 
+# --------------------------------------------------------------------------------------------
+# split: the hidden gradient in the forward (one_pass), the weight gradient by vocabulary slices
+# in the backward (two_phase's).
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("vocab_chunk, chunk_tokens", [(None, None), (64, None), (64, 5), (7, 3)])
+def test_split_weight_gradient_is_two_phase_s(dtype, vocab_chunk, chunk_tokens):
+    """split's weight gradient is two_phase's backward for the weight alone, driven by the
+    coefficients its forward found: the same slices, chunks and roundings (a bf16 weight gradient
+    rounded once). Its hidden and bias gradients are one_pass's, bit for bit."""
+    hidden, weight, b, labels = make_inputs(3, 9, 16, 301, dtype, bias=True, seed=8)
+    kwargs = dict(ref_logps=torch.randn(6) - 25, shift=True, vocab_chunk=vocab_chunk, chunk_tokens=chunk_tokens)
+    split, (sh, sw, sb) = run(hidden, weight, labels, b, mode="split", **kwargs)
+    _, (_, tw, _) = run(hidden, weight, labels, b, mode="two_phase", **kwargs)
+    one, (oh, _, ob) = run(hidden, weight, labels, b, mode="one_pass", **kwargs)
+    # The coefficients come from the same per-pair loss, found once per chunk (split) or on the
+    # whole batch (two_phase): equal up to fp32 rounding, so a bf16 gradient rarely differs, by
+    # one rounding step at most.
+    if dtype == BF16:
+        assert ((sw.float() - tw.float()).abs() <= 2.0 ** -8 * tw.float().abs()).all()
+        assert (sw == tw).float().mean() > 0.99
+    else:
+        torch.testing.assert_close(sw, tw, rtol=1e-6, atol=1e-7 * tw.abs().max().item())
+    assert torch.equal(sh, oh) and torch.equal(sb, ob) and torch.equal(split.loss, one.loss)
+    want = oracle.linear_dpo(hidden, weight, labels, b, ref_logps=kwargs["ref_logps"], shift=True)
+    check(split, want, (sh, sw, sb), dtype)
+
+
+def test_split_peak_holds_no_fp32_accumulator():
+    """split's peak (CPU allocator, every byte, forward + backward) is its backward's: the weight
+    gradient + the hidden gradient formed in the forward + the gathered ``[n, H]`` rows + one
+    chunk's ``[chunk, rows]`` slice of logits, plus small per-token vectors. No fp32 ``[n, H]``
+    accumulator (two_phase's, across slices) and no ``[V, H]`` one; the forward's chunk of one
+    pair is smaller."""
+    from dpo_kernels.bench import peak_extra_bytes
+
+    P, T, H, V, rows = 4, 64, 256, 2048, 512
+    hidden = torch.randn(2 * P, T, H)
+    weight = torch.randn(V, H) * 0.1
+    labels = torch.randint(0, V, (2 * P, T))
+    labels[:, :24] = IGNORE  # pairs of 80 valid tokens
+    n, chunk = int((labels != IGNORE).sum()), 80
+    ref = torch.randn(2 * P) - 30
+
+    def step():
+        h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        out = fused_linear_dpo_loss(h, w, labels, ref_logps=ref, mode="split", vocab_chunk=rows, chunk_tokens=chunk)
+        return torch.autograd.grad(out.loss, (h, w))
+
+    peak = peak_extra_bytes(step, "cpu")
+    if peak is None:
+        pytest.skip("the CPU allocator's events are not observable here")
+    inputs = 2 * P * T * H * 4 + V * H * 4  # the clones of hidden and weight
+    # The forward's peak: the hidden gradient + one pair's rows, logits [80, V] and grad-hidden product.
+    forward = 2 * P * T * H * 4 + chunk * V * 4 + 2 * chunk * H * 4
+    model = V * H * 4 + 2 * P * T * H * 4 + n * H * 4 + chunk * rows * 4  # weight grad, hidden grad, rows, logits
+    assert forward < model <= peak - inputs <= model + n * H * 4 // 4, (peak - inputs, model)
+
+
+def test_split_refuses_what_one_pass_refuses():
+    """split finds each pair's coefficients after its forward, as one_pass does: no batch-coupled
+    loss, no gradient through the returned log-probs, one backward."""
+    hidden, weight, b, labels = make_inputs(2, 8, 16, 60)
+    h = hidden.clone().requires_grad_(True)
+    with pytest.raises(ValueError, match="mode='split' needs each pair's loss"):
+        fused_linear_dpo_loss(h, weight, labels, ref_logps=torch.randn(4), loss_type="aot", mode="split")
+    out = fused_linear_dpo_loss(h, weight, labels, ref_logps=torch.randn(4), mode="split")
+    with pytest.raises(RuntimeError, match="carry no gradient of their own"):
+        (out.loss + out.chosen_logps.sum()).backward()
+    w = weight.clone().requires_grad_(True)
+    out = fused_linear_dpo_loss(h, w, labels, ref_logps=torch.randn(4), mode="split")
+    out.loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward called twice"):
+        out.loss.backward()
+
+
+def test_split_weight_gradient_sees_an_in_place_change_of_its_inputs():
+    """The backward forms the weight gradient from ``hidden`` and ``weight`` again: changed in place
+    after the forward, autograd refuses (a saved tensor's version), never a silently wrong
+    gradient."""
+    hidden, weight, b, labels = make_inputs(2, 8, 16, 60)
+    h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    out = fused_linear_dpo_loss(h, w, labels, ref_logps=torch.randn(4), mode="split")
+    with torch.no_grad():
+        w.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.loss.backward()
+
+
 def test_vocab_slice_size_default_is_the_hidden_size():
     assert linear.vocab_slice_size(128256, 4096, None) == 4096
     assert linear.vocab_slice_size(152064, 3584, None) == 3584
@@ -772,26 +866,30 @@ def test_incoming_gradient_scales_every_gradient_in_bf16(mode, backend):
     h, w, bb = (t.clone().requires_grad_(True) for t in (hidden, weight, b))
     out = fused_linear_dpo_loss(h, w, labels, bb, ref_logps=ref, mode=mode, backend=backend)
     (out.loss / 3).backward()
-    if mode == "one_pass":  # the gradients are formed in the forward, then scaled: exactly once more
-        # Triton's interpreter rounds fp32 -> bf16 by truncation (the GPU to nearest): one ulp there.
-        exact = 1 if backend == "triton" and interpreting() else 0
-        for got, full, ulps in zip((h.grad, w.grad, bb.grad), plain, (exact, exact, 1)):
-            # hidden, weight: exactly the bf16 gradient times 1/3 rounded once; the bias is kept in
-            # fp32 until then, so `full` (already rounded) may differ from it by one bf16 ulp.
-            want = (full.float() / 3).to(BF16)
-            assert ((got.float() - want.float()).abs() <= ulps * 2.0 ** -7 * want.float().abs()).all()
-    else:  # the scale enters the per-token coefficients before grad_logits is rounded
-        want = oracle.linear_dpo(hidden, weight, labels, b, ref_logps=ref)
-        for got, name in zip((h.grad, w.grad, bb.grad), ("grad_hidden", "grad_weight", "grad_bias")):
-            assert _rel(got, want[name] / 3) < 2.0 ** -7
+    # Triton's interpreter rounds fp32 -> bf16 by truncation (the GPU to nearest): one ulp there.
+    exact = 1 if backend == "triton" and interpreting() else 0
+    want = oracle.linear_dpo(hidden, weight, labels, b, ref_logps=ref)
+    for got, full, name, ulps in zip((h.grad, w.grad, bb.grad), plain, ("hidden", "weight", "bias"), (exact, exact, 1)):
+        if mode == "one_pass" or (mode == "split" and name != "weight"):
+            # Formed in the forward, then scaled: exactly once more. hidden, weight: exactly the bf16
+            # gradient times 1/3 rounded once; the bias is kept in fp32 until then, so `full`
+            # (already rounded) may differ from it by one bf16 ulp.
+            scaled = (full.float() / 3).to(BF16)
+            assert ((got.float() - scaled.float()).abs() <= ulps * 2.0 ** -7 * scaled.float().abs()).all()
+        else:  # two_phase, split's weight: the scale enters the per-token coefficients before
+            # grad_logits is rounded
+            assert _rel(got, want[f"grad_{name}"] / 3) < 2.0 ** -7
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="needs triton")
 @pytest.mark.parametrize("grad_scale", [1.0, 0.25])
-def test_one_pass_backward_reads_nothing_on_the_host_with_triton(grad_scale):
+@pytest.mark.parametrize("mode", ["one_pass", "split"])
+def test_one_pass_backward_reads_nothing_on_the_host_with_triton(grad_scale, mode):
     """one_pass's backward only scales the gradients formed in the forward; with the Triton
     backend the scale is applied (or, when 1, skipped) on the device: no host read of a device
-    value (``aten._local_scalar_dense``: a synchronisation on a GPU) in the whole backward."""
+    value (``aten._local_scalar_dense``: a synchronisation on a GPU) in the whole backward.
+    split's weight-gradient slices take the scale into the coefficients, on the device too (a
+    power of two: the same bits as scaling afterwards)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class HostReads(TorchDispatchMode):
@@ -806,12 +904,12 @@ def test_one_pass_backward_reads_nothing_on_the_host_with_triton(grad_scale):
 
     hidden, weight, b, labels = make_inputs(2, 6, 16, 90, bias=True, seed=5)
     ref = torch.randn(4) - 10
-    _, plain = run(hidden, weight, labels, b, ref_logps=ref, mode="one_pass", backend="triton")
+    _, plain = run(hidden, weight, labels, b, ref_logps=ref, mode=mode, backend="triton")
     h, w, bb = (t.clone().requires_grad_(True) for t in (hidden, weight, b))
-    out = fused_linear_dpo_loss(h, w, labels, bb, ref_logps=ref, mode="one_pass", backend="triton")
-    with HostReads() as mode:
+    out = fused_linear_dpo_loss(h, w, labels, bb, ref_logps=ref, mode=mode, backend="triton")
+    with HostReads() as reads:
         (out.loss * grad_scale).backward()
-    assert mode.reads == []
+    assert reads.reads == []
     for got, want in zip((h.grad, w.grad, bb.grad), plain):
         torch.testing.assert_close(got, want * grad_scale, rtol=0, atol=0)
 
@@ -870,9 +968,9 @@ def test_host_syncs_per_call(mode, validate, reference):
     with host_reads() as backward:
         out.loss.backward()
     assert len(forward) == (2 if validate else 1), forward
-    # one_pass on the CPU backend reads the incoming gradient (a CPU tensor: nothing to wait for;
+    # one_pass and split on the CPU backend read the incoming gradient (a CPU tensor: nothing to wait for;
     # the Triton backend scales on the device, see the test above). auto takes two_phase here.
-    assert backward == ([] if mode != "one_pass" else ["aten._local_scalar_dense.default"]), backward
+    assert backward == ([] if mode not in ("one_pass", "split") else ["aten._local_scalar_dense.default"]), backward
     want = oracle.linear_dpo(hidden, weight, labels, b, **ref)
     torch.testing.assert_close(out.loss.detach().double(), want["loss"], rtol=1e-5, atol=1e-6)
 

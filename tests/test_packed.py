@@ -301,13 +301,13 @@ def check_hidden_case(backend, dtype, shift, case, mode, lengths=LENGTHS):
     assert_grad_close(gb, want["grad_bias"], dtype, "grad bias vs oracle")
 
 
-@pytest.mark.parametrize("mode", ["two_phase", "one_pass"])
+@pytest.mark.parametrize("mode", ["two_phase", "one_pass", "split"])
 @pytest.mark.parametrize("case", list(HIDDEN_CASES))
 def test_hidden_packed_equals_padded_fp32(backend, case, mode):
     check_hidden_case(backend, F32, True, case, mode)
 
 
-@pytest.mark.parametrize("mode", ["two_phase", "one_pass"])
+@pytest.mark.parametrize("mode", ["two_phase", "one_pass", "split"])
 def test_hidden_packed_equals_padded_bf16_no_shift(backend, mode):
     check_hidden_case(backend, BF16, False, "sigmoid_ref_hidden", mode)
 
@@ -410,7 +410,7 @@ def test_max_seqlen_gives_the_same_result(backend, validate, extra):
     torch.testing.assert_close(grad, want_grad, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("mode", ["two_phase", "one_pass"])
+@pytest.mark.parametrize("mode", ["two_phase", "one_pass", "split"])
 def test_max_seqlen_hidden_path(backend, mode):
     hidden, weight, b, labels = hidden_inputs(LENGTHS, F32, bias=True)
     kwargs = dict(cu_seqlens=offsets(LENGTHS), shift=True, backend=backend, mode=mode,
