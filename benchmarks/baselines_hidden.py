@@ -29,7 +29,7 @@ missing, wrong device, ours not built yet), so that suites and reports skip it c
 - ``cce`` / ``cce_exact``: Apple's Cut Cross-Entropy, ``linear_cross_entropy(...,
   reduction='none')`` (``logp = -loss``), with its default gradient filtering (approximate) and
   with ``filter_eps=None`` (exact). CUDA only.
-- ``ours_one_pass`` / ``ours_two_phase``: ``dpo_kernels.fused_linear_dpo_loss(..., mode=...)``;
+- ``ours_one_pass`` / ``ours_two_phase`` / ``ours_split``: ``dpo_kernels.fused_linear_dpo_loss(..., mode=...)``;
   ``ours_one_pass_160mib``: one_pass with chunks of 160 MiB of logits (low memory: pairs larger
   than a chunk are cut into pieces)
   (``validate=False``); unavailable while ``dpo_kernels`` has no ``fused_linear_dpo_loss``.
@@ -430,6 +430,8 @@ HIDDEN_VARIANTS: list[HiddenVariant] = [
                   floor_matmuls=3, ours=True),
     HiddenVariant("ours_two_phase", "ours: fused_linear_dpo_loss(mode='two_phase') (4 matmuls, low memory)",
                   ours("two_phase"), floor_matmuls=4, ours=True),
+    HiddenVariant("ours_split", "ours: fused_linear_dpo_loss(mode='split') (4 matmuls, low memory, every gradient "
+                  "rounded once)", ours("split"), floor_matmuls=4, ours=True),
     HiddenVariant("ours_one_pass_160mib",
                   "ours: mode='one_pass', chunk_tokens of 160 MiB of logits (pairs cut into pieces, earlier "
                   "pieces' logits formed again: 3 to 4 matmuls, low memory)",

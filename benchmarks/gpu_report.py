@@ -505,7 +505,7 @@ def timing_row(r: dict) -> list[str]:
 # 5. The hidden-state path: fused lm_head + DPO
 
 
-HIDDEN_CHECK_VARIANTS = ("ours_one_pass", "ours_two_phase", "ours_one_pass_160mib", "eager")
+HIDDEN_CHECK_VARIANTS = ("ours_one_pass", "ours_two_phase", "ours_split", "ours_one_pass_160mib", "eager")
 # Base tolerances of the hidden-path check per dtype: (loss abs, gradient rows rel to the row's
 # largest entry). Ours passes when each error is within max(base, 2 x eager's error in the same
 # dtype): no worse than materializing the logits in that dtype.

@@ -13,7 +13,7 @@ chosen from, so a change of default is backed by a number:
    pair per chunk; two_phase with several token chunks per vocabulary slice, so the fp32 slice
    accumulator runs), as gpu_report.py's check does for the defaults;
 3. forward + backward time (CUDA events, median) and extra peak memory of ``one_pass`` per
-   ``chunk_tokens`` and of ``two_phase`` per ``vocab_chunk``, beside the 3- and 4-matmul floors at
+   ``chunk_tokens`` and of ``two_phase`` and ``split`` per ``vocab_chunk``, beside the 3- and 4-matmul floors at
    the bf16 matmul rate measured in the same process;
 4. where the time goes: ``torch.profiler`` CUDA time by kernel for the default of each mode
    (GEMMs vs our kernels vs the rest).
@@ -107,6 +107,9 @@ def check_paths(doc: Doc, shape: HiddenShape, device) -> None:
         ("two_phase, default", loss_fn("two_phase")),
         (f"two_phase, {max(1, per_pair // 3)} tokens per backward chunk (fp32 slice accumulator)",
          loss_fn("two_phase", chunk_tokens=max(1, per_pair // 3))),
+        ("split, default", loss_fn("split")),
+        (f"split, pieces and backward chunks of {max(1, per_pair // 3)} tokens",
+         loss_fn("split", chunk_tokens=max(1, per_pair // 3))),
     ]
     rows = []
     for name, fn in cases:
@@ -137,9 +140,12 @@ def sweep(doc: Doc, shape: HiddenShape, device, tflops, iters, warmup, budget_s)
     variants += [("one_pass", {"chunk_tokens": c}) for c in (512, 640, 768)]
     # two_phase's default slice is the hidden size (4096 here); 2048 was the default before.
     variants += [("two_phase", {})] + [("two_phase", {"vocab_chunk": v}) for v in (2048, 6144, 8192)]
+    # split: no fp32 accumulator across slices, so wider slices cost only their logits.
+    variants += [("split", {})] + [("split", {"vocab_chunk": v}) for v in (8192, 16384)]
     if shape.vocab < 8192:  # smoke
         variants = [("one_pass", {}), ("one_pass", {"chunk_tokens": 1}), ("one_pass", {"chunk_tokens": 7}),
-                    ("two_phase", {}), ("two_phase", {"vocab_chunk": 300})]
+                    ("two_phase", {}), ("two_phase", {"vocab_chunk": 300}), ("split", {}),
+                    ("split", {"vocab_chunk": 300})]
     rows = []
     header = ["mode", "knobs", "median ms", "min ms", "x floor (3 mm)", "x floor (4 mm)", "extra peak memory", "note"]
     title = (f"## Time and memory ({shape.describe()}; the gradients themselves: {fmt_bytes(shape.grads_bytes)}; "
@@ -178,7 +184,7 @@ def profile(doc: Doc, hidden, weight, labels, ref, device) -> None:
 
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    for mode in ("one_pass", "two_phase"):
+    for mode in ("one_pass", "two_phase", "split"):
         fn = loss_fn(mode)
         try:
             torch.autograd.grad(fn(hidden, weight, labels, ref), (hidden, weight))
