@@ -65,6 +65,8 @@ CASES = [
          {"use_fused_lm_head": True, "fused_lm_head_options": {"mode": "two_phase"}}),
     Case("apo_zero-one_pass-small_chunks", {"loss_type": ["apo_zero"]},
          {"use_fused_lm_head": True, "fused_lm_head_options": {"mode": "one_pass", "chunk_tokens": 20}}),
+    Case("ipo-ga2-split-small_slices", {"loss_type": ["ipo"], "gradient_accumulation_steps": 2},
+         {"use_fused_lm_head": True, "fused_lm_head_options": {"mode": "split", "vocab_chunk": 48}}),
     Case("sigmoid_norm-ld0.3-precomputed-fused_lm_head", {"loss_type": ["sigmoid_norm"], "ld_alpha": 0.3,
                                                           "precompute_ref_log_probs": True}, FUSED),
     Case("discopop-gradient_checkpointing-fused_lm_head", {"loss_type": ["discopop"], "discopop_tau": 0.3,
