@@ -398,25 +398,30 @@ def test_default_chunk_size_from_memory_budget():
 
 
 # --------------------------------------------------------------------------------------------
-# two_phase backward: vocabulary slices outer, token chunks inner.
+# The sliced backward (two_phase's; split's for the weight): vocabulary slices outer, token chunks inner.
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16])
 @pytest.mark.parametrize("vocab_chunk, chunk_tokens", [(64, 5), (64, 1000), (1, 7), (1000, 4), (None, None)])
-def test_two_phase_vocab_slices_match_oracle(dtype, vocab_chunk, chunk_tokens):
+@pytest.mark.parametrize("mode", ["two_phase", "split"])
+def test_vocab_slices_match_oracle(dtype, vocab_chunk, chunk_tokens, mode):
     """V = 301 in slices of 64 (four full and one of 45), of 1 row, or one slice (V smaller than
-    the slice, given or default), with several token chunks or one."""
+    the slice, given or default), with several token chunks or one (split: its forward's chunks
+    are pieces of a pair too, where ``chunk_tokens`` is below a pair)."""
     hidden, weight, b, labels = make_inputs(3, 9, 16, 301, dtype, bias=True, seed=3)
-    compare(hidden, weight, labels, b, dtype, ref_logps=torch.randn(6) - 25, shift=True, mode="two_phase",
+    compare(hidden, weight, labels, b, dtype, ref_logps=torch.randn(6) - 25, shift=True, mode=mode,
             chunk_tokens=chunk_tokens, vocab_chunk=vocab_chunk, token_metrics=True)
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16])
-def test_two_phase_vocab_slices_softcap_temperature_backends(backend, dtype):
+@pytest.mark.parametrize("mode", ["two_phase", "split"])
+def test_vocab_slices_softcap_temperature_backends(backend, dtype, mode):
+    """The sliced backward (two_phase's, and split's for its weight gradient) with the softcap's
+    derivative and the temperature, on every backend, several token chunks per slice."""
     hidden, weight, b, labels = make_inputs(2, 8, 16, 301, dtype, bias=True, seed=4)
     weight = (weight.float() * 3).to(dtype)
     compare(hidden, weight, labels, b, dtype, ref_logps=torch.randn(4) - 30, logit_softcap=8.0, temperature=0.7,
-            shift=True, mode="two_phase", chunk_tokens=4, vocab_chunk=64, backend=backend)
+            shift=True, mode=mode, chunk_tokens=4, vocab_chunk=64, backend=backend)
 
 
 def test_two_phase_vocab_slices_agree_with_one_slice():
@@ -466,7 +471,8 @@ def test_two_phase_vocab_slices_keep_four_matmuls_over_valid_tokens(monkeypatch)
         assert area == {"logits": 2 * valid * 301, "grad_hidden": valid * 301, "grad_weight": valid * 301}
 
 
-def test_two_phase_backward_allocates_no_fp32_vocab_by_hidden_buffer():
+@pytest.mark.parametrize("mode", ["two_phase", "split"])
+def test_sliced_backward_allocates_no_fp32_vocab_by_hidden_buffer(mode):
     """Every tensor created during the backward is recorded: none is fp32 (or wider) with V x H
     elements; the weight gradient exists only in its own (bf16) dtype."""
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -475,7 +481,7 @@ def test_two_phase_backward_allocates_no_fp32_vocab_by_hidden_buffer():
     hidden, weight, b, labels = make_inputs(2, 9, H, V, BF16, bias=True, seed=6)
     h = hidden.clone().requires_grad_(True)
     w = weight.clone().requires_grad_(True)
-    out = fused_linear_dpo_loss(h, w, labels, b, ref_logps=torch.randn(4), shift=True, mode="two_phase",
+    out = fused_linear_dpo_loss(h, w, labels, b, ref_logps=torch.randn(4), shift=True, mode=mode,
                                 chunk_tokens=5, vocab_chunk=64)
     valid = int((oracle.aligned(labels, True) != IGNORE).sum())
     assert valid * max(H, 64) < V * H  # the largest legitimate fp32 buffers are smaller than V x H
