@@ -756,7 +756,7 @@ class _OnePassFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         loss, seq_logps, grads = runner.run(hidden)
         ctx.grads, ctx.head = grads, runner.head
-        ctx.split = None
+        ctx.split, ctx.mode = None, runner.mode
         if runner.deferred is not None:  # split: the weight gradient is formed in the backward
             ctx.save_for_backward(hidden, weight)  # version-checked: an in-place change raises there
             ctx.split = (runner.aligned, runner.tokens[1], *runner.deferred, runner.weight_plan)
@@ -765,14 +765,15 @@ class _OnePassFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_seq_logps):
         refuse_double_backward("fused_linear_dpo_loss")
+        mode = ctx.mode
         if grad_seq_logps is not None:
             raise RuntimeError(
-                "fused_linear_dpo_loss(mode='one_pass'): chosen_logps/rejected_logps carry no gradient of "
-                "their own (the gradients were formed during the forward from the loss alone); use "
+                f"fused_linear_dpo_loss(mode={mode!r}): chosen_logps/rejected_logps carry no gradient of "
+                "their own (the gradients were formed from the loss alone, during the forward); use "
                 "mode='two_phase' to backpropagate through them"
             )
         if ctx.grads is False:
-            raise RuntimeError("fused_linear_dpo_loss(mode='one_pass'): backward called twice (the gradient "
+            raise RuntimeError(f"fused_linear_dpo_loss(mode={mode!r}): backward called twice (the gradient "
                                "buffers are released after the first); use mode='two_phase'")
         grads, ctx.grads = ctx.grads, False
         if grad_loss is None or grads is None:
@@ -836,6 +837,7 @@ class OnePass:
         self.head, self.aligned, self.extras = head, aligned, tuple(sorted(extras))
         self.chunk_tokens, self.terms_fn, self.num_pairs = chunk_tokens, terms_fn, num_pairs
         self.census = census  # the valid-token counts, read by the caller already or read here
+        self.mode = "one_pass" if weight_plan is None else "split"  # as the caller asked (for messages)
         self.weight_plan = weight_plan if self.needs[1] else None  # split: the weight gradient in the backward
         self.tokens = None  # (logp, lse, extras) [2P, T], after run()
         self.rewards = None  # (chosen_rewards, rejected_rewards), after run()
