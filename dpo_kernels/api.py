@@ -277,9 +277,10 @@ def fused_linear_dpo_loss(
             registered operators: no graph break); one_pass and split run eagerly there, in a graph
             break.
         chunk_tokens: tokens per chunk (default: a budget of chunk logits in the input dtype,
-            256 MiB, or 512 MiB for one_pass's and split's chunks of whole pairs); no chunk of
-            logits larger than this ever exists, in any mode: memory does not grow with the
-            sequence length. In the ``two_phase`` and ``split`` backward it applies to the
+            256 MiB, or 512 MiB for one_pass's chunks of whole pairs, and for split's the larger
+            of 512 MiB and the weight gradient's size, H tokens, which keeps its forward's peak
+            below its backward's); no chunk of logits larger than this ever exists, in any mode:
+            memory does not grow with the sequence length. In the ``two_phase`` and ``split`` backward it applies to the
             vocabulary slices (default: a 256 MiB budget of ``tokens x slice`` logits).
         validate: check the labels' range before the matmuls (on the path's one read of the
             valid-token counts: no sync of its own) and, after the policy's forward, non-finite
@@ -410,9 +411,15 @@ def fused_linear_dpo_loss(
     def terms_fn(logp, lse, ext):
         return objective.loss_terms(TokenLogprobs(logp, lse, ext, aligned), ref_seq)
 
-    # split: one_pass without the weight gradient, which its backward forms by vocabulary slices.
-    weight_plan = (linear.backward_plan(head, hidden.shape[-1], hidden.dtype, chunk_tokens, vocab_chunk)
-                   if chosen_mode == "split" else None)
+    # split: one_pass without the weight gradient, which its backward forms by vocabulary slices;
+    # its forward chunks may be as large as that gradient (see linear.split_chunk_size). With a
+    # frozen head there is no weight gradient: split is one_pass, with one_pass's chunks.
+    weight_plan = None
+    if chosen_mode == "split":
+        weight_plan = linear.backward_plan(head, hidden.shape[-1], hidden.dtype, chunk_tokens, vocab_chunk)
+        if needs[1]:
+            one_pass_chunk = linear.split_chunk_size(vocab_size, hidden.shape[-1], hidden.dtype, softcap,
+                                                     chunk_tokens)
     runner = linear.OnePass(head, aligned, extras, one_pass_chunk, terms_fn, num_pairs, needs, census=census,
                             weight_plan=weight_plan)
     loss, seq_logps = linear.one_pass(hidden, head, runner)

@@ -618,6 +618,42 @@ def test_split_peak_holds_no_fp32_accumulator():
     assert forward < model <= peak - inputs <= model + n * H * 4 // 4, (peak - inputs, model)
 
 
+def test_split_forward_chunk_is_as_large_as_the_weight_gradient():
+    """split's forward chunks hold up to the weight gradient's size in logits (H tokens at bf16 or
+    fp32 without a softcap), at least one_pass's budget; ``chunk_tokens`` overrides both."""
+    assert linear.split_chunk_size(128256, 4096, BF16, None, None) == 4096  # 2 pairs of 1536 at 8 x 1024
+    assert linear.split_chunk_size(152064, 3584, BF16, None, None) == 3584  # a pair of 3072 at 4 x 2048
+    one_pass = linear.one_pass_chunk_size(151936, BF16, None, None)
+    assert linear.split_chunk_size(151936, 896, BF16, None, None) == one_pass > 896  # small H: one_pass's
+    assert linear.split_chunk_size(128256, 4096, F32, 30.0, None) < 4096  # the softcap's fp32 temporaries
+    assert linear.split_chunk_size(128256, 4096, BF16, None, 7) == 7
+
+
+def test_split_forward_chunks_whole_pairs_up_to_its_chunk(monkeypatch):
+    """With the default budget the forward's logits matmul sees the chunks split_chunk_size allows
+    (here: V x H bytes of logits hold 16 tokens, two pairs of 8; one_pass's default would hold
+    all of them), a frozen head takes one_pass's chunks."""
+    rows = _count_matmul_rows(monkeypatch)
+    monkeypatch.setattr(linear, "DEFAULT_ONE_PASS_CHUNK_BYTES", 1)  # so the weight gradient's size decides
+    P, T, H, V = 4, 8, 16, 90  # fp32 logits of V x H bytes: 16 tokens
+    hidden, weight, _, _ = make_inputs(P, T, H, V, seed=2)
+    labels = torch.randint(0, V, (2 * P, T))  # pairs of 16 valid tokens
+    ref = torch.randn(2 * P) - 10
+    h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    out = fused_linear_dpo_loss(h, w, labels, ref_logps=ref, mode="split")
+    assert rows["logits"] == [16, 16, 16, 16]  # forward: one pair per chunk (16 tokens fit, 32 do not)
+    out.loss.backward()
+    # backward: one vocabulary slice (V < H's default slice), all 64 tokens in one chunk
+    assert rows["logits"][4:] == [64] and rows["grad_hidden"] == [16] * 4 and rows["grad_weight"] == [64]
+    want = oracle.linear_dpo(hidden, weight, labels, ref_logps=ref)
+    check(out, want, (h.grad, w.grad, None), F32)
+    for key in rows:
+        rows[key].clear()
+    h = hidden.clone().requires_grad_(True)
+    fused_linear_dpo_loss(h, weight, labels, ref_logps=ref, mode="split").loss.backward()  # frozen head
+    assert max(rows["logits"]) == 1  # one_pass's (here 1-byte) budget: pieces of one token
+
+
 def test_split_refuses_what_one_pass_refuses():
     """split finds each pair's coefficients after its forward, as one_pass does: no batch-coupled
     loss, no gradient through the returned log-probs, one backward."""
