@@ -280,14 +280,15 @@ def fused_linear_dpo_loss(
             256 MiB, or 512 MiB for one_pass's chunks of whole pairs, and for split's the larger
             of 512 MiB and the weight gradient's size, H tokens, which keeps its forward's peak
             below its backward's); no chunk of logits larger than this ever exists, in any mode:
-            memory does not grow with the sequence length. In the ``two_phase`` and ``split`` backward it applies to the
-            vocabulary slices (default: a 256 MiB budget of ``tokens x slice`` logits).
+            memory does not grow with the sequence length. In the ``two_phase`` and ``split``
+            backward it applies to the vocabulary slices (default: a 256 MiB budget of
+            ``tokens x slice`` logits).
         validate: check the labels' range before the matmuls (on the path's one read of the
             valid-token counts: no sync of its own) and, after the policy's forward, non-finite
             log-probs of the policy and the reference together (one host sync).
         backend: the kernel contract's backend, as in :func:`fused_dpo_loss`.
-        vocab_chunk: vocabulary rows per slice of the ``two_phase`` and ``split`` backward, whose weight
-            gradient is formed one slice at a time: one product written into the gradient when
+        vocab_chunk: vocabulary rows per slice of the ``two_phase`` and ``split`` backward, whose
+            weight gradient is formed one slice at a time: one product written into the gradient when
             one token chunk holds all valid tokens, else summed in an fp32 ``[vocab_chunk, H]``
             buffer (default: the hidden size H rounded down to a multiple of 128, at least 2048
             rows; the whole vocabulary when smaller).
@@ -296,9 +297,9 @@ def fused_linear_dpo_loss(
             ``ref_hidden`` like ``hidden``; the ``B`` chosen sequences first, then the ``B``
             rejected. Equal to the padded batch's result. ``two_phase`` (and the reference) run
             on the packed rows as they are; ``one_pass`` and ``split``, whose chunks hold whole
-            pairs, gather
-            the hidden states into the padded ``[2B, Tmax, H]`` layout first (a differentiable
-            index: ``H`` wide, small beside the ``V``-wide logits that are never formed).
+            pairs, gather the hidden states into the padded ``[2B, Tmax, H]`` layout first (a
+            differentiable index: ``H`` wide, small beside the ``V``-wide logits that are never
+            formed).
         max_seqlen: with ``cu_seqlens``, as in :func:`fused_dpo_loss` (it saves the read of the
             offsets; this path still has its own host sync for the valid tokens).
 

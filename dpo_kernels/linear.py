@@ -781,7 +781,7 @@ class _OnePassFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_seq_logps):
         refuse_double_backward("fused_linear_dpo_loss")
-        mode = ctx.mode
+        mode = ctx.mode  # as the caller asked: one_pass or split
         if grad_seq_logps is not None:
             raise RuntimeError(
                 f"fused_linear_dpo_loss(mode={mode!r}): chosen_logps/rejected_logps carry no gradient of "
