@@ -634,6 +634,38 @@ def hidden_timing_row(r: dict) -> list[str]:
     return [r["description"], f"{r['median_ms']:.3f}", f"{r['min_ms']:.3f}", x3, x4, mem, ""]
 
 
+# Issue 5's targets at its shape (the first of hidden_shapes): (name, ms at most, extra bytes at
+# most, times faster than TRL's fused lm head at least, or None).
+ISSUE5_TARGETS = (("fast mode", 30.0, 2.0e9, 1.4), ("low-memory mode", 38.0, 1.3e9, None))
+
+
+def target_rows(records: list[dict], targets=ISSUE5_TARGETS) -> list[list[str]]:
+    """For each of our variants timed at one shape, whether it meets each target (time, extra
+    memory, and the speed-up over ``trl_chunked`` in the same run where the target asks for one):
+    the verdict the issue asks for, read off the same records as the table above it."""
+    by_id = {r["variant"]: r for r in records if r.get("status") == "ok"}
+    trl = by_id.get("trl_chunked")
+    rows = []
+    for r in records:
+        if not r["variant"].startswith("ours_") or r.get("status") != "ok":
+            continue
+        speedup = trl["median_ms"] / r["median_ms"] if trl else None
+        for name, max_ms, max_bytes, min_speedup in targets:
+            misses = []
+            if r["median_ms"] > max_ms:
+                misses.append(f"time {r['median_ms']:.1f} > {max_ms:g} ms")
+            peak = r.get("peak_extra_bytes")
+            if peak is None or peak > max_bytes:
+                misses.append(f"memory {fmt_bytes(peak)} > {fmt_bytes(max_bytes)}")
+            if min_speedup is not None and (speedup is None or speedup < min_speedup):
+                misses.append("no TRL time in this run" if speedup is None
+                              else f"{speedup:.2f}x TRL < {min_speedup:g}x")
+            rows.append([r["variant"], name, f"{r['median_ms']:.2f}", fmt_bytes(peak),
+                         "n/a" if speedup is None else f"{speedup:.2f}x",
+                         "MET" if not misses else "missed: " + "; ".join(misses)])
+    return rows
+
+
 def auto_mode_note(shape: HiddenShape) -> str:
     """Which mode ``mode="auto"`` takes at this shape (from the labels alone, as the API does)."""
     try:
@@ -729,8 +761,15 @@ def run_hidden_section(report: Report, args, device, ctx: Context, ceil: dict, i
                 report.write()
 
             log(f"hidden timing on {shape.describe()}")
+            first = len(report.records["hidden_timings"])
             run_shape(shape, HIDDEN_VARIANTS, device, ctx, on_row, "hidden timing setup",
                       lambda: time_hidden_shape(shape, device, ctx, iters, warmup, tflops, on_row))
+            if shape == hidden_shapes(smoke)[0]:  # the issue's shape: its targets, read off the rows above
+                report.text("Issue-5 targets at this shape (fast: <= 30 ms, <= 2.0 GB extra, >= 1.4x faster "
+                            "than TRL's fused lm head in this run; low memory: <= 38 ms, <= 1.3 GB extra):")
+                verdicts = report.table(["variant", "target", "median ms", "extra peak memory", "vs TRL", "verdict"])
+                verdicts.extend(target_rows(report.records["hidden_timings"][first:]))
+                report.write()
     return failures
 
 

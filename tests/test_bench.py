@@ -95,8 +95,11 @@ def test_gpu_report_smoke(tmp_path):
     hidden = report[report.index("# Hidden-state path"):]
     for mode in ("one_pass", "two_phase", "split"):
         assert f"| ours_{mode} |" in hidden and f"fused_linear_dpo_loss(mode='{mode}')" in hidden
-    check_rows = [line for line in hidden.splitlines() if "| ours_" in line]
+    checks = hidden[:hidden.index("## Hidden-state path: forward + backward")]
+    check_rows = [line for line in checks.splitlines() if "| ours_" in line]
     assert check_rows and all(line.rstrip().endswith("| PASS |") for line in check_rows), check_rows
+    assert "| variant | target | median ms | extra peak memory | vs TRL | verdict |" in hidden
+    assert "| ours_split | low-memory mode |" in hidden
 
 
 def test_gpu_report_sections(tmp_path):
@@ -113,3 +116,38 @@ def test_gpu_report_sections(tmp_path):
     bad = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_report.py"), "--smoke", "--sections", "x"],
                          capture_output=True, text=True, timeout=60, env=_env(tmp_path), cwd=tmp_path)
     assert bad.returncode != 0 and "--sections" in bad.stderr
+
+
+def _load_gpu_report(monkeypatch):
+    """gpu_report.py as a module (it parses its command line on import: given ``--smoke``)."""
+    import importlib.util
+
+    monkeypatch.setattr(sys, "argv", ["gpu_report.py", "--smoke"])
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the script prepends the checkout and benchmarks/
+    spec = importlib.util.spec_from_file_location("gpu_report_under_test", REPO / "benchmarks" / "gpu_report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_report_issue5_target_verdicts(monkeypatch):
+    """The report's verdict per (our variant, target): time, extra memory and, for the fast mode, the
+    speed-up over TRL's fused lm head timed in the same run; a variant that did not run is not
+    judged, and without a TRL time the speed-up target cannot be met."""
+    report = _load_gpu_report(monkeypatch)
+    records = [
+        {"variant": "ours_one_pass", "status": "ok", "median_ms": 29.5, "peak_extra_bytes": 1.54e9},
+        {"variant": "ours_split", "status": "ok", "median_ms": 37.0, "peak_extra_bytes": 1.25e9},
+        {"variant": "ours_two_phase", "status": "out of memory: (synthetic)"},
+        {"variant": "trl_chunked", "status": "ok", "median_ms": 43.0, "peak_extra_bytes": 3.6e9},
+        {"variant": "eager", "status": "ok", "median_ms": 20.0, "peak_extra_bytes": 0.5e9},
+    ]
+    rows = {(r[0], r[1]): r for r in report.target_rows(records)}
+    assert set(rows) == {(v, t) for v in ("ours_one_pass", "ours_split") for t in ("fast mode", "low-memory mode")}
+    assert rows["ours_one_pass", "fast mode"][4:] == ["1.46x", "MET"]
+    assert rows["ours_one_pass", "low-memory mode"][5] == "missed: memory 1.54 GB > 1.30 GB"
+    assert rows["ours_split", "fast mode"][5] == "missed: time 37.0 > 30 ms; 1.16x TRL < 1.4x"
+    assert rows["ours_split", "low-memory mode"][5] == "MET"
+    alone = {(r[0], r[1]): r[5] for r in report.target_rows(records[:2])}
+    assert alone["ours_one_pass", "fast mode"] == "missed: no TRL time in this run"
+    assert alone["ours_split", "low-memory mode"] == "MET"
