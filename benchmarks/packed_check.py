@@ -5,7 +5,7 @@
 
 Ragged lengths (a quarter of each sequence a prompt), B pairs; the padded batch holds the same
 sequences padded to the longest. Both are timed forward+backward with CUDA events (median after
-warm-up) on the logits path (bf16 logits) and on the hidden path (both modes). Not run on a GPU
+warm-up) on the logits path (bf16 logits) and on the hidden path (every mode). Not run on a GPU
 yet.
 """
 from __future__ import annotations
@@ -123,7 +123,7 @@ def main(argv):
     low, high, V, H = (8, 33, 1000, 64) if smoke else (256, 1025, 128256, 4096)
     lengths = [int(n) for n in torch.randint(low, high, (8,))]
     logits_path(lengths, V, device)
-    for mode in ("two_phase", "one_pass"):
+    for mode in ("two_phase", "one_pass", "split"):
         hidden_path(lengths, H, V, device, mode)
 
 
