@@ -713,7 +713,8 @@ LIGER_LOSSES = ["sigmoid", "hinge", "nca_pair", "robust", "bco_pair", "sppo_hard
 
 @pytest.mark.parametrize("loss_type", LIGER_LOSSES)
 @pytest.mark.parametrize("average", [False, True])
-def test_matches_liger(loss_type, average):
+@pytest.mark.parametrize("mode", MODES)
+def test_matches_liger(loss_type, average, mode):
     chunked = pytest.importorskip("liger_kernel.chunked_loss")
     hidden, weight, b, labels = make_inputs(2, 7, 16, 90, bias=True)
     ref_hidden = torch.randn_like(hidden)
@@ -727,7 +728,7 @@ def test_matches_liger(loss_type, average):
     loss, aux = liger(w, h, labels, bl, ref_input=ref_hidden, ref_weight=ref_weight, ref_bias=b)
     loss.backward()
     out, grads = run(hidden, weight, labels, b, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=b,
-                     beta=0.2, loss_type=loss_type, label_smoothing=ls, average_log_prob=average)
+                     beta=0.2, loss_type=loss_type, label_smoothing=ls, average_log_prob=average, mode=mode)
     torch.testing.assert_close(out.loss, loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out.chosen_logps, aux[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.rejected_logps, aux[1], rtol=1e-5, atol=1e-5)
