@@ -386,8 +386,9 @@ def test_sequences_without_completion_tokens():
     for mode in MODES:
         compare(hidden, weight, labels, b, ref_logps=torch.randn(4), mode=mode, average_log_prob=True)
     labels[:] = IGNORE
-    out, grads = run(hidden, weight, labels, b, ref_logps=torch.zeros(4))
-    assert torch.isfinite(out.loss) and all((g == 0).all() for g in grads)
+    for mode in ["auto", *MODES]:
+        out, grads = run(hidden, weight, labels, b, ref_logps=torch.zeros(4), mode=mode)
+        assert torch.isfinite(out.loss) and all((g == 0).all() for g in grads), mode
 
 
 def test_default_chunk_size_from_memory_budget():
