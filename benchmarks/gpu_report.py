@@ -675,7 +675,7 @@ def auto_mode_note(shape: HiddenShape) -> str:
         budget = linear.one_pass_chunk_size(shape.vocab, shape.dtype, None, None)
     except Exception as exc:  # an older checkout without these helpers
         return f"; mode='auto': unknown ({type(exc).__name__})"
-    mode = "one_pass" if pair <= budget else "two_phase"
+    mode = "one_pass" if pair <= budget else "split"
     return (f"; `mode='auto'` takes **{mode}** here (largest pair {pair} valid tokens, one_pass chunk budget "
             f"{budget} tokens)")
 

@@ -412,18 +412,18 @@ def fused_linear_dpo_loss(
     def terms_fn(logp, lse, ext):
         return objective.loss_terms(TokenLogprobs(logp, lse, ext, aligned), ref_seq)
 
-    # split: one_pass without the weight gradient, which its backward forms by vocabulary slices;
-    # its forward chunks may be as large as that gradient (see linear.split_chunk_size). With a
-    # frozen head there is no weight gradient: split is one_pass, with one_pass's chunks.
-    weight_plan = None
+    # split: the hidden gradient's per-token part in the forward, every gradient in the backward
+    # (linear.Split). Its forward chunks may be as large as the weight gradient, which its backward
+    # holds anyway (linear.split_chunk_size); with a frozen head, one_pass's chunks.
     if chosen_mode == "split":
-        weight_plan = linear.backward_plan(head, hidden.shape[-1], hidden.dtype, chunk_tokens, vocab_chunk)
-        if needs[1]:
-            one_pass_chunk = linear.split_chunk_size(vocab_size, hidden.shape[-1], hidden.dtype, softcap,
-                                                     chunk_tokens)
-    runner = linear.OnePass(head, aligned, extras, one_pass_chunk, terms_fn, num_pairs, needs, census=census,
-                            weight_plan=weight_plan)
-    loss, seq_logps = linear.one_pass(hidden, head, runner)
+        plan = linear.backward_plan(head, hidden.shape[-1], hidden.dtype, chunk_tokens, vocab_chunk)
+        split_chunk = (linear.split_chunk_size(vocab_size, hidden.shape[-1], hidden.dtype, softcap, chunk_tokens)
+                       if needs[1] else one_pass_chunk)
+        runner = linear.Split(head, aligned, extras, split_chunk, terms_fn, needs, plan, census=census)
+        loss, seq_logps = linear.split(hidden, head, runner)
+    else:
+        runner = linear.OnePass(head, aligned, extras, one_pass_chunk, terms_fn, num_pairs, needs, census=census)
+        loss, seq_logps = linear.one_pass(hidden, head, runner)
     logp, lse, ext = runner.tokens
     policy = TokenLogprobs(logp, lse, ext, aligned)
     if validate:
@@ -435,24 +435,30 @@ def fused_linear_dpo_loss(
 
 def _pick_mode(mode, objective, census, chunk, grad_needed, specs, compiling=False) -> str:
     """``census``: the valid tokens per sequence (:class:`linear.TokenCensus`), read by ``auto``
-    when a gradient is wanted, the loss is not batch-coupled and a pair may exceed ``chunk``
-    (``None``: every pair fits). ``compiling``: ``auto`` takes two_phase, the mode torch.compile
-    traces whole (one_pass sizes its chunks on the host: it runs eagerly, a graph break)."""
-    if mode in ("one_pass", "split"):  # both find each pair's coefficients right after its forward
+    when a gradient is wanted and a pair may exceed ``chunk`` (``None``: every pair fits).
+    ``compiling``: ``auto`` takes two_phase, the mode torch.compile traces whole (one_pass and
+    split size their chunks on the host: they run eagerly, a graph break).
+
+    ``auto``: one_pass (three matmuls) when the loss is pair-local and the largest pair fits one
+    one_pass chunk; else split (four matmuls, the least memory, any loss); two_phase when no
+    gradient is wanted (the chunked forward alone) or inside torch.compile."""
+    if mode == "one_pass":  # it finds each pair's coefficients right after that pair's forward
         if objective.batch_coupled:
             coupled = [spec.name for spec in specs if spec.batch_coupled]
             raise ValueError(
-                f"mode={mode!r} needs each pair's loss to depend on that pair only; loss_type {coupled!r} "
-                "couples the pairs of the batch (it sorts across it): use mode='two_phase' or 'auto'"
+                f"mode='one_pass' needs each pair's loss to depend on that pair only; loss_type {coupled!r} "
+                "couples the pairs of the batch (it sorts across it): use mode='split', 'two_phase' or 'auto'"
             )
         return mode
-    if mode == "two_phase":
+    if mode in ("two_phase", "split"):
+        return mode
+    if not grad_needed or compiling:
         return "two_phase"
-    if not grad_needed or objective.batch_coupled or compiling:
-        return "two_phase"
+    if objective.batch_coupled:
+        return "split"
     if census is None:
         return "one_pass"
-    return "one_pass" if max(census.pair_counts(), default=0) <= chunk else "two_phase"
+    return "one_pass" if max(census.pair_counts(), default=0) <= chunk else "split"
 
 
 def _loss_setup(loss_type, loss_weights, **options):

@@ -38,13 +38,16 @@ is rounded, see below):
   It keeps, from its forward to its backward, the weight gradient in the
   weight's dtype (no fp32 ``[V, H]`` buffer), an fp32 ``[V]`` bias one and the hidden gradient
   ``[2P, T, H]`` in the input dtype (plus the ``[2P, T]`` token results).
-- ``split`` (four matmuls, every gradient rounded once, less memory than ``two_phase``): one_pass's
-  forward without the weight gradient (the hidden and bias gradients are formed there, each
-  token's hidden gradient one product over the whole vocabulary), keeping each valid token's loss
-  coefficient; its backward is ``two_phase``'s backward for the weight alone, driven by those
-  coefficients times the incoming gradient (:func:`split_weight_grad`). No fp32 ``[N_valid, H]``
-  accumulator: ``two_phase`` needs one only because its hidden gradient is summed over vocabulary
-  slices. The losses it serves are one_pass's.
+- ``split`` (four matmuls, every gradient rounded once, the least memory, any loss): each token's
+  hidden gradient is ``coef_t * u_t`` with ``u_t = d logp_t / d h_t``, which needs no loss. The
+  forward takes chunks of valid tokens (of any size: no whole pairs, nothing formed again), forms
+  the logits, the token results and ``u`` (the logits' gradient for a coefficient of 1, times the
+  weight: one product per token over the whole vocabulary, kept in fp32), then runs the loss once
+  and keeps its small graph. The backward takes the per-token coefficients from that graph for
+  the incoming gradients (so ``chosen_logps`` may carry gradients too), rounds ``coef_t * u_t``
+  once into the hidden gradient, frees ``u``, and runs ``two_phase``'s backward for the weight and
+  bias (:class:`Split`). No fp32 ``[N_valid, H]`` accumulator summed over slices: ``two_phase``
+  needs one only because its hidden gradient is summed over vocabulary slices.
 
 Precision of the products (fp32 accumulation inside every GEMM: cuBLAS for bf16/fp16 operands;
 where an fp32 result is summed over chunks the GEMM writes/accumulates fp32 directly,
@@ -67,8 +70,10 @@ dtype once (the same rounding as materialized bf16 logits would have); then:
   each token's hidden gradient is one product ``grad_logits @ weight``. The incoming gradient
   scales both in place in fp32, one rounding (none when it is 1). For a single rounding of every
   gradient use ``two_phase`` or ``split``.
-- ``split``: the weight gradient as ``two_phase``'s (the same code), the hidden and bias
-  gradients as ``one_pass``'s.
+- ``split``: the weight and bias gradients as ``two_phase``'s (the same code); each token's
+  logits gradient is rounded to the input dtype before its coefficient multiplies it (the same
+  error as rounding it after, not the same bits), the hidden gradient once, in fp32, from the
+  product kept in fp32.
 """
 from __future__ import annotations
 
@@ -88,10 +93,11 @@ MODES = ("auto", "one_pass", "two_phase", "split")
 DEFAULT_CHUNK_BYTES = 256 << 20
 
 # Default budget of one ``one_pass`` chunk's logits (whole pairs): larger, because every chunk
-# rounds the running bf16 weight gradient once and its grad-hidden product wants enough rows to
-# fill the GPU (2048 tokens at V = 128256 in bf16). ``mode="auto"`` takes ``one_pass`` when the
-# largest pair fits it.
-DEFAULT_ONE_PASS_CHUNK_BYTES = 512 << 20
+# rounds the running bf16 weight gradient once (and its GEMM reads and writes that gradient once
+# more) and runs the loss once: 3072 tokens at V = 128256 in bf16, two pairs of 1536 at issue 5's
+# 8 x 1024 shape (H200, run C's sweep: 30.4 ms against 31.3 with 512 MiB's one pair per chunk, at
+# 1.96 GB instead of 1.54). ``mode="auto"`` takes ``one_pass`` when the largest pair fits it.
+DEFAULT_ONE_PASS_CHUNK_BYTES = 768 << 20
 
 # Default vocabulary rows of one slice of the ``two_phase`` backward: the hidden size H (a multiple
 # of 128), at least this many. Why H: each slice's hidden-gradient product ``[n, rows] @ [rows, H]``
@@ -219,6 +225,51 @@ def _true_positions(mask: torch.Tensor, total: int | None) -> tuple[torch.Tensor
         except (RuntimeError, NotImplementedError, AttributeError):  # a device without nonzero_static
             pass
     return mask.nonzero(as_tuple=True)
+
+
+def _row_words(x: torch.Tensor) -> torch.Tensor | None:
+    """``x`` ``[B, T, H]`` as a ``[B * T, W]`` view whose elements are the widest words (8 or 4
+    bytes) its rows allow, or ``None`` when its rows are not evenly spaced (then the gathers index
+    it as it is). Why: a row gather or scatter moves one element per thread; 8-byte words move four
+    bf16 values each, so the same rows take a quarter of the elements."""
+    if x.dim() != 3:
+        return None
+    try:
+        flat = x.detach().view(-1, x.shape[-1])
+    except RuntimeError:
+        return None
+    for word in (torch.int64, torch.int32):
+        if word.itemsize <= x.element_size():
+            break
+        try:
+            return flat.view(word)
+        except RuntimeError:
+            continue
+    return flat
+
+
+def gather_rows(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``x[rows, cols]`` (``[n, H]``, a copy) for ``x`` ``[B, T, H]``: an ``index_select`` of whole
+    rows, reinterpreted as wide words where the layout allows (see :func:`_row_words`)."""
+    words = _row_words(x)
+    if words is None:
+        return x.detach()[rows, cols]
+    return words.index_select(0, torch.add(cols, rows, alpha=x.shape[1])).view(x.dtype)
+
+
+def scatter_rows_(dst: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor) -> None:
+    """``dst[rows, cols] = values`` for ``dst`` ``[B, T, H]`` (each position at most once), as
+    whole rows of wide words where the layout allows (see :func:`_row_words`)."""
+    words = _row_words(dst)
+    if words is not None and values.dtype == dst.dtype and words.dtype != dst.dtype:
+        try:
+            values = values.view(words.dtype)
+        except RuntimeError:
+            words = None
+    if words is None or values.dtype != words.dtype:
+        dst[rows, cols] = values
+        return
+    words.index_put_((torch.add(cols, rows, alpha=dst.shape[1]),), values)
 
 
 # --------------------------------------------------------------------------------------------
@@ -392,7 +443,7 @@ class _Grads:
 
     def add(self, head: Head, g: torch.Tensor, h: torch.Tensor, rows, cols) -> None:
         if self.hidden is not None:
-            self.hidden[rows, cols] = grad_hidden_matmul(g, head.weight)
+            scatter_rows_(self.hidden, rows, cols, grad_hidden_matmul(g, head.weight))
         if self.weight is not None:
             grad_weight_matmul(self.weight, g, h, accumulate=self.weight_started)
             self.weight_started = True
@@ -457,7 +508,7 @@ def forward_tokens(hidden: torch.Tensor, head: Head, aligned: torch.Tensor, extr
     for s in range(0, n, chunk_tokens):
         e = min(n, s + chunk_tokens)
         r, c = rows[s:e], cols[s:e]
-        z, _ = _chunk_logits(head, hidden[r, c], keep_derivative=False)
+        z, _ = _chunk_logits(head, gather_rows(hidden, r, c), keep_derivative=False)
         lp, ls, ex = _chunk_forward(head, z, aligned[r, c], extras)
         logp[s:e], lse[s:e] = lp, ls
         for name in extras:
@@ -630,7 +681,7 @@ def two_phase_backward(head: Head, hidden, aligned, rows, cols, lse, grad_logp, 
     labels = aligned[rows, cols]
     bounds = [(s, min(n, s + chunk_tokens)) for s in range(0, n, chunk_tokens)]
     # The valid hidden rows, gathered once (not once per slice and chunk): N_valid x H.
-    whole = hidden[rows, cols]
+    whole = gather_rows(hidden, rows, cols)
     no_label = -(V + 1)  # shifted labels lie in [-(V - 1), V - 1]: never equal to it
     # The weight gradient of a slice: with one token chunk the single product is written straight
     # into its rows (rounded once); with several, the chunks are summed in an fp32 buffer of the
@@ -658,7 +709,7 @@ def two_phase_backward(head: Head, hidden, aligned, rows, cols, lse, grad_logp, 
                 if sliced:
                     grad_hidden_matmul_acc(gh_acc[s:e], g, w_slice, accumulate=v0 > 0)
                 else:
-                    grad_hidden[rows[s:e], cols[s:e]] = grad_hidden_matmul(g, head.weight)
+                    scatter_rows_(grad_hidden, rows[s:e], cols[s:e], grad_hidden_matmul(g, head.weight))
             if need_w:
                 grad_weight_matmul(gw_out, g, h, accumulate=k > 0)
             if need_b:
@@ -676,7 +727,7 @@ def two_phase_backward(head: Head, hidden, aligned, rows, cols, lse, grad_logp, 
         grad_hidden = torch.zeros_like(hidden, memory_format=torch.contiguous_format)
         step = max(1, ROUNDING_BLOCK_BYTES // max(2 * H, 1))
         for s in range(0, n, step):
-            grad_hidden[rows[s:s + step], cols[s:s + step]] = gh_acc[s:s + step].to(hidden.dtype)
+            scatter_rows_(grad_hidden, rows[s:s + step], cols[s:s + step], gh_acc[s:s + step].to(hidden.dtype))
     return grad_hidden, grad_weight, grad_bias
 
 
@@ -772,46 +823,25 @@ class _OnePassFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         loss, seq_logps, grads = runner.run(hidden)
         ctx.grads, ctx.head = grads, runner.head
-        ctx.split, ctx.mode = None, runner.mode
-        if runner.deferred is not None:  # split: the weight gradient is formed in the backward
-            ctx.save_for_backward(hidden, weight)  # version-checked: an in-place change raises there
-            ctx.split = (runner.aligned, runner.tokens[1], *runner.deferred, runner.weight_plan)
         return loss, seq_logps
 
     @staticmethod
     def backward(ctx, grad_loss, grad_seq_logps):
         refuse_double_backward("fused_linear_dpo_loss")
-        mode = ctx.mode  # as the caller asked: one_pass or split
         if grad_seq_logps is not None:
             raise RuntimeError(
-                f"fused_linear_dpo_loss(mode={mode!r}): chosen_logps/rejected_logps carry no gradient of "
+                "fused_linear_dpo_loss(mode='one_pass'): chosen_logps/rejected_logps carry no gradient of "
                 "their own (the gradients were formed from the loss alone, during the forward); use "
-                "mode='two_phase' to backpropagate through them"
+                "mode='split' or 'two_phase' to backpropagate through them"
             )
         if ctx.grads is False:
-            raise RuntimeError(f"fused_linear_dpo_loss(mode={mode!r}): backward called twice (the gradient "
+            raise RuntimeError("fused_linear_dpo_loss(mode='one_pass'): backward called twice (the gradient "
                                "buffers are released after the first); use mode='two_phase'")
         grads, ctx.grads = ctx.grads, False
         if grad_loss is None or grads is None:
             return None, None, None, None
         # Scaled in the accumulation dtype, then rounded once to each input's dtype.
-        grad_hidden, grad_weight, grad_bias = grads.final(ctx.head, grad_loss.detach())
-        if ctx.split is not None:
-            hidden, weight = ctx.saved_tensors
-            grad_weight = split_weight_grad(replace(ctx.head, weight=weight), hidden, grad_loss.detach(), *ctx.split)
-            ctx.split = None
-        return grad_hidden, grad_weight, grad_bias, None
-
-
-def split_weight_grad(head: Head, hidden, scale, aligned, lse, rows, cols, coef_tokens, plan):
-    """``split``'s weight gradient, in its backward: :func:`two_phase_backward` for the weight
-    alone (vocabulary slices outer, chunks of valid tokens inner: the slice's logits formed again,
-    turned into their gradient with the full rows' ``lse``, one ``grad_slice.T @ h`` product per
-    slice when one token chunk holds the valid tokens, else summed in fp32; rounded once), driven
-    by the coefficients the forward found, times the incoming gradient ``scale`` (on the device:
-    no host read). Two of the mode's four matmuls."""
-    grad_logp = coef_tokens.mul_(scale.to(coef_tokens.dtype))  # the forward's buffer, used once
-    return two_phase_backward(head, hidden, aligned, rows, cols, lse, grad_logp, plan, (False, True, False))[1]
+        return (*grads.final(ctx.head, grad_loss.detach()), None)
 
 
 def pair_pieces(start: int, end: int, chunk_tokens: int) -> list[tuple[int, int]]:
@@ -838,57 +868,46 @@ class OnePass:
     and reduced in turn, only the last piece's are kept, and once the pair's coefficients are
     known the earlier pieces' logits are formed again for their gradient (the matmuls of a pair of
     m tokens whose last piece holds c: 3 m + (m - c) instead of two_phase's 4 m). So no logits
-    beyond ``chunk_tokens`` rows ever exist.
-
-    ``weight_plan`` (``split`` mode; ``(vocabulary rows per slice, tokens per chunk)`` as
-    :func:`backward_plan`): the weight gradient is not formed here. The forward keeps each valid
-    token's coefficient instead, and the backward forms the weight gradient one vocabulary slice at
-    a time (:func:`split_weight_grad`), so a bf16 weight gradient is rounded once, as in
-    ``two_phase``, while the hidden gradient stays one product per token over the whole vocabulary
-    (no fp32 accumulator across slices, unlike ``two_phase``)."""
+    beyond ``chunk_tokens`` rows ever exist."""
 
     def __init__(self, head: Head, aligned, extras, chunk_tokens, terms_fn, num_pairs, needs,
-                 census: TokenCensus | None = None, weight_plan: tuple[int, int] | None = None):
+                 census: TokenCensus | None = None):
         self.needs = tuple(needs)  # gradients wanted for (hidden, weight, bias)
         self.head, self.aligned, self.extras = head, aligned, tuple(sorted(extras))
         self.chunk_tokens, self.terms_fn, self.num_pairs = chunk_tokens, terms_fn, num_pairs
         self.census = census  # the valid-token counts, read by the caller already or read here
-        self.mode = "one_pass" if weight_plan is None else "split"  # as the caller asked (for messages)
-        self.weight_plan = weight_plan if self.needs[1] else None  # split: the weight gradient in the backward
         self.tokens = None  # (logp, lse, extras) [2P, T], after run()
         self.rewards = None  # (chosen_rewards, rejected_rewards), after run()
-        self.deferred = None  # split: (rows, cols, per-token coefficients [2P, T]) for the backward
+
+    def _buffers(self, hidden):
+        """The token results (placeholders) and the gradient buffers. Made right after the first
+        logits matmul is queued, so that on a GPU their launches overlap it instead of standing
+        between the host sync and the first matmul, while the device idles."""
+        head, shape = self.head, self.aligned.shape
+        acc = _acc_dtype(hidden.dtype)
+        # Placeholders for the tokens not processed yet: -1 (a finite log-prob), so every pair's loss
+        # stays finite; a pair's coefficients do not depend on the other pairs' values.
+        logp = torch.where(self.aligned != head.ignore_index, -1.0, 0.0).to(acc)
+        lse = torch.zeros(shape, dtype=acc, device=hidden.device)
+        ext = {name: torch.zeros(shape, dtype=acc, device=hidden.device) for name in self.extras}
+        grads = _Grads(hidden, head, *self.needs) if any(self.needs) else None
+        return logp, lse, ext, grads
 
     def run(self, hidden):
         head, aligned = self.head, self.aligned
-        shape = aligned.shape
-        acc = _acc_dtype(hidden.dtype)
-        need_hidden, need_weight, need_bias = self.needs
-        split = self.weight_plan is not None
-        # Gradients formed during the forward: all three in one_pass; hidden and bias in split.
-        forward_needs = (need_hidden, need_weight and not split, need_bias)
-        # Everything that does not depend on the token counts first: on a GPU these launches queue
-        # behind the model's forward; after the counts' host sync (in pair_positions) only the
-        # gather and the first matmul remain before the device has work again.
-        scored = aligned != head.ignore_index
-        # Placeholders for the tokens not processed yet: -1 (a finite log-prob), so every pair's loss
-        # stays finite; a pair's coefficients do not depend on the other pairs' values.
-        logp = torch.where(scored, -1.0, 0.0).to(acc)
-        lse = torch.zeros(shape, dtype=acc, device=hidden.device)
-        ext = {name: torch.zeros(shape, dtype=acc, device=hidden.device) for name in self.extras}
-        grads = _Grads(hidden, head, *forward_needs) if any(self.needs) else None
-        forming = any(forward_needs)  # the chunks' logits gradients are needed in the forward
-        # split: every valid token's dL/dlogp (what two_phase's backward receives), for the backward.
-        coef_tokens = torch.zeros(shape, dtype=acc, device=hidden.device) if split else None
+        forming = any(self.needs)  # the chunks' logits gradients are needed in the forward
         rows, cols, bounds, _ = pair_positions(aligned, head.ignore_index, self.num_pairs, self.chunk_tokens,
                                                self.census)
+        logp = lse = ext = grads = None
         for s, e in bounds:
             pieces = pair_pieces(s, e, self.chunk_tokens)
             for k, (a, b) in enumerate(pieces):
                 kept = forming and k == len(pieces) - 1
                 r, c = rows[a:b], cols[a:b]
-                h = hidden[r, c]
+                h = gather_rows(hidden, r, c)
                 z, dcap = _chunk_logits(head, h, keep_derivative=kept)
+                if logp is None:
+                    logp, lse, ext, grads = self._buffers(hidden)
                 y = aligned[r, c]
                 lp, ls, ex = _chunk_forward(head, z, y, self.extras)
                 logp[r, c], lse[r, c] = lp, ls
@@ -903,27 +922,182 @@ class OnePass:
                 leaf = logp.detach().requires_grad_(True)
                 loss = self.terms_fn(leaf, lse, ext)[0]
                 (coef,) = torch.autograd.grad(loss, leaf)
-            if coef_tokens is not None:
-                coef_tokens[rows[s:e], cols[s:e]] = coef[rows[s:e], cols[s:e]]
-            if not forming:
-                continue
             # The last piece's logits are still here; the earlier pieces' are formed again.
             g = _chunk_grad_logits_(head, z, y, ls, coef[r, c], dcap)
             grads.add(head, g, h, r, c)
             del g, z, dcap
             for a, b in pieces[:-1]:
                 r, c = rows[a:b], cols[a:b]
-                h = hidden[r, c]
+                h = gather_rows(hidden, r, c)
                 z, dcap = _chunk_logits(head, h, keep_derivative=True)
                 g = _chunk_grad_logits_(head, z, aligned[r, c], lse[r, c], coef[r, c], dcap)
                 grads.add(head, g, h, r, c)
                 del g, z, dcap
+        if logp is None:  # no valid token: no chunk ran
+            logp, lse, ext, grads = self._buffers(hidden)
         self.tokens = (logp, lse, ext)
-        if split:
-            self.deferred = (rows, cols, coef_tokens)
         loss, chosen, rejected, chosen_rewards, rejected_rewards = self.terms_fn(logp, lse, ext)
         self.rewards = (chosen_rewards.detach(), rejected_rewards.detach())
         return loss.detach(), torch.cat([chosen, rejected]).detach(), grads
+
+
+def token_chunks(n: int, chunk_tokens: int) -> list[tuple[int, int]]:
+    """``[0, n)`` cut into the fewest chunks of at most ``chunk_tokens``, of equal sizes (within
+    one token): the same number of matmuls as full chunks and a remainder, with a smaller peak."""
+    if n == 0:
+        return []
+    count = -(-n // max(1, chunk_tokens))
+    size = -(-n // count)
+    return [(s, min(n, s + size)) for s in range(0, n, size)]
+
+
+class _SplitFunction(torch.autograd.Function):
+    """``split``: the forward forms the token results and each valid token's hidden gradient
+    before the loss is known; the backward finds the per-token coefficients and forms the
+    gradients (see :class:`Split`)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, runner):
+        ctx.set_materialize_grads(False)
+        loss, seq_logps = runner.run(hidden)
+        ctx.runner = runner
+        ctx.save_for_backward(hidden, weight, bias)  # version-checked: an in-place change raises there
+        return loss, seq_logps
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_seq_logps):
+        refuse_double_backward("fused_linear_dpo_loss")
+        runner, ctx.runner = ctx.runner, None
+        if runner is None:
+            raise RuntimeError("fused_linear_dpo_loss(mode='split'): backward called twice (its buffers are "
+                               "released after the first); use mode='two_phase'")
+        hidden, weight, bias = ctx.saved_tensors
+        needs = tuple(ctx.needs_input_grad[:3])
+        return (*runner.gradients(hidden, weight, bias, grad_loss, grad_seq_logps, needs), None)
+
+
+class Split:
+    """The ``split`` mode (four matmuls, every gradient rounded once, least memory).
+
+    A token's hidden gradient is ``coef_t * u_t`` with ``u_t = d logp_t / d h_t`` (the gradient
+    of its logits ``onehot - softmax``, times the softcap's derivative and ``1 / temperature``,
+    times the weight) and ``coef_t = dL / d logp_t`` a scalar: ``u_t`` needs no loss. So the
+    forward takes chunks of valid tokens of any size (no whole pairs, no logits formed again for
+    a pair larger than a chunk): logits, the kernel's forward, the logits' gradient for a
+    coefficient of 1 in place, and ``u = grad @ weight`` written in fp32 into an ``[n_valid, H]``
+    buffer (one product per token over the whole vocabulary, not rounded). The loss then runs
+    once on the finished token results, and its small graph is kept.
+
+    The backward takes the coefficients from that graph for the incoming gradients (the loss's
+    and, if any, ``chosen_logps``/``rejected_logps``'s: both are supported), rounds
+    ``coef_t * u_t`` once into the hidden gradient, frees ``u``, and forms the weight and bias
+    gradients as :func:`two_phase_backward` does (vocabulary slices, the slice's logits formed
+    again with the full rows' ``lse``; a bf16 weight gradient rounded once). No fp32 accumulator
+    is summed over slices (two_phase's hidden gradient needs one; its GEMMs read and write it per
+    slice). The ``[n_valid, H]`` fp32 buffer is written once and read once.
+
+    Losses: those whose per-token coefficients come from the loss of the token results
+    (every loss; ``api`` refuses the batch-coupled ones for symmetry with one_pass's errors)."""
+
+    mode = "split"
+
+    def __init__(self, head: Head, aligned, extras, chunk_tokens, terms_fn, needs, plan,
+                 census: TokenCensus | None = None):
+        self.head, self.aligned, self.extras = head, aligned, tuple(sorted(extras))
+        self.chunk_tokens, self.terms_fn, self.needs, self.plan = chunk_tokens, terms_fn, tuple(needs), plan
+        self.census = census
+        self.tokens = None  # (logp, lse, extras) [2P, T], after run()
+        self.rewards = None  # (chosen_rewards, rejected_rewards), after run()
+        self._saved = None  # (rows, cols, u, leaf, loss, seq_logps) from the forward to the backward
+
+    def run(self, hidden):
+        head, aligned = self.head, self.aligned
+        census = self.census or TokenCensus(aligned, head.ignore_index, aligned.shape[0] // 2)
+        n = census.total()  # the host sync (unless the caller read it already)
+        rows, cols = valid_positions(aligned, head.ignore_index, n)
+        acc = _acc_dtype(hidden.dtype)
+        device = hidden.device
+        need_hidden = self.needs[0]
+        tokens = u = None
+        for s, e in token_chunks(n, self.chunk_tokens):
+            r, c = rows[s:e], cols[s:e]
+            z, dcap = _chunk_logits(head, gather_rows(hidden, r, c), keep_derivative=need_hidden)
+            if tokens is None:  # after the first matmul is queued (see OnePass._buffers)
+                tokens = {name: torch.empty(n, dtype=acc, device=device) for name in ("logp", "lse", *self.extras)}
+                u = torch.empty((n, hidden.shape[-1]), dtype=acc, device=device) if need_hidden else None
+            y = aligned[r, c]
+            lp, ls, ex = _chunk_forward(head, z, y, self.extras)
+            tokens["logp"][s:e], tokens["lse"][s:e] = lp, ls
+            for name in self.extras:
+                tokens[name][s:e] = ex[name]
+            if need_hidden:
+                g = _chunk_grad_logits_(head, z, y, ls, torch.ones_like(ls), dcap)
+                grad_hidden_matmul_fp32(u[s:e], g, head.weight, self.plan[0])
+                del g
+            del z, dcap
+        shape = aligned.shape
+        if tokens is None:  # no valid token
+            tokens = {name: torch.empty(0, dtype=acc, device=device) for name in ("logp", "lse", *self.extras)}
+        logp, lse = _scatter(tokens["logp"], rows, cols, shape), _scatter(tokens["lse"], rows, cols, shape)
+        ext = {name: _scatter(tokens[name], rows, cols, shape) for name in self.extras}
+        del tokens
+        self.tokens = (logp, lse, ext)
+        with torch.enable_grad():
+            leaf = logp.detach().requires_grad_(True)
+            loss, chosen, rejected, chosen_rewards, rejected_rewards = self.terms_fn(leaf, lse, ext)
+            seq_logps = torch.cat([chosen, rejected])
+        self.rewards = (chosen_rewards.detach(), rejected_rewards.detach())
+        self._saved = (rows, cols, u, leaf, loss, seq_logps)
+        return loss.detach(), seq_logps.detach()
+
+    def gradients(self, hidden, weight, bias, grad_loss, grad_seq_logps, needs):
+        """``(grad_hidden, grad_weight, grad_bias)`` for the incoming gradients (either may be None)."""
+        rows, cols, u, leaf, loss, seq_logps = self._saved
+        self._saved = None
+        outputs = [(out, grad.detach()) for out, grad in ((loss, grad_loss), (seq_logps, grad_seq_logps))
+                   if grad is not None]
+        need_hidden, need_weight, need_bias = needs
+        need_bias = need_bias and bias is not None
+        if not outputs or not any((need_hidden, need_weight, need_bias)):
+            return None, None, None
+        with torch.enable_grad():
+            (coef,) = torch.autograd.grad([o for o, _ in outputs], leaf, [g.to(o.dtype) for o, g in outputs],
+                                          allow_unused=True)
+        del leaf, loss, seq_logps
+        if coef is None:  # the outputs do not depend on the log-probs
+            coef = torch.zeros(self.aligned.shape, dtype=_acc_dtype(hidden.dtype), device=hidden.device)
+        grad_hidden = None
+        if need_hidden:
+            # coef_t * u_t, rounded once, a block of rows at a time (the bf16 temporary stays small).
+            grad_hidden = torch.zeros_like(hidden, memory_format=torch.contiguous_format)
+            coef_valid = coef[rows, cols].unsqueeze(1)
+            step = max(1, ROUNDING_BLOCK_BYTES // max(2 * hidden.shape[-1], 1))
+            for s in range(0, rows.numel(), step):
+                block = u[s:s + step].mul_(coef_valid[s:s + step])
+                scatter_rows_(grad_hidden, rows[s:s + step], cols[s:s + step], block.to(hidden.dtype))
+                del block
+        u = None  # freed before the weight gradient exists: the two never coexist
+        grad_weight = grad_bias = None
+        if need_weight or need_bias:
+            head = replace(self.head, weight=weight, bias=bias)
+            _, grad_weight, grad_bias = two_phase_backward(head, hidden, self.aligned, rows, cols, self.tokens[1],
+                                                           coef, self.plan, (False, need_weight, need_bias))
+        return grad_hidden, grad_weight, grad_bias
+
+
+def grad_hidden_matmul_fp32(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, step: int) -> None:
+    """``out = grad_logits @ weight`` in fp32, not rounded (``out`` fp32 ``[n, H]``, ``a``
+    ``[n, V]``, ``b`` ``[V, H]``): split's per-token hidden gradient before its coefficient is
+    known. Where the device forms fp32 results from half-precision operands only by upcasting
+    them (the CPU), the vocabulary is taken ``step`` rows at a time, so no fp32 copy of the whole
+    weight exists."""
+    if a.dtype in (torch.float32, torch.float64) or fp32_mm_path(a.device, a.dtype) != "upcast":
+        mm_fp32_into(out, a, b, accumulate=False)
+        return
+    V = b.shape[0]
+    for v0 in range(0, V, max(1, step)):
+        v1 = min(V, v0 + max(1, step))
+        mm_fp32_into(out, a[:, v0:v1], b[v0:v1], accumulate=v0 > 0)
 
 
 @torch.compiler.disable  # one_pass sizes its chunks of whole pairs on the host; two_phase traces whole
@@ -933,3 +1107,11 @@ def one_pass(hidden, head: Head, runner: OnePass):
     Inside torch.compile this runs eagerly (a graph break: ``fullgraph=True`` refuses it);
     ``mode="auto"`` takes two_phase there."""
     return _OnePassFunction.apply(hidden, head.weight, head.bias, runner)
+
+
+@torch.compiler.disable  # split sizes its chunks on the host, like one_pass; two_phase traces whole
+def split(hidden, head: Head, runner: Split):
+    """``(loss, seq_logps)`` of the ``split`` mode, both differentiable (see :class:`Split`).
+
+    Inside torch.compile this runs eagerly (a graph break: ``fullgraph=True`` refuses it)."""
+    return _SplitFunction.apply(hidden, head.weight, head.bias, runner)

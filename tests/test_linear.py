@@ -234,6 +234,13 @@ def test_every_mode_agrees_at_every_chunk_size(dtype, chunk_tokens):
                 bound = chunks * ulp * c.float().abs().amax(-1, keepdim=True) + 1e-6
                 assert ((a.float() - c.float()).abs() <= bound).all()
                 continue
+            if other is split and name == "hidden":
+                # split rounds each token's logits gradient before its coefficient is known
+                # (coef * round(d) instead of round(coef * d)): the same error, not the same bits,
+                # so within a rounding step of the row's scale rather than of each element.
+                bound = 2 * ulp * c.float().abs().amax(-1, keepdim=True) + 1e-6
+                assert ((a.float() - c.float()).abs() <= bound).all()
+                continue
             # fp32 accumulation, one final rounding: chunking changes at most one rounding step.
             assert ((a.float() - c.float()).abs() <= ulp * c.float().abs() + 1e-6).all()
     want = oracle.linear_dpo(hidden, weight, labels, b, ref_logps=kwargs["ref_logps"], shift=True, token_metrics=True)
@@ -295,7 +302,13 @@ def _count_matmul_rows(monkeypatch):
 
     monkeypatch.setattr(linear, "logits_matmul", logits_mm)
     monkeypatch.setattr(linear, "grad_hidden_matmul", grad_hidden_mm)
+    def grad_hidden_fp32_mm(out, g, w, step):
+        rows["grad_hidden"].append(g.shape[0])
+        return original_fp32(out, g, w, step)
+
+    original_fp32 = linear.grad_hidden_matmul_fp32
     monkeypatch.setattr(linear, "grad_weight_matmul", grad_weight_mm)
+    monkeypatch.setattr(linear, "grad_hidden_matmul_fp32", grad_hidden_fp32_mm)
     return rows
 
 
@@ -308,9 +321,9 @@ def test_ignored_tokens_cost_no_matmul(monkeypatch, mode):
     valid = int((oracle.aligned(labels, True) != IGNORE).sum())
     assert valid <= labels.numel() - 4 * 3 - 4 - 3  # prompt (after the shift), the last row, padding
     recomputed = 0
-    if mode != "two_phase":  # pairs above the chunk: all but the last piece's logits are formed again
+    if mode == "one_pass":  # pairs above the chunk: all but the last piece's logits are formed again
         recomputed += sum(m - min(m, chunk) for m in _pair_sizes(labels, True, 2))
-    if mode != "one_pass":  # every logit formed again in the backward (split: for the weight gradient)
+    else:  # every logit formed again in the backward (split: for the weight gradient), none before
         recomputed += valid
     assert sum(rows["logits"]) == valid + recomputed
     assert sum(rows["grad_hidden"]) == valid and sum(rows["grad_weight"]) == valid
@@ -560,40 +573,41 @@ def test_one_pass_peak_is_bounded_by_the_chunk_not_the_pair():
 
 
 # --------------------------------------------------------------------------------------------
-# split: the hidden gradient in the forward (one_pass), the weight gradient by vocabulary slices
-# in the backward (two_phase's).
+# split: each token's hidden gradient before the loss is known (the forward), every gradient
+# from the loss's coefficients in the backward (the weight and bias ones as two_phase's).
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16])
 @pytest.mark.parametrize("vocab_chunk, chunk_tokens", [(None, None), (64, None), (64, 5), (7, 3)])
-def test_split_weight_gradient_is_two_phase_s(dtype, vocab_chunk, chunk_tokens):
-    """split's weight gradient is two_phase's backward for the weight alone, driven by the
-    coefficients its forward found: the same slices, chunks and roundings (a bf16 weight gradient
-    rounded once). Its hidden and bias gradients are one_pass's, bit for bit."""
+def test_split_gradients_are_two_phase_s(dtype, vocab_chunk, chunk_tokens):
+    """split's weight and bias gradients are two_phase's backward, driven by the same per-token
+    coefficients: the same slices, chunks and roundings (a bf16 weight gradient rounded once).
+    Its hidden gradient rounds each token's logits gradient before the coefficient multiplies it:
+    the same error, within a rounding step of each row's scale."""
     hidden, weight, b, labels = make_inputs(3, 9, 16, 301, dtype, bias=True, seed=8)
     kwargs = dict(ref_logps=torch.randn(6) - 25, shift=True, vocab_chunk=vocab_chunk, chunk_tokens=chunk_tokens)
     split, (sh, sw, sb) = run(hidden, weight, labels, b, mode="split", **kwargs)
-    _, (_, tw, _) = run(hidden, weight, labels, b, mode="two_phase", **kwargs)
-    one, (oh, _, ob) = run(hidden, weight, labels, b, mode="one_pass", **kwargs)
-    # The coefficients come from the same per-pair loss, found once per chunk (split) or on the
-    # whole batch (two_phase): equal up to fp32 rounding, so a bf16 gradient rarely differs, by
-    # one rounding step at most.
-    if dtype == BF16:
-        assert ((sw.float() - tw.float()).abs() <= 2.0 ** -8 * tw.float().abs()).all()
-        assert (sw == tw).float().mean() > 0.99
-    else:
-        torch.testing.assert_close(sw, tw, rtol=1e-6, atol=1e-7 * tw.abs().max().item())
-    assert torch.equal(sh, oh) and torch.equal(sb, ob) and torch.equal(split.loss, one.loss)
+    two, (th, tw, tb) = run(hidden, weight, labels, b, mode="two_phase", **kwargs)
+    ulp = 2.0 ** -7 if dtype == BF16 else 2.0 ** -20
+    for got, want in ((sw, tw), (sb, tb)):
+        # The coefficients come from the same loss, through the custom op (two_phase) or the kept
+        # graph (split): equal up to fp32 rounding, so a bf16 gradient rarely differs, by one step.
+        assert ((got.float() - want.float()).abs() <= ulp * want.float().abs() + 1e-7).all()
+        if dtype == BF16:
+            assert (got == want).float().mean() > 0.99
+    assert ((sh.float() - th.float()).abs() <= 2 * ulp * th.float().abs().amax(-1, keepdim=True) + 1e-7).all()
+    torch.testing.assert_close(split.loss, two.loss, rtol=1e-6, atol=1e-7)
     want = oracle.linear_dpo(hidden, weight, labels, b, ref_logps=kwargs["ref_logps"], shift=True)
     check(split, want, (sh, sw, sb), dtype)
 
 
 def test_split_peak_holds_no_fp32_accumulator():
     """split's peak (CPU allocator, every byte, forward + backward) is its backward's: the weight
-    gradient + the hidden gradient formed in the forward + the gathered ``[n, H]`` rows + one
-    chunk's ``[chunk, rows]`` slice of logits, plus small per-token vectors. No fp32 ``[n, H]``
-    accumulator (two_phase's, across slices) and no ``[V, H]`` one; the forward's chunk of one
-    pair is smaller."""
+    gradient + the hidden gradient + the gathered ``[n, H]`` rows + one chunk's ``[chunk, rows]``
+    slice of logits, plus small per-token vectors. No fp32 ``[n, H]`` accumulator summed over
+    slices (two_phase's) and no ``[V, H]`` one. The forward's fp32 ``[n, H]`` per-token hidden
+    gradients are freed before the weight gradient exists; with a chunk of logits they stay
+    below that peak."""
     from dpo_kernels.bench import peak_extra_bytes
 
     P, T, H, V, rows = 4, 64, 256, 2048, 512
@@ -613,8 +627,8 @@ def test_split_peak_holds_no_fp32_accumulator():
     if peak is None:
         pytest.skip("the CPU allocator's events are not observable here")
     inputs = 2 * P * T * H * 4 + V * H * 4  # the clones of hidden and weight
-    # The forward's peak: the hidden gradient + one pair's rows, logits [80, V] and grad-hidden product.
-    forward = 2 * P * T * H * 4 + chunk * V * 4 + 2 * chunk * H * 4
+    # The forward's peak: the per-token hidden gradients [n, H] + a chunk's rows and logits [80, V].
+    forward = n * H * 4 + chunk * V * 4 + chunk * H * 4
     model = V * H * 4 + 2 * P * T * H * 4 + n * H * 4 + chunk * rows * 4  # weight grad, hidden grad, rows, logits
     assert forward < model <= peak - inputs <= model + n * H * 4 // 4, (peak - inputs, model)
 
@@ -630,10 +644,10 @@ def test_split_forward_chunk_is_as_large_as_the_weight_gradient():
     assert linear.split_chunk_size(128256, 4096, BF16, None, 7) == 7
 
 
-def test_split_forward_chunks_whole_pairs_up_to_its_chunk(monkeypatch):
+def test_split_forward_chunks_tokens_up_to_its_chunk(monkeypatch):
     """With the default budget the forward's logits matmul sees the chunks split_chunk_size allows
-    (here: V x H bytes of logits hold 16 tokens, two pairs of 8; one_pass's default would hold
-    all of them), a frozen head takes one_pass's chunks."""
+    (here: V x H bytes of logits hold 16 tokens; one_pass's default would hold all of them), and
+    a frozen head takes one_pass's chunks. The chunks are tokens, not whole pairs."""
     rows = _count_matmul_rows(monkeypatch)
     monkeypatch.setattr(linear, "DEFAULT_ONE_PASS_CHUNK_BYTES", 1)  # so the weight gradient's size decides
     P, T, H, V = 4, 8, 16, 90  # fp32 logits of V x H bytes: 16 tokens
@@ -642,7 +656,7 @@ def test_split_forward_chunks_whole_pairs_up_to_its_chunk(monkeypatch):
     ref = torch.randn(2 * P) - 10
     h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
     out = fused_linear_dpo_loss(h, w, labels, ref_logps=ref, mode="split")
-    assert rows["logits"] == [16, 16, 16, 16]  # forward: one pair per chunk (16 tokens fit, 32 do not)
+    assert rows["logits"] == [16, 16, 16, 16]  # forward: 64 valid tokens in chunks of 16
     out.loss.backward()
     # backward: one vocabulary slice (V < H's default slice), all 64 tokens in one chunk
     assert rows["logits"][4:] == [64] and rows["grad_hidden"] == [16] * 4 and rows["grad_weight"] == [64]
@@ -655,18 +669,41 @@ def test_split_forward_chunks_whole_pairs_up_to_its_chunk(monkeypatch):
     assert max(rows["logits"]) == 1  # one_pass's (here 1-byte) budget: pieces of one token
 
 
-def test_split_refuses_what_one_pass_refuses():
-    """split finds each pair's coefficients after its forward, as one_pass does: no batch-coupled
-    loss, no gradient through the returned log-probs, one backward."""
-    hidden, weight, b, labels = make_inputs(2, 8, 16, 60)
-    h = hidden.clone().requires_grad_(True)
-    with pytest.raises(ValueError, match="mode='split' needs each pair's loss"):
-        fused_linear_dpo_loss(h, weight, labels, ref_logps=torch.randn(4), loss_type="aot", mode="split")
-    out = fused_linear_dpo_loss(h, weight, labels, ref_logps=torch.randn(4), mode="split")
-    with pytest.raises(RuntimeError, match="mode='split'.*carry no gradient of their own"):
-        (out.loss + out.chosen_logps.sum()).backward()
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_split_serves_what_one_pass_refuses(dtype, backend):
+    """split runs the loss once, on the whole batch's token results, and keeps its graph for the
+    backward: a batch-coupled loss (aot) and gradients through the returned log-probs work, equal
+    to two_phase's and the float64 oracle's. One backward: a second one raises."""
+    hidden, weight, b, labels = make_inputs(3, 8, 16, 60, dtype, bias=True, seed=6)
+    ref = torch.randn(6) - 10
+    ulp = 2.0 ** -7 if dtype == BF16 else 2.0 ** -20
+
+    def grads(mode, extra, **kwargs):
+        h, w, bb = (t.clone().requires_grad_(True) for t in (hidden, weight, b))
+        out = fused_linear_dpo_loss(h, w, labels, bb, ref_logps=ref, mode=mode, backend=backend, **kwargs)
+        extra(out).backward()
+        return out, (h.grad, w.grad, bb.grad)
+
+    with pytest.raises(ValueError, match="mode='one_pass' needs each pair's loss.*'split'"):
+        fused_linear_dpo_loss(hidden, weight, labels, ref_logps=ref, loss_type="aot", mode="one_pass")
+    cases = [(dict(loss_type="aot"), lambda out: out.loss),
+             ({}, lambda out: out.loss - 0.3 * out.chosen_logps.mean() + 0.1 * out.rejected_logps.sum()),
+             ({}, lambda out: out.chosen_logps.sum())]  # the log-probs alone
+    for kwargs, extra in cases:
+        split, gs = grads("split", extra, **kwargs)
+        two, g2 = grads("two_phase", extra, **kwargs)
+        torch.testing.assert_close(split.loss, two.loss, rtol=1e-6, atol=1e-6)
+        for name, got, want in zip(("hidden", "weight", "bias"), gs, g2):
+            scale = want.float().abs().amax(-1, keepdim=True) if name == "hidden" else want.float().abs()
+            assert ((got.float() - want.float()).abs() <= 2 * ulp * scale + 1e-6).all(), name
+    h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    out = fused_linear_dpo_loss(h, w, labels, ref_logps=ref, loss_type="aot", mode="split")
+    (out.loss + out.chosen_logps.sum()).backward()
+    want = oracle.linear_dpo(hidden, weight, labels, ref_logps=ref, loss_type="aot")
+    # the oracle's gradients are of the loss; here the log-probs add theirs: compare the loss only
+    torch.testing.assert_close(out.loss.double(), want["loss"], rtol=1e-4 if dtype == F32 else 2e-2, atol=1e-5)
     w = weight.clone().requires_grad_(True)
-    out = fused_linear_dpo_loss(h, w, labels, ref_logps=torch.randn(4), mode="split")
+    out = fused_linear_dpo_loss(hidden, w, labels, ref_logps=ref, mode="split")
     out.loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="mode='split'.*backward called twice"):
         out.loss.backward()
@@ -914,14 +951,14 @@ def test_incoming_gradient_scales_every_gradient_in_bf16(mode, backend):
     exact = 1 if backend == "triton" and interpreting() else 0
     want = oracle.linear_dpo(hidden, weight, labels, b, ref_logps=ref)
     for got, full, name, ulps in zip((h.grad, w.grad, bb.grad), plain, ("hidden", "weight", "bias"), (exact, exact, 1)):
-        if mode == "one_pass" or (mode == "split" and name != "weight"):
+        if mode == "one_pass":
             # Formed in the forward, then scaled: exactly once more. hidden, weight: exactly the bf16
             # gradient times 1/3 rounded once; the bias is kept in fp32 until then, so `full`
             # (already rounded) may differ from it by one bf16 ulp.
             scaled = (full.float() / 3).to(BF16)
             assert ((got.float() - scaled.float()).abs() <= ulps * 2.0 ** -7 * scaled.float().abs()).all()
-        else:  # two_phase, split's weight: the scale enters the per-token coefficients before
-            # grad_logits is rounded
+        else:  # two_phase, split: the scale enters the per-token coefficients before anything is
+            # rounded
             assert _rel(got, want[f"grad_{name}"] / 3) < 2.0 ** -7
 
 
@@ -958,12 +995,13 @@ def test_one_pass_backward_reads_nothing_on_the_host_with_triton(grad_scale, mod
         torch.testing.assert_close(got, want * grad_scale, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("mode", ["auto", "one_pass"])
-def test_one_pass_queues_everything_else_before_its_positions(mode):
-    """one_pass's one host sync sizes the gather of the valid positions (``nonzero_static``): the
-    buffers, placeholders and mask are queued before it, so after it only the position index and
-    the hidden-row gather stand before the first matmul (on a GPU the device idles meanwhile).
-    ``auto`` decides one_pass without a sync of its own when every pair fits one chunk."""
+@pytest.mark.parametrize("mode", ["auto", "one_pass", "split"])
+def test_nothing_stands_between_the_positions_and_the_first_matmul(mode):
+    """The one host sync sizes the gather of the valid positions (``nonzero_static``); on a GPU
+    the device idles from that sync until the first matmul is queued, so only the position index
+    and the hidden-row gather stand between them. The buffers and placeholders are made after the
+    first matmul is queued (their launches overlap it). ``auto`` decides one_pass without a sync
+    of its own when every pair fits one chunk."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Ops(TorchDispatchMode):
@@ -985,10 +1023,17 @@ def test_one_pass_queues_everything_else_before_its_positions(mode):
     assert ops.count(aten.nonzero_static.default) == 1 and aten.nonzero.default not in ops
     start = ops.index(aten.nonzero_static.default)
     first_mm = next(i for i, op in enumerate(ops) if op in (aten.mm.default, aten.addmm.default))
-    views = {aten.select.int, aten.slice.Tensor, aten.t.default, aten.view.default}
+    views = {aten.select.int, aten.slice.Tensor, aten.t.default, aten.view.default, aten.view.dtype,
+             aten.detach.default}
     between = [op for op in ops[start + 1:first_mm] if op not in views]
-    assert between == [aten.index.Tensor, aten.index.Tensor], between  # rows of the positions; the gather
-    assert aten.zeros_like.default in ops[:start] and aten.empty_like.default in ops[:start]  # the gradients
+    # one_pass: rows of the positions (pair order); the gather: flat row numbers, then whole rows
+    # as 8-byte words. split takes the positions in row-major order as they come.
+    gather = [aten.add.Tensor, aten.index_select.default]
+    assert between == ([] if mode == "split" else [aten.index.Tensor]) + gather, between
+    buffers = (aten.zeros_like.default, aten.empty_like.default, aten.where.self, aten.zeros.default, aten.empty.memory_format)
+    assert not any(op in buffers for op in ops[start:first_mm])
+    if mode != "split":
+        assert aten.zeros_like.default in ops[first_mm:] and aten.empty_like.default in ops[first_mm:]  # the gradients
 
 
 @pytest.mark.parametrize("mode", ["auto", *MODES])
@@ -1012,9 +1057,10 @@ def test_host_syncs_per_call(mode, validate, reference):
     with host_reads() as backward:
         out.loss.backward()
     assert len(forward) == (2 if validate else 1), forward
-    # one_pass and split on the CPU backend read the incoming gradient (a CPU tensor: nothing to wait for;
-    # the Triton backend scales on the device, see the test above). auto takes two_phase here.
-    assert backward == ([] if mode not in ("one_pass", "split") else ["aten._local_scalar_dense.default"]), backward
+    # one_pass on the CPU backend reads the incoming gradient (a CPU tensor: nothing to wait for;
+    # the Triton backend scales on the device, see the test above); split's coefficients take it
+    # on the device. auto takes split here.
+    assert backward == ([] if mode != "one_pass" else ["aten._local_scalar_dense.default"]), backward
     want = oracle.linear_dpo(hidden, weight, labels, b, **ref)
     torch.testing.assert_close(out.loss.detach().double(), want["loss"], rtol=1e-5, atol=1e-6)
 
@@ -1038,3 +1084,36 @@ def test_pair_positions_order_and_chunks(chunk_tokens):
     for (s, e), (s2, _) in zip(bounds, bounds[1:] + [(len(want), None)]):
         assert e == s2 and s in edges and e in edges  # chunks cut only between pairs
         assert e - s <= chunk_tokens or sum(1 for x in edges if s < x < e) == 0  # over budget: one pair only
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "narrow_h", "odd_h", "offset", "transposed", "packed"])
+def test_row_gather_and_scatter_equal_advanced_indexing(dtype, layout):
+    """The wide-word row gather/scatter moves exactly the rows advanced indexing does, whatever the
+    layout: views that allow 8- or 4-byte words, views that do not (odd H, an odd storage offset),
+    and rows that are not evenly spaced (then the plain index)."""
+    g = torch.Generator().manual_seed(11)
+    B, T, H = 3, 7, 12
+    if layout == "contiguous":
+        x = torch.randn(B, T, H, generator=g).to(dtype)
+    elif layout == "narrow_h":  # rows evenly spaced, H narrower than the row stride
+        x = torch.randn(B, T, H + 4, generator=g).to(dtype)[..., 2:H + 2]
+    elif layout == "odd_h":
+        x = torch.randn(B, T, 5, generator=g).to(dtype)
+    elif layout == "offset":  # an odd element offset: no wide words
+        x = torch.randn(B * T * H + 1, generator=g).to(dtype)[1:].view(B, T, H)
+    elif layout == "transposed":  # rows not evenly spaced
+        x = torch.randn(T, B, H, generator=g).to(dtype).transpose(0, 1)
+    else:  # a packed batch [1, total, H]
+        x = torch.randn(1, B * T, H, generator=g).to(dtype)
+    mask = torch.rand(x.shape[:2], generator=g) > 0.4
+    rows, cols = mask.nonzero(as_tuple=True)
+    torch.testing.assert_close(linear.gather_rows(x, rows, cols), x[rows, cols], rtol=0, atol=0)
+    dst = torch.randn(x.shape, generator=g).to(dtype)
+    want = dst.clone()
+    values = torch.randn(rows.numel(), x.shape[-1], generator=g).to(dtype)
+    want[rows, cols] = values
+    linear.scatter_rows_(dst, rows, cols, values)
+    torch.testing.assert_close(dst, want, rtol=0, atol=0)
+    if layout == "contiguous" and dtype != torch.float64:
+        assert linear._row_words(x).dtype == torch.int64  # 12 bf16/fp32 values: whole 8-byte words
