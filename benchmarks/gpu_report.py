@@ -667,17 +667,20 @@ def target_rows(records: list[dict], targets=ISSUE5_TARGETS) -> list[list[str]]:
 
 
 def auto_mode_note(shape: HiddenShape) -> str:
-    """Which mode ``mode="auto"`` takes at this shape (from the labels alone, as the API does)."""
+    """Which mode ``mode="auto"`` takes at this shape for the sigmoid loss (from the labels alone,
+    by the API's rule: one_pass unless pairs larger than its chunk would have more than
+    ``linear.AUTO_MAX_FORMED_AGAIN`` of their logits formed again, then split)."""
     try:
         from dpo_kernels import linear
         _, _, labels = make_hidden_batch(shape.replace(hidden=1, vocab=2), "cpu", seed=0)
-        pair = linear.largest_pair(labels, IGNORE_INDEX)
+        counts = linear.TokenCensus(labels, IGNORE_INDEX, labels.shape[0] // 2).pair_counts()
         budget = linear.one_pass_chunk_size(shape.vocab, shape.dtype, None, None)
+        again = linear.formed_again(counts, budget)
+        mode = "one_pass" if again <= linear.AUTO_MAX_FORMED_AGAIN else "split"
     except Exception as exc:  # an older checkout without these helpers
         return f"; mode='auto': unknown ({type(exc).__name__})"
-    mode = "one_pass" if pair <= budget else "split"
-    return (f"; `mode='auto'` takes **{mode}** here (largest pair {pair} valid tokens, one_pass chunk budget "
-            f"{budget} tokens)")
+    return (f"; `mode='auto'` takes **{mode}** here (largest pair {max(counts, default=0)} valid tokens, one_pass "
+            f"chunk budget {budget} tokens: {again:.0%} of the logits formed again)")
 
 
 def run_hidden_section(report: Report, args, device, ctx: Context, ceil: dict, iters: int, warmup: int) -> int:

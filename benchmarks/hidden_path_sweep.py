@@ -134,7 +134,7 @@ def sweep(doc: Doc, shape: HiddenShape, device, tflops, iters, warmup, budget_s)
     flops = shape.matmul_flops
     floor = {k: k * flops / (tflops * 1e12) * 1e3 if tflops else None for k in (3, 4)}
     # one_pass: the default budget (768 MiB: two pairs here), one pair per chunk (512 MiB's, the
-    # default before run C), every pair in one chunk.
+    # default before run D), every pair in one chunk.
     variants = [("one_pass", {}), ("one_pass", {"chunk_tokens": per_pair}),
                 ("one_pass", {"chunk_tokens": shape.pairs * per_pair})]
     # one_pass below a pair (pieces; the low-memory trade-off: logits formed again for the

@@ -262,23 +262,25 @@ def fused_linear_dpo_loss(
         logit_softcap: Gemma-2's final logit soft-capping ``s * tanh(z / s)`` (``s > 0``), applied
             before ``temperature``.
         temperature: the logits are divided by it (``> 0``), after the softcap.
-        mode: ``"two_phase"`` (low memory: the backward recomputes the logits; four matmuls),
-            ``"one_pass"`` (three matmuls: the gradients are formed during the forward, chunks
+        mode: ``"one_pass"`` (three matmuls: the gradients are formed during the forward, chunks
             hold whole pairs; a pair larger than ``chunk_tokens`` is cut into pieces and the
             earlier pieces' logits are formed again for their gradient, 3 to 4 matmuls; not for
             batch-coupled losses; the returned ``chosen_logps``/``rejected_logps`` carry no
             gradient of their own: a backward through them raises; a bf16/fp16 weight gradient is
-            rounded once per chunk or piece), ``"split"`` (four matmuls, lower memory than
-            two_phase, every gradient rounded once: one_pass's forward forms the hidden gradient,
-            the backward forms the weight gradient by vocabulary slices from the per-token loss
-            coefficients the forward kept, as two_phase does; one_pass's limits), or ``"auto"``:
-            one_pass when the loss allows it, a gradient is needed and the largest pair fits one
-            one_pass chunk, else two_phase. Inside torch.compile, ``auto`` takes two_phase (two
-            registered operators: no graph break); one_pass and split run eagerly there, in a graph
-            break.
+            rounded once per chunk or piece), ``"split"`` (four matmuls, the least memory, every
+            gradient rounded once, any loss: the forward forms each token's hidden gradient before
+            its loss coefficient is known, the backward finds the coefficients for the incoming
+            gradients, ``chosen_logps``'s included, and forms the weight and bias gradients by
+            vocabulary slices as two_phase does; one backward), ``"two_phase"`` (four matmuls: the
+            backward recomputes the logits; any loss, any number of backwards, traced whole by
+            torch.compile), or ``"auto"``: one_pass when the loss is pair-local and a gradient is
+            needed, unless pairs larger than its chunk would have more than half of their logits
+            formed again (then split; split for batch-coupled losses too); two_phase without a
+            gradient and inside torch.compile (two registered operators: no graph break). one_pass
+            and split run eagerly inside torch.compile, in a graph break.
         chunk_tokens: tokens per chunk (default: a budget of chunk logits in the input dtype,
-            256 MiB, or 512 MiB for one_pass's chunks of whole pairs, and for split's the larger
-            of 512 MiB and the weight gradient's size, H tokens, which keeps its forward's peak
+            256 MiB, or 768 MiB for one_pass's chunks of whole pairs, and for split's the larger
+            of 768 MiB and the weight gradient's size, H tokens, which keeps its forward's peak
             below its backward's); no chunk of logits larger than this ever exists, in any mode:
             memory does not grow with the sequence length. In the ``two_phase`` and ``split``
             backward it applies to the vocabulary slices (default: a 256 MiB budget of
@@ -296,8 +298,9 @@ def fused_linear_dpo_loss(
             ``[1, total, H]`` or ``[total, H]``, ``labels`` ``[1, total]`` or ``[total]``,
             ``ref_hidden`` like ``hidden``; the ``B`` chosen sequences first, then the ``B``
             rejected. Equal to the padded batch's result. ``two_phase`` (and the reference) run
-            on the packed rows as they are; ``one_pass`` and ``split``, whose chunks hold whole
-            pairs, gather the hidden states into the padded ``[2B, Tmax, H]`` layout first (a
+            on the packed rows as they are; ``one_pass`` (whose chunks hold whole pairs) and
+            ``split`` (whose loss runs on the padded token results) gather the hidden states into
+            the padded ``[2B, Tmax, H]`` layout first (a
             differentiable index: ``H`` wide, small beside the ``V``-wide logits that are never
             formed).
         max_seqlen: with ``cu_seqlens``, as in :func:`fused_dpo_loss` (it saves the read of the
@@ -402,13 +405,15 @@ def fused_linear_dpo_loss(
         return objective.output(policy, ref_seq, vocab_size)
 
     if packing is not None:
-        # one_pass chunks whole pairs of the [2B, T] layout: gather the hidden states into it (H
-        # wide, small beside the V-wide logits; its backward gathers the gradient back).
+        # one_pass chunks whole pairs of the [2B, T] layout and split's loss runs on it: gather the
+        # hidden states into it (H wide, small beside the V-wide logits; its backward gathers the
+        # gradient back).
         hidden = packing.to_padded(hidden[0])
 
-    # The loss runs once per chunk (for its tokens' coefficients) and once at the end: with the
-    # Triton backend the default sigmoid loss is its one-kernel form (a few launches instead of
-    # ~50 small ones per chunk, which on a GPU cost more than the loss's arithmetic).
+    # one_pass runs the loss once per chunk (for its tokens' coefficients) and once at the end
+    # (split: once, at the end): with the Triton backend the default sigmoid loss is its
+    # one-kernel form (a few launches instead of ~50 small ones per chunk, which on a GPU cost more
+    # than the loss's arithmetic).
     def terms_fn(logp, lse, ext):
         return objective.loss_terms(TokenLogprobs(logp, lse, ext, aligned), ref_seq)
 
@@ -439,9 +444,11 @@ def _pick_mode(mode, objective, census, chunk, grad_needed, specs, compiling=Fal
     ``compiling``: ``auto`` takes two_phase, the mode torch.compile traces whole (one_pass and
     split size their chunks on the host: they run eagerly, a graph break).
 
-    ``auto``: one_pass (three matmuls) when the loss is pair-local and the largest pair fits one
-    one_pass chunk; else split (four matmuls, the least memory, any loss); two_phase when no
-    gradient is wanted (the chunked forward alone) or inside torch.compile."""
+    ``auto``: one_pass (three matmuls; its memory is bounded by its chunk whatever the pairs'
+    sizes) when the loss is pair-local and pairs larger than a chunk would have at most
+    :data:`linear.AUTO_MAX_FORMED_AGAIN` of the logits formed again; else split (four matmuls, the
+    least memory, any loss); two_phase when no gradient is wanted (the chunked forward alone) or
+    inside torch.compile."""
     if mode == "one_pass":  # it finds each pair's coefficients right after that pair's forward
         if objective.batch_coupled:
             coupled = [spec.name for spec in specs if spec.batch_coupled]
@@ -458,7 +465,9 @@ def _pick_mode(mode, objective, census, chunk, grad_needed, specs, compiling=Fal
         return "split"
     if census is None:
         return "one_pass"
-    return "one_pass" if max(census.pair_counts(), default=0) <= chunk else "split"
+    from . import linear
+
+    return "one_pass" if linear.formed_again(census.pair_counts(), chunk) <= linear.AUTO_MAX_FORMED_AGAIN else "split"
 
 
 def _loss_setup(loss_type, loss_weights, **options):

@@ -95,8 +95,10 @@ DEFAULT_CHUNK_BYTES = 256 << 20
 # Default budget of one ``one_pass`` chunk's logits (whole pairs): larger, because every chunk
 # rounds the running bf16 weight gradient once (and its GEMM reads and writes that gradient once
 # more) and runs the loss once: 3072 tokens at V = 128256 in bf16, two pairs of 1536 at issue 5's
-# 8 x 1024 shape (H200, run C's sweep: 30.4 ms against 31.3 with 512 MiB's one pair per chunk, at
-# 1.96 GB instead of 1.54). ``mode="auto"`` takes ``one_pass`` when the largest pair fits it.
+# 8 x 1024 shape (H200, sweeps of runs C and D in docs/perf.md: 30.4 and 30.1 ms against 31.3 and
+# 31.1 with 512 MiB's one pair per chunk, at 1.96 GB instead of 1.54). ``mode="auto"`` takes
+# ``one_pass`` unless pairs larger than it would have much of their logits formed again (see
+# :data:`AUTO_MAX_FORMED_AGAIN`).
 DEFAULT_ONE_PASS_CHUNK_BYTES = 768 << 20
 
 # Default vocabulary rows of one slice of the ``two_phase`` backward: the hidden size H (a multiple
@@ -808,6 +810,23 @@ def pair_positions(aligned: torch.Tensor, ignore_index: int, num_pairs: int, chu
     return rows, cols, bounds, max(counts, default=0)
 
 
+# ``mode="auto"`` takes one_pass while at most this fraction of the valid tokens' logits would be
+# formed twice (pairs larger than a chunk: all but the last piece), else split. Run D (H200, bf16,
+# 2026-11-27, docs/perf.md): 4 x 2048, H = 3584, V = 152064 (pairs of 3072 in chunks of 2560: 17% formed again)
+# one_pass 35.6 ms / 1.96 GB against split's 43.4 / 1.24; 2 x 16384 (pairs of 24576: 88%) one_pass
+# 153.1 / 2.16 GB against split's 161.3 / 1.72: 5% faster there for 26% more memory.
+AUTO_MAX_FORMED_AGAIN = 0.5
+
+
+def formed_again(pair_counts: list[int], chunk_tokens: int) -> float:
+    """The fraction of the valid tokens whose logits ``one_pass`` forms twice at this chunk size:
+    a pair of ``m > chunk_tokens`` tokens is cut into pieces and all but its last (full) piece
+    are formed again, ``m - chunk_tokens`` tokens; pairs that fit cost nothing more."""
+    total = sum(pair_counts)
+    again = sum(max(0, m - chunk_tokens) for m in pair_counts)
+    return again / total if total else 0.0
+
+
 def largest_pair(aligned: torch.Tensor, ignore_index: int) -> int:
     """Valid tokens of the largest pair (one host sync)."""
     return max(TokenCensus(aligned, ignore_index, aligned.shape[0] // 2).pair_counts(), default=0)
@@ -996,10 +1015,8 @@ class Split:
     is summed over slices (two_phase's hidden gradient needs one; its GEMMs read and write it per
     slice). The ``[n_valid, H]`` fp32 buffer is written once and read once.
 
-    Losses: those whose per-token coefficients come from the loss of the token results
-    (every loss; ``api`` refuses the batch-coupled ones for symmetry with one_pass's errors)."""
-
-    mode = "split"
+    Losses: every one, the batch-coupled ones (AOT) included: the loss runs once, on the whole
+    batch's token results."""
 
     def __init__(self, head: Head, aligned, extras, chunk_tokens, terms_fn, needs, plan,
                  census: TokenCensus | None = None):

@@ -365,11 +365,30 @@ def test_auto_mode_choice_and_one_pass_logps_refuse_gradient():
     torch.testing.assert_close(h.grad.double(), hd.grad, rtol=1e-4, atol=1e-6)
 
 
-def test_auto_picks_two_phase_when_a_pair_exceeds_the_chunk(monkeypatch):
-    hidden, weight, b, labels = make_inputs(2, 8, 16, 60)
-    out, _ = run(hidden, weight, labels, ref_logps=torch.randn(4), chunk_tokens=2)
-    assert out.chosen_logps.requires_grad and out.chosen_logps.grad_fn is not None
-    assert "OnePass" not in type(out.loss.grad_fn).__name__
+def test_auto_takes_split_when_one_pass_would_form_much_again():
+    """auto: one_pass while pairs larger than its chunk would have at most half of their logits
+    formed again (pieces), else split; split for a batch-coupled loss; two_phase without a
+    gradient. Pairs of 16 valid tokens here."""
+    hidden, weight, _, labels = make_inputs(2, 8, 16, 60)
+    labels = torch.randint(0, 60, labels.shape, generator=torch.Generator().manual_seed(1))  # every token scored
+    ref = torch.randn(4)
+    assert linear.formed_again([16, 16], 12) == 0.25 and linear.formed_again([16, 16], 6) == 0.625
+    assert linear.formed_again([16, 4], 8) == 8 / 20 and linear.formed_again([], 8) == 0.0
+
+    def grad_fn(**kwargs):
+        h = hidden.clone().requires_grad_(True)
+        return type(fused_linear_dpo_loss(h, weight, labels, ref_logps=ref, **kwargs).loss.grad_fn).__name__
+
+    assert "OnePass" in grad_fn(chunk_tokens=12)  # 25% formed again
+    assert "Split" in grad_fn(chunk_tokens=6)  # 62.5%
+    assert "Split" in grad_fn(loss_type="aot")  # batch-coupled: one_pass cannot serve it
+    with torch.no_grad():
+        out = fused_linear_dpo_loss(hidden, weight, labels, ref_logps=ref, chunk_tokens=6)
+    assert out.loss.grad_fn is None  # the chunked forward alone (two_phase's)
+    h = hidden.clone().requires_grad_(True)
+    out = fused_linear_dpo_loss(h, weight, labels, ref_logps=ref, chunk_tokens=6)
+    assert out.chosen_logps.requires_grad  # split: the log-probs carry gradients
+    (out.loss + out.chosen_logps.sum()).backward()
 
 
 def test_no_grad_forward_matches():
