@@ -152,14 +152,14 @@ def one_pass_chunk_size(vocab_size: int, dtype: torch.dtype, softcap: float | No
 
 def split_chunk_size(vocab_size: int, hidden_size: int, dtype: torch.dtype, softcap: float | None,
                      chunk_tokens: int | None) -> int:
-    """Tokens per ``split`` forward chunk (whole pairs; a larger pair is cut into pieces of this
-    size): ``chunk_tokens`` if given, else what fits the larger of
-    :data:`DEFAULT_ONE_PASS_CHUNK_BYTES` and the weight gradient's own size (``V x H`` in the input
-    dtype: H tokens without a softcap). Why the latter: split's backward holds that gradient, the
-    hidden gradient, the gathered valid rows and a slice of logits, while its forward holds the
-    hidden gradient, a chunk's logits and rows; a chunk of logits no larger than the weight
-    gradient keeps the forward's peak below the backward's, and fewer, larger chunks mean fewer
-    pairs cut into pieces (whose logits are formed again) and less fixed cost per chunk."""
+    """Tokens per ``split`` forward chunk at most (valid tokens in order, any pair boundaries; the
+    fewest such chunks, of even sizes: :func:`token_chunks`): ``chunk_tokens`` if given, else what
+    fits the larger of :data:`DEFAULT_ONE_PASS_CHUNK_BYTES` and the weight gradient's own size
+    (``V x H`` in the input dtype: H tokens without a softcap). Why the latter: split's backward
+    holds that gradient, the hidden gradient, the gathered valid rows and a slice of logits, while
+    its forward holds the per-token fp32 hidden gradients ``u``, a chunk's logits and rows; a chunk
+    of logits no larger than the weight gradient keeps the forward's peak near or below the
+    backward's, and fewer, larger chunks mean larger matmuls and less fixed cost per chunk."""
     if chunk_tokens is not None:
         return int(chunk_tokens)
     weight_bytes = vocab_size * hidden_size * torch.empty((), dtype=dtype).element_size()

@@ -663,6 +663,19 @@ def test_split_forward_chunk_is_as_large_as_the_weight_gradient():
     assert linear.split_chunk_size(128256, 4096, BF16, None, 7) == 7
 
 
+@pytest.mark.parametrize("n, chunk", [(0, 5), (3, 5), (5, 5), (6, 5), (11, 5), (64, 16), (65, 16), (7, 1)])
+def test_split_token_chunks_are_the_fewest_and_even(n, chunk):
+    """split's forward chunks: every valid token once, in order, the fewest chunks of at most
+    ``chunk`` tokens, their sizes within one token of each other (a smaller peak than full chunks
+    and a remainder, for the same matmuls)."""
+    bounds = linear.token_chunks(n, chunk)
+    assert [b for _, b in bounds[:-1]] == [a for a, _ in bounds[1:]] and (not bounds or bounds[0][0] == 0)
+    assert (bounds[-1][1] if bounds else 0) == n
+    assert len(bounds) == -(-n // chunk)
+    sizes = [b - a for a, b in bounds]
+    assert all(0 < size <= chunk for size in sizes) and (not sizes or max(sizes) - min(sizes) <= 1)
+
+
 def test_split_forward_chunks_tokens_up_to_its_chunk(monkeypatch):
     """With the default budget the forward's logits matmul sees the chunks split_chunk_size allows
     (here: V x H bytes of logits hold 16 tokens; one_pass's default would hold all of them), and
@@ -1136,3 +1149,24 @@ def test_row_gather_and_scatter_equal_advanced_indexing(dtype, layout):
     torch.testing.assert_close(dst, want, rtol=0, atol=0)
     if layout == "contiguous" and dtype != torch.float64:
         assert linear._row_words(x).dtype == torch.int64  # 12 bf16/fp32 values: whole 8-byte words
+
+
+@pytest.mark.parametrize("trainable", [(True, False, False), (False, True, False), (False, False, True),
+                                       (True, False, True), (False, True, True), (True, True, True)])
+def test_split_serves_any_subset_of_trainable_inputs(trainable):
+    """split with only some of hidden, weight and bias trainable (a frozen head, a frozen
+    backbone, a trainable bias alone): the gradients asked for equal two_phase's, the others
+    stay None."""
+    hidden, weight, b, labels = make_inputs(2, 8, 16, 60, F32, bias=True, seed=3)
+    ref = torch.randn(4) - 5
+    grads = {}
+    for mode in ("split", "two_phase"):
+        leaves = [t.clone().requires_grad_(r) for t, r in zip((hidden, weight, b), trainable)]
+        out = fused_linear_dpo_loss(*leaves[:2], labels, leaves[2], ref_logps=ref, mode=mode, chunk_tokens=5,
+                                    vocab_chunk=16)
+        out.loss.backward()
+        grads[mode] = [leaf.grad for leaf in leaves]
+    for got, want, needed in zip(grads["split"], grads["two_phase"], trainable):
+        assert (got is not None) == needed
+        if needed:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
