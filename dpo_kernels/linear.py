@@ -499,26 +499,54 @@ def _scatter(values: torch.Tensor, rows, cols, shape) -> torch.Tensor:
 
 @torch.no_grad()
 def forward_tokens(hidden: torch.Tensor, head: Head, aligned: torch.Tensor, extras=(), *, chunk_tokens: int,
-                   positions=None):
-    """``(logp, lse, extras)`` as ``[2P, T]`` (0 on ignored tokens), chunked, no autograd."""
+                   positions=None, bounds=None, each_chunk=None):
+    """``(logp, lse, extras)`` as ``[2P, T]`` (0 on ignored tokens), chunked, no autograd.
+
+    ``bounds``: the chunks ``(start, end)`` of the valid positions (default: ``chunk_tokens`` each,
+    the last one smaller). ``each_chunk(start, end, z, y, lse, dcap)`` (``split``): called with each
+    chunk's logits after the kernel's forward, with the softcap's derivative kept for it; it may
+    overwrite the logits. The result buffers are made after the first matmul is queued (on a GPU
+    their launches overlap it)."""
     rows, cols = valid_positions(aligned, head.ignore_index) if positions is None else positions
     n = rows.numel()
+    if bounds is None:
+        bounds = [(s, min(n, s + chunk_tokens)) for s in range(0, n, chunk_tokens)]
     acc = _acc_dtype(hidden.dtype)
-    logp = torch.empty(n, dtype=acc, device=hidden.device)
-    lse = torch.empty(n, dtype=acc, device=hidden.device)
-    ext = {name: torch.empty(n, dtype=acc, device=hidden.device) for name in extras}
-    for s in range(0, n, chunk_tokens):
-        e = min(n, s + chunk_tokens)
+    results = None
+    for s, e in bounds:
         r, c = rows[s:e], cols[s:e]
-        z, _ = _chunk_logits(head, gather_rows(hidden, r, c), keep_derivative=False)
-        lp, ls, ex = _chunk_forward(head, z, aligned[r, c], extras)
-        logp[s:e], lse[s:e] = lp, ls
+        z, dcap = _chunk_logits(head, gather_rows(hidden, r, c), keep_derivative=each_chunk is not None)
+        if results is None:
+            results = {name: torch.empty(n, dtype=acc, device=hidden.device) for name in ("logp", "lse", *extras)}
+        y = aligned[r, c]
+        lp, ls, ex = _chunk_forward(head, z, y, extras)
+        results["logp"][s:e], results["lse"][s:e] = lp, ls
         for name in extras:
-            ext[name][s:e] = ex[name]
-        del z
+            results[name][s:e] = ex[name]
+        if each_chunk is not None:
+            each_chunk(s, e, z, y, ls, dcap)
+        del z, dcap
+    if results is None:  # no valid token
+        results = {name: torch.empty(0, dtype=acc, device=hidden.device) for name in ("logp", "lse", *extras)}
     shape = aligned.shape
-    return (_scatter(logp, rows, cols, shape), _scatter(lse, rows, cols, shape),
-            {name: _scatter(v, rows, cols, shape) for name, v in ext.items()})
+    return (_scatter(results["logp"], rows, cols, shape), _scatter(results["lse"], rows, cols, shape),
+            {name: _scatter(results[name], rows, cols, shape) for name in extras})
+
+
+def round_rows_into_grad(like: torch.Tensor, rows, cols, values: torch.Tensor,
+                         scale: torch.Tensor | None = None) -> torch.Tensor:
+    """A gradient shaped like ``like`` (``[B, T, H]``, zero elsewhere) whose ``(rows, cols)`` rows
+    are the fp32 ``values`` ``[n, H]`` (times ``scale`` ``[n, 1]``, in place), each rounded once to
+    ``like``'s dtype, a block of rows at a time: the rounded temporary stays small beside
+    ``values``."""
+    grad = torch.zeros_like(like, memory_format=torch.contiguous_format)
+    step = max(1, ROUNDING_BLOCK_BYTES // max(2 * like.shape[-1], 1))
+    for s in range(0, rows.numel(), step):
+        block = values[s:s + step]
+        if scale is not None:
+            block.mul_(scale[s:s + step])
+        scatter_rows_(grad, rows[s:s + step], cols[s:s + step], block.to(like.dtype))
+    return grad
 
 
 # --------------------------------------------------------------------------------------------
@@ -724,12 +752,7 @@ def two_phase_backward(head: Head, hidden, aligned, rows, cols, lse, grad_logp, 
         del gb_acc
     h = whole = None  # the gathered hidden rows are no longer needed: free them before the rounding
     if gh_acc is not None:
-        # Rounded once into the hidden gradient, a block of rows at a time: the bf16 temporary
-        # stays small beside the fp32 accumulator.
-        grad_hidden = torch.zeros_like(hidden, memory_format=torch.contiguous_format)
-        step = max(1, ROUNDING_BLOCK_BYTES // max(2 * H, 1))
-        for s in range(0, n, step):
-            scatter_rows_(grad_hidden, rows[s:s + step], cols[s:s + step], gh_acc[s:s + step].to(hidden.dtype))
+        grad_hidden = round_rows_into_grad(hidden, rows, cols, gh_acc)  # the one rounding
     return grad_hidden, grad_weight, grad_bias
 
 
@@ -1032,32 +1055,19 @@ class Split:
         census = self.census or TokenCensus(aligned, head.ignore_index, aligned.shape[0] // 2)
         n = census.total()  # the host sync (unless the caller read it already)
         rows, cols = valid_positions(aligned, head.ignore_index, n)
-        acc = _acc_dtype(hidden.dtype)
-        device = hidden.device
-        need_hidden = self.needs[0]
-        tokens = u = None
-        for s, e in token_chunks(n, self.chunk_tokens):
-            r, c = rows[s:e], cols[s:e]
-            z, dcap = _chunk_logits(head, gather_rows(hidden, r, c), keep_derivative=need_hidden)
-            if tokens is None:  # after the first matmul is queued (see OnePass._buffers)
-                tokens = {name: torch.empty(n, dtype=acc, device=device) for name in ("logp", "lse", *self.extras)}
-                u = torch.empty((n, hidden.shape[-1]), dtype=acc, device=device) if need_hidden else None
-            y = aligned[r, c]
-            lp, ls, ex = _chunk_forward(head, z, y, self.extras)
-            tokens["logp"][s:e], tokens["lse"][s:e] = lp, ls
-            for name in self.extras:
-                tokens[name][s:e] = ex[name]
-            if need_hidden:
-                g = _chunk_grad_logits_(head, z, y, ls, torch.ones_like(ls), dcap)
-                grad_hidden_matmul_fp32(u[s:e], g, head.weight, self.plan[0])
-                del g
-            del z, dcap
-        shape = aligned.shape
-        if tokens is None:  # no valid token
-            tokens = {name: torch.empty(0, dtype=acc, device=device) for name in ("logp", "lse", *self.extras)}
-        logp, lse = _scatter(tokens["logp"], rows, cols, shape), _scatter(tokens["lse"], rows, cols, shape)
-        ext = {name: _scatter(tokens[name], rows, cols, shape) for name in self.extras}
-        del tokens
+        u = None
+
+        def hidden_rows(s, e, z, y, lse, dcap):
+            """Each token's ``u``: the logits' gradient for a coefficient of 1 (in place), times the weight."""
+            nonlocal u
+            if u is None:  # after the first matmul is queued
+                u = torch.empty((n, hidden.shape[-1]), dtype=_acc_dtype(hidden.dtype), device=hidden.device)
+            g = _chunk_grad_logits_(head, z, y, lse, torch.ones_like(lse), dcap)
+            grad_hidden_matmul_fp32(u[s:e], g, head.weight, self.plan[0])
+
+        logp, lse, ext = forward_tokens(hidden, head, aligned, self.extras, chunk_tokens=self.chunk_tokens,
+                                        positions=(rows, cols), bounds=token_chunks(n, self.chunk_tokens),
+                                        each_chunk=hidden_rows if self.needs[0] else None)
         self.tokens = (logp, lse, ext)
         with torch.enable_grad():
             leaf = logp.detach().requires_grad_(True)
@@ -1084,15 +1094,8 @@ class Split:
         if coef is None:  # the outputs do not depend on the log-probs
             coef = torch.zeros(self.aligned.shape, dtype=_acc_dtype(hidden.dtype), device=hidden.device)
         grad_hidden = None
-        if need_hidden:
-            # coef_t * u_t, rounded once, a block of rows at a time (the bf16 temporary stays small).
-            grad_hidden = torch.zeros_like(hidden, memory_format=torch.contiguous_format)
-            coef_valid = coef[rows, cols].unsqueeze(1)
-            step = max(1, ROUNDING_BLOCK_BYTES // max(2 * hidden.shape[-1], 1))
-            for s in range(0, rows.numel(), step):
-                block = u[s:s + step].mul_(coef_valid[s:s + step])
-                scatter_rows_(grad_hidden, rows[s:s + step], cols[s:s + step], block.to(hidden.dtype))
-                del block
+        if need_hidden:  # coef_t * u_t, rounded once
+            grad_hidden = round_rows_into_grad(hidden, rows, cols, u, coef[rows, cols].unsqueeze(1))
         u = None  # freed before the weight gradient exists: the two never coexist
         grad_weight = grad_bias = None
         if need_weight or need_bias:
