@@ -669,18 +669,25 @@ def target_rows(records: list[dict], targets=ISSUE5_TARGETS) -> list[list[str]]:
 def auto_mode_note(shape: HiddenShape) -> str:
     """Which mode ``mode="auto"`` takes at this shape for the sigmoid loss (from the labels alone,
     by the API's rule: one_pass unless pairs larger than its chunk would have more than
-    ``linear.AUTO_MAX_FORMED_AGAIN`` of their logits formed again, then split)."""
+    ``linear.AUTO_MAX_FORMED_AGAIN`` of their logits formed again, then split; and only where
+    one_pass fits the free memory, which it does here), and the peaks ``estimate_linear_memory``
+    predicts for one_pass and split (auto's memory check), to compare with the measured rows."""
     try:
-        from dpo_kernels import linear
+        from dpo_kernels import estimate_linear_memory, linear
         _, _, labels = make_hidden_batch(shape.replace(hidden=1, vocab=2), "cpu", seed=0)
         counts = linear.TokenCensus(labels, IGNORE_INDEX, labels.shape[0] // 2).pair_counts()
         budget = linear.one_pass_chunk_size(shape.vocab, shape.dtype, None, None)
         again = linear.formed_again(counts, budget)
         mode = "one_pass" if again <= linear.AUTO_MAX_FORMED_AGAIN else "split"
+        # Sizes only: torch.empty on the host touches no page of these.
+        hidden = torch.empty(*labels.shape, shape.hidden, dtype=shape.dtype, requires_grad=True)
+        weight = torch.empty(shape.vocab, shape.hidden, dtype=shape.dtype, requires_grad=True)
+        peaks = estimate_linear_memory(hidden, weight, labels, ignore_index=IGNORE_INDEX)
     except Exception as exc:  # an older checkout without these helpers
         return f"; mode='auto': unknown ({type(exc).__name__})"
     return (f"; `mode='auto'` takes **{mode}** here (largest pair {max(counts, default=0)} valid tokens, one_pass "
-            f"chunk budget {budget} tokens: {again:.0%} of the logits formed again)")
+            f"chunk budget {budget} tokens: {again:.0%} of the logits formed again); estimated peaks "
+            f"(`estimate_linear_memory`): one_pass {fmt_bytes(peaks['one_pass'])}, split {fmt_bytes(peaks['split'])}")
 
 
 def run_hidden_section(report: Report, args, device, ctx: Context, ceil: dict, iters: int, warmup: int) -> int:

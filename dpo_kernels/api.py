@@ -275,7 +275,9 @@ def fused_linear_dpo_loss(
             backward recomputes the logits; any loss, any number of backwards, traced whole by
             torch.compile), or ``"auto"``: one_pass when the loss is pair-local and a gradient is
             needed, unless pairs larger than its chunk would have more than half of their logits
-            formed again (then split; split for batch-coupled losses too); two_phase without a
+            formed again, or (on a GPU) its estimated peak is over 90% of the memory the device
+            has left while split needs less (:func:`estimate_linear_memory`): then split (split
+            for batch-coupled losses too); two_phase without a
             gradient and inside torch.compile (two registered operators: no graph break). one_pass
             and split run eagerly inside torch.compile, in a graph break.
         chunk_tokens: tokens per chunk (default: a budget of chunk logits in the input dtype,
@@ -391,8 +393,16 @@ def fused_linear_dpo_loss(
     # chunks), unless every pair fits one one_pass chunk whatever its count (2 T tokens at most):
     # then one_pass reads the census itself, after queuing the work that needs no count.
     may_exceed = 2 * aligned.shape[-1] > one_pass_chunk
+    plan = linear.backward_plan(head, hidden.shape[-1], hidden.dtype, chunk_tokens, vocab_chunk)
+    split_chunk = (linear.split_chunk_size(vocab_size, hidden.shape[-1], hidden.dtype, softcap, chunk_tokens)
+                   if needs[1] else one_pass_chunk)
+
+    def one_pass_fits() -> bool:
+        return _one_pass_fits(linear, hidden, weight, bias, aligned, census, extras, needs, softcap, one_pass_chunk,
+                              split_chunk, plan)
+
     chosen_mode = _pick_mode(mode, objective, census if may_exceed else None, one_pass_chunk, any(needs), specs,
-                             compiling)
+                             compiling, one_pass_fits)
     if chosen_mode == "two_phase":
         logp, lse, ext = linear.linear_token_logprobs(hidden, head, token_labels, extras, chunk_tokens=chunk,
                                                       positions=valid_positions(), backward_chunk_tokens=chunk_tokens,
@@ -421,9 +431,6 @@ def fused_linear_dpo_loss(
     # (linear.Split). Its forward chunks may be as large as the weight gradient, which its backward
     # holds anyway (linear.split_chunk_size); with a frozen head, one_pass's chunks.
     if chosen_mode == "split":
-        plan = linear.backward_plan(head, hidden.shape[-1], hidden.dtype, chunk_tokens, vocab_chunk)
-        split_chunk = (linear.split_chunk_size(vocab_size, hidden.shape[-1], hidden.dtype, softcap, chunk_tokens)
-                       if needs[1] else one_pass_chunk)
         runner = linear.Split(head, aligned, extras, split_chunk, terms_fn, needs, plan, census=census)
         loss, seq_logps = linear.split(hidden, head, runner)
     else:
@@ -438,17 +445,18 @@ def fused_linear_dpo_loss(
                                                                chosen_rewards, rejected_rewards))
 
 
-def _pick_mode(mode, objective, census, chunk, grad_needed, specs, compiling=False) -> str:
+def _pick_mode(mode, objective, census, chunk, grad_needed, specs, compiling=False, one_pass_fits=None) -> str:
     """``census``: the valid tokens per sequence (:class:`linear.TokenCensus`), read by ``auto``
     when a gradient is wanted and a pair may exceed ``chunk`` (``None``: every pair fits).
     ``compiling``: ``auto`` takes two_phase, the mode torch.compile traces whole (one_pass and
-    split size their chunks on the host: they run eagerly, a graph break).
+    split size their chunks on the host: they run eagerly, a graph break). ``one_pass_fits``:
+    called by ``auto`` before it takes one_pass (:func:`_one_pass_fits`; ``None``: it fits).
 
     ``auto``: one_pass (three matmuls; its memory is bounded by its chunk whatever the pairs'
-    sizes) when the loss is pair-local and pairs larger than a chunk would have at most
-    :data:`linear.AUTO_MAX_FORMED_AGAIN` of the logits formed again; else split (four matmuls, the
-    least memory, any loss); two_phase when no gradient is wanted (the chunked forward alone) or
-    inside torch.compile."""
+    sizes) when the loss is pair-local, pairs larger than a chunk would have at most
+    :data:`linear.AUTO_MAX_FORMED_AGAIN` of the logits formed again, and its memory fits; else
+    split (four matmuls, the least memory, any loss); two_phase when no gradient is wanted (the
+    chunked forward alone) or inside torch.compile."""
     if mode == "one_pass":  # it finds each pair's coefficients right after that pair's forward
         if objective.batch_coupled:
             coupled = [spec.name for spec in specs if spec.batch_coupled]
@@ -463,11 +471,92 @@ def _pick_mode(mode, objective, census, chunk, grad_needed, specs, compiling=Fal
         return "two_phase"
     if objective.batch_coupled:
         return "split"
-    if census is None:
-        return "one_pass"
     from . import linear
 
-    return "one_pass" if linear.formed_again(census.pair_counts(), chunk) <= linear.AUTO_MAX_FORMED_AGAIN else "split"
+    if census is not None and linear.formed_again(census.pair_counts(), chunk) > linear.AUTO_MAX_FORMED_AGAIN:
+        return "split"
+    return "one_pass" if one_pass_fits is None or one_pass_fits() else "split"
+
+
+def _one_pass_fits(linear, hidden, weight, bias, aligned, census, extras, needs, softcap, one_pass_chunk,
+                   split_chunk, plan) -> bool:
+    """Whether ``auto`` may take one_pass for memory: its estimated peak
+    (:func:`linear.one_pass_peak_bytes`) is within :data:`linear.AUTO_MEMORY_HEADROOM` of what
+    the device has left (:func:`linear.available_bytes`), or split would need no less. Off CUDA,
+    always. First from bounds that need no count (every token valid, the largest chunk full: no
+    host sync); only when those do not fit, from the census's counts (the path's one sync, which
+    one_pass and split make anyway)."""
+    available = linear.available_bytes(hidden.device)
+    if available is None:
+        return True
+    budget = linear.AUTO_MEMORY_HEADROOM * available
+    footprint = _footprint(linear, hidden, weight, bias, aligned, extras, needs, softcap)
+    if linear.one_pass_peak_bytes(footprint(aligned.numel()), min(one_pass_chunk, aligned.numel())) <= budget:
+        return True
+    peaks = _mode_peaks(linear, footprint, census, one_pass_chunk, split_chunk, plan)
+    return peaks["one_pass"] <= budget or peaks["split"] >= peaks["one_pass"]
+
+
+def _footprint(linear, hidden, weight, bias, aligned, extras, needs, softcap):
+    """``valid_tokens -> linear.Footprint`` of this call."""
+    def footprint(valid: int):
+        return linear.Footprint(
+            batch_tokens=aligned.numel(), valid_tokens=valid, hidden_size=hidden.shape[-1],
+            vocab_size=weight.shape[0], elem=hidden.element_size(), weight_elem=weight.element_size(),
+            bias_elem=0 if bias is None else bias.element_size(), needs=tuple(needs),
+            softcap=softcap is not None, token_results=2 + len(extras))
+
+    return footprint
+
+
+def _mode_peaks(linear, footprint, census, one_pass_chunk, split_chunk, plan) -> dict[str, int]:
+    """Estimated peak bytes of one_pass and split (gradients included) from the census's counts."""
+    fp = footprint(census.total())
+    first = linear.token_chunks(fp.valid_tokens, split_chunk)[:1]
+    return {"one_pass": linear.one_pass_peak_bytes(fp, linear.one_pass_chunk_rows(census.pair_counts(),
+                                                                                  one_pass_chunk)),
+            "split": linear.split_peak_bytes(fp, first[0][1] if first else 0, plan)}
+
+
+def estimate_linear_memory(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    shift: bool = False,
+    ignore_index: int = -100,
+    logit_softcap: float | None = None,
+    use_weighting: bool = False,
+    token_metrics: bool = False,
+    chunk_tokens: int | None = None,
+    vocab_chunk: int | None = None,
+) -> dict[str, int]:
+    """Estimated peak bytes that one forward + backward of :func:`fused_linear_dpo_loss` (padded
+    batch, these options) adds on a GPU in ``mode="one_pass"`` and ``mode="split"``, the
+    gradients included: what ``mode="auto"`` compares with the free memory. The gradients wanted
+    are those of the inputs that require one. One host read (the valid tokens per sequence).
+
+    The model counts every buffer of each mode's peak (``linear.one_pass_peak_bytes``,
+    ``linear.split_peak_bytes``); on an H200 it reproduced the measured peaks of both modes at
+    issue 5's three shapes to 0.01 GB, and on the CPU (fp32) the allocator's peak to 2%. It leaves
+    out the allocator's rounding and the reference model's forward (which runs first, a chunk
+    of at most 256 MiB of logits by default, and is freed before the policy's)."""
+    from . import linear
+
+    num_pairs, vocab_size = _check_linear_inputs(hidden, weight, labels, bias, ignore_index)
+    softcap, _ = _check_linear_options(logit_softcap, 1.0, "auto", chunk_tokens)
+    aligned = align_labels(labels, ignore_index, shift)
+    needs = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+    head = linear.Head(weight, bias, 1.0, softcap, "reference", ignore_index)
+    one_pass_chunk = linear.one_pass_chunk_size(vocab_size, hidden.dtype, softcap, chunk_tokens)
+    split_chunk = (linear.split_chunk_size(vocab_size, hidden.shape[-1], hidden.dtype, softcap, chunk_tokens)
+                   if needs[1] else one_pass_chunk)
+    plan = linear.backward_plan(head, hidden.shape[-1], hidden.dtype, chunk_tokens, vocab_chunk)
+    footprint = _footprint(linear, hidden, weight, bias, aligned, policy_extras(use_weighting, token_metrics),
+                           needs, softcap)
+    census = linear.TokenCensus(aligned, ignore_index, num_pairs)
+    return _mode_peaks(linear, footprint, census, one_pass_chunk, split_chunk, plan)
 
 
 def _loss_setup(loss_type, loss_weights, **options):

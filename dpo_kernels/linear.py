@@ -49,6 +49,11 @@ is rounded, see below):
   bias (:class:`Split`). No fp32 ``[N_valid, H]`` accumulator summed over slices: ``two_phase``
   needs one only because its hidden gradient is summed over vocabulary slices.
 
+Memory: :func:`one_pass_peak_bytes` and :func:`split_peak_bytes` count the buffers of each mode's
+peak (a :class:`Footprint` of the call's sizes); ``mode="auto"`` takes one_pass on a GPU only
+where its peak fits :data:`AUTO_MEMORY_HEADROOM` of :func:`available_bytes` or split would need no
+less (``api.estimate_linear_memory`` is the public face of the two estimates).
+
 Precision of the products (fp32 accumulation inside every GEMM: cuBLAS for bf16/fp16 operands;
 where an fp32 result is summed over chunks the GEMM writes/accumulates fp32 directly,
 ``torch.addmm(..., out_dtype=torch.float32)``, probed once per device, see :func:`fp32_mm_path`;
@@ -822,15 +827,23 @@ def pair_positions(aligned: torch.Tensor, ignore_index: int, num_pairs: int, chu
     counts = census.pair_counts()  # the sync, unless already read
     idx_rows, cols = _true_positions(mask, sum(counts))
     rows = pair_major[idx_rows]
+    return rows, cols, pack_pairs(counts, chunk_tokens), max(counts, default=0)
+
+
+def pack_pairs(pair_counts: list[int], chunk_tokens: int) -> list[tuple[int, int]]:
+    """``one_pass``'s chunks: the ``(start, end)`` of runs of whole pairs (in order, ``pair_counts``
+    valid tokens each) holding as many pairs as fit ``chunk_tokens``, at least one (a larger pair
+    is its own chunk, cut into pieces by :func:`pair_pieces`). Pairs without a valid token add
+    nothing."""
     bounds, start, size = [], 0, 0
-    for count in counts:
+    for count in pair_counts:
         if size and size + count > chunk_tokens:
             bounds.append((start, start + size))
             start, size = start + size, 0
         size += count
     if size:
         bounds.append((start, start + size))
-    return rows, cols, bounds, max(counts, default=0)
+    return bounds
 
 
 # ``mode="auto"`` takes one_pass while at most this fraction of the valid tokens' logits would be
@@ -853,6 +866,120 @@ def formed_again(pair_counts: list[int], chunk_tokens: int) -> float:
 def largest_pair(aligned: torch.Tensor, ignore_index: int) -> int:
     """Valid tokens of the largest pair (one host sync)."""
     return max(TokenCensus(aligned, ignore_index, aligned.shape[0] // 2).pair_counts(), default=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Memory: what each gradient mode holds at its peak, so that ``mode="auto"`` can check that
+# one_pass fits before taking it (split needs the least).
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """The sizes that set a call's peak memory: the rows of ``hidden`` (``2P x T``, the hidden
+    gradient's), the valid tokens among them (the gathers', the per-token buffers'), ``H``, ``V``,
+    bytes per element of the hidden states (and logits), weight and bias (0: no bias), which
+    gradients are wanted, whether a softcap runs, and how many fp32 per-token results the forward
+    keeps (logp, lse and the extras)."""
+
+    batch_tokens: int
+    valid_tokens: int
+    hidden_size: int
+    vocab_size: int
+    elem: int
+    weight_elem: int
+    bias_elem: int
+    needs: tuple[bool, bool, bool]
+    softcap: bool
+    token_results: int = 2
+
+    def logits_bytes(self, rows: int, cols: int) -> int:
+        """A chunk of logits ``[rows, cols]`` while it is being formed: the input dtype, plus with
+        a softcap three fp32 temporaries (``tanh``, its square, and the derivative ``1 - tanh^2``
+        that is kept for the gradient)."""
+        return rows * cols * (self.elem + (12 if self.softcap else 0))
+
+    def gradients_bytes(self) -> int:
+        """The gradients themselves, in their own dtypes (the bias's fp32 sum included)."""
+        h, w, b = self.needs
+        return ((self.batch_tokens * self.hidden_size * self.elem if h else 0)
+                + (self.vocab_size * self.hidden_size * self.weight_elem if w else 0)
+                + (self.vocab_size * (4 + self.bias_elem) if b and self.bias_elem else 0))
+
+    def token_bytes(self) -> int:
+        """The fp32 per-token results: chunk-ordered and scattered to ``[2P, T]``, and the loss's
+        per-token coefficients (``[2P, T]``)."""
+        return 4 * (self.token_results * (self.valid_tokens + self.batch_tokens) + 2 * self.batch_tokens)
+
+
+def one_pass_peak_bytes(fp: Footprint, chunk_rows: int) -> int:
+    """Bytes ``one_pass`` holds at its peak on a GPU: the gradients (formed during the forward,
+    in their own dtypes) plus one chunk (or piece) of ``chunk_rows`` valid tokens: its logits
+    (overwritten by their gradient), its gathered hidden rows and the ``[rows, H]`` product of
+    its hidden gradient before the scatter. ``chunk_rows``: the largest chunk or piece
+    (:func:`one_pass_chunk_rows`)."""
+    c, H, V = chunk_rows, fp.hidden_size, fp.vocab_size
+    # Forming the logits (softcap temporaries), or holding them (+ the kept derivative) with the
+    # hidden-gradient product: whichever is larger.
+    logits = max(fp.logits_bytes(c, V), c * V * (fp.elem + (4 if fp.softcap else 0)) + c * H * fp.elem)
+    return fp.gradients_bytes() + fp.token_bytes() + logits + c * H * fp.elem
+
+
+def one_pass_chunk_rows(pair_counts: list[int], chunk_tokens: int) -> int:
+    """Valid tokens of ``one_pass``'s largest chunk (whole pairs, :func:`pack_pairs`) or piece
+    (a pair larger than ``chunk_tokens`` is cut into pieces of at most that many)."""
+    return max((min(e - s, chunk_tokens) for s, e in pack_pairs(pair_counts, chunk_tokens)), default=0)
+
+
+def split_peak_bytes(fp: Footprint, chunk_rows: int, plan: tuple[int, int]) -> int:
+    """Bytes ``split`` holds at its peak on a GPU, the largest of its three phases:
+
+    - forward: one chunk of ``chunk_rows`` tokens' logits + its gathered rows or each valid
+      token's fp32 ``u`` (``[n, H]``, made after the first matmul: with one chunk the two never
+      coexist), or both from the second chunk on;
+    - backward, hidden gradient: ``u`` + the hidden gradient + one rounding block;
+    - backward, weight and bias: the gradients + the gathered valid rows ``[n, H]`` + one slice
+      of logits ``[tokens, rows]`` (``plan``: :func:`backward_plan`) + the fp32 slice buffer
+      when the valid tokens take several chunks of the slice.
+
+    Without a weight or bias gradient the last phase does not run."""
+    n, H, V = fp.valid_tokens, fp.hidden_size, fp.vocab_size
+    need_h, need_w, need_b = fp.needs
+    u = n * H * 4 if need_h else 0
+    rows_bytes = chunk_rows * H * fp.elem
+    forward = fp.logits_bytes(chunk_rows, V) + (u + rows_bytes if n > chunk_rows else max(u, rows_bytes))
+    hidden_grad = fp.batch_tokens * H * fp.elem if need_h else 0
+    rounding = min(n, max(1, ROUNDING_BLOCK_BYTES // max(2 * H, 1))) * H * fp.elem
+    backward_hidden = u + hidden_grad + rounding if need_h else 0
+    backward_weight = 0
+    if need_w or (need_b and fp.bias_elem):
+        step, tokens = plan
+        rows, tokens = min(step, V), min(tokens, n)
+        slice_buffer = rows * H * 4 if need_w and n > tokens and fp.weight_elem != 4 else 0
+        backward_weight = (fp.gradients_bytes() + n * H * fp.elem + fp.logits_bytes(tokens, rows)
+                           + slice_buffer)
+    return fp.token_bytes() + max(forward, backward_hidden, backward_weight)
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Bytes this process may still allocate on ``device``: the device's free memory plus what
+    PyTorch's caching allocator holds unused, capped by ``set_per_process_memory_fraction``.
+    ``None`` off CUDA (the host's memory is not a limit ``auto`` plans around)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    allocated = torch.cuda.memory_allocated(device)
+    available = free + torch.cuda.memory_reserved(device) - allocated
+    fraction = torch.cuda.get_per_process_memory_fraction(device)
+    if fraction < 1.0:
+        available = min(available, int(fraction * total) - allocated)
+    return max(0, available)
+
+
+# ``mode="auto"`` takes one_pass only where its estimated peak (:func:`one_pass_peak_bytes`) is at
+# most this fraction of :func:`available_bytes`: the rest is room for the allocator's rounding and
+# fragmentation, which the estimate does not model.
+AUTO_MEMORY_HEADROOM = 0.9
 
 
 class _OnePassFunction(torch.autograd.Function):

@@ -391,6 +391,121 @@ def test_auto_takes_split_when_one_pass_would_form_much_again():
     (out.loss + out.chosen_logps.sum()).backward()
 
 
+# Memory: each mode's estimated peak (auto's check) against what the allocator saw.
+# (mode, P, T, H, V, chunk_tokens, vocab_chunk, softcap, bias, frozen weight, token_metrics)
+MEMORY_CASES = [
+    ("one_pass", 2, 64, 128, 3000, 48, None, None, False, False, False),  # pieces: pairs > chunk
+    ("one_pass", 2, 64, 128, 3000, 48, None, 30.0, True, False, False),
+    ("one_pass", 2, 64, 128, 3000, 48, None, 30.0, True, True, False),
+    ("one_pass", 4, 96, 256, 5000, None, None, None, False, False, False),  # one chunk holds every pair
+    ("one_pass", 4, 96, 256, 5000, 100, None, None, False, False, True),
+    ("split", 2, 64, 128, 3000, 48, None, None, False, False, False),
+    ("split", 2, 64, 128, 3000, 48, None, 30.0, True, False, False),
+    ("split", 2, 64, 128, 3000, 48, None, 30.0, False, True, False),
+    ("split", 4, 96, 256, 5000, None, None, None, False, False, False),  # one forward chunk: u and rows never coexist
+    ("split", 4, 96, 64, 20000, 40, 3000, None, True, False, True),  # several slices, several tokens chunks each
+]
+
+
+@pytest.mark.parametrize("case", MEMORY_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_peak_estimate_matches_the_allocator(case):
+    """``estimate_linear_memory`` (auto's memory check) against the CPU allocator's peak over a
+    whole forward + backward, gradients included: within 2%, with softcap, bias, a frozen weight,
+    pieces, several vocabulary slices and backward token chunks. fp32: the model is of the GPU's
+    buffers, and on the CPU half-precision products add fp32 upcasts the GPU does not make
+    (``test_peak_estimate_reproduces_the_h200_measurements`` covers bf16)."""
+    from dpo_kernels import estimate_linear_memory
+    from dpo_kernels.bench import peak_extra_bytes
+
+    mode, P, T, H, V, chunk, vocab_chunk, softcap, bias, frozen, metrics = case
+    hidden, weight, b, labels = make_inputs(P, T, H, V, bias=bias, prompt=T // 4, seed=3)
+    hidden.requires_grad_(True)
+    weight.requires_grad_(not frozen)
+    if b is not None:
+        b.requires_grad_(True)
+    inputs = [t for t in (hidden, weight, b) if t is not None and t.requires_grad]
+    options = dict(chunk_tokens=chunk, vocab_chunk=vocab_chunk, logit_softcap=softcap, token_metrics=metrics)
+
+    def step():
+        out = fused_linear_dpo_loss(hidden, weight, labels, b, ref_logps=torch.randn(2 * P) - 30, mode=mode,
+                                    validate=False, backend="cpu", **options)
+        return torch.autograd.grad(out.loss, inputs)
+
+    step()  # first-call allocations (the fp32 product path's probe) out of the way
+    peak = peak_extra_bytes(step, "cpu")
+    if peak is None:
+        pytest.skip("the CPU allocator's events are not observable here")
+    estimate = estimate_linear_memory(hidden, weight, labels, b, **options)[mode]
+    assert abs(peak - estimate) <= 0.02 * peak, (peak, estimate)
+
+
+def test_peak_estimate_reproduces_the_h200_measurements():
+    """The model at issue 5's three shapes (bf16, 25% of each sequence ignored, gradients of
+    hidden and weight) against the peaks run D measured on an H200 (docs/perf.md, GB of 1e9
+    bytes, two decimals): one_pass 1.96 / 1.96 / 2.16, split 1.22 / 1.24 / 1.72."""
+    from dpo_kernels import estimate_linear_memory
+
+    measured = {(8, 1024, 4096, 128256): (1.96, 1.22), (4, 2048, 3584, 152064): (1.96, 1.24),
+                (2, 16384, 4096, 128256): (2.16, 1.72)}
+    for (B, T, H, V), (one_pass, split) in measured.items():
+        labels = torch.randint(0, V, (B, T))
+        labels[:, : T // 4] = IGNORE
+        hidden = torch.empty(B, T, H, dtype=BF16, requires_grad=True)  # never written: sizes only
+        weight = torch.empty(V, H, dtype=BF16, requires_grad=True)
+        peaks = estimate_linear_memory(hidden, weight, labels)
+        assert round(peaks["one_pass"] / 1e9, 2) == one_pass and round(peaks["split"] / 1e9, 2) == split, peaks
+
+
+def test_auto_takes_split_when_one_pass_would_not_fit(monkeypatch):
+    """auto checks one_pass's estimated peak against the device's free memory (only on CUDA; the
+    free memory is faked here): one_pass while it fits within ``AUTO_MEMORY_HEADROOM`` of it (first
+    from bounds that need no count, then from the counts), else split, which needs less; one_pass
+    again when split would need no less. Either way the result is the same loss."""
+    from dpo_kernels import estimate_linear_memory
+
+    hidden, weight, _, labels = make_inputs(2, 64, 128, 3000, prompt=16, seed=4)
+    ref = torch.randn(4) - 30
+    h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    peaks = estimate_linear_memory(h, w, labels)
+    assert peaks["split"] < peaks["one_pass"]
+    fits = math.ceil(peaks["one_pass"] / linear.AUTO_MEMORY_HEADROOM)
+    assert linear.one_pass_peak_bytes(linear.Footprint(labels.numel(), labels.numel(), 128, 3000, 4, 4, 0,
+                                                       (True, True, False), False), labels.numel()) > fits
+    losses = []
+
+    def grad_fn(available):
+        monkeypatch.setattr(linear, "available_bytes", lambda device: available)
+        out = fused_linear_dpo_loss(h, w, labels, ref_logps=ref)
+        losses.append(out.loss.item())
+        torch.autograd.grad(out.loss, (h, w))
+        return type(out.loss.grad_fn).__name__
+
+    assert "OnePass" in grad_fn(None)  # off CUDA: no limit
+    assert "OnePass" in grad_fn(fits)  # over the count-free bound, within the counted estimate
+    assert "Split" in grad_fn(fits - 1)
+    assert "Split" in grad_fn(0)
+    monkeypatch.setattr(linear, "split_peak_bytes", lambda *args: peaks["one_pass"])
+    assert "OnePass" in grad_fn(0)  # split would need as much: nothing to gain
+    assert max(losses) - min(losses) <= 1e-6 * abs(losses[0])
+
+
+def test_available_bytes_counts_the_allocator_cache_and_the_process_fraction(monkeypatch):
+    """Free device memory + what the caching allocator holds unused, capped by
+    ``set_per_process_memory_fraction``; None off CUDA."""
+    state = {"fraction": 1.0}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1000, 10000))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 3000)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 3500)
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: state["fraction"])
+    cuda = torch.device("cuda", 0)
+    assert linear.available_bytes(cuda) == 1500
+    state["fraction"] = 0.4
+    assert linear.available_bytes(cuda) == 1000  # 4000 allowed, 3000 allocated
+    state["fraction"] = 0.2
+    assert linear.available_bytes(cuda) == 0
+    assert linear.available_bytes(torch.device("cpu")) is None
+
+
 def test_no_grad_forward_matches():
     hidden, weight, b, labels = make_inputs(2, 6, 16, 60, bias=True)
     ref = torch.randn(4)
@@ -1028,12 +1143,14 @@ def test_one_pass_backward_reads_nothing_on_the_host_with_triton(grad_scale, mod
 
 
 @pytest.mark.parametrize("mode", ["auto", "one_pass", "split"])
-def test_nothing_stands_between_the_positions_and_the_first_matmul(mode):
+def test_nothing_stands_between_the_positions_and_the_first_matmul(mode, monkeypatch):
     """The one host sync sizes the gather of the valid positions (``nonzero_static``); on a GPU
     the device idles from that sync until the first matmul is queued, so only the position index
     and the hidden-row gather stand between them. The buffers and placeholders are made after the
     first matmul is queued (their launches overlap it). ``auto`` decides one_pass without a sync
-    of its own when every pair fits one chunk."""
+    of its own when every pair fits one chunk and one_pass fits the free memory whatever the
+    counts (faked here as on a GPU with room to spare)."""
+    monkeypatch.setattr(linear, "available_bytes", lambda device: 1 << 40)
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Ops(TorchDispatchMode):
