@@ -968,8 +968,12 @@ def available_bytes(device: torch.device) -> int | None:
     if device.type != "cuda":
         return None
     free, total = torch.cuda.mem_get_info(device)
-    allocated = torch.cuda.memory_allocated(device)
-    available = free + torch.cuda.memory_reserved(device) - allocated
+    # One read of the allocator's statistics, nested as it keeps them: memory_allocated() and
+    # memory_reserved() each flatten and sort the whole table (~10^2 entries) on the host, and this
+    # runs before the first matmul, while the device waits.
+    stats = torch.cuda.memory_stats_as_nested_dict(device)
+    allocated = stats.get("allocated_bytes", {}).get("all", {}).get("current", 0)
+    available = free + stats.get("reserved_bytes", {}).get("all", {}).get("current", 0) - allocated
     fraction = torch.cuda.get_per_process_memory_fraction(device)
     if fraction < 1.0:
         available = min(available, int(fraction * total) - allocated)

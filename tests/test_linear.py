@@ -494,8 +494,9 @@ def test_available_bytes_counts_the_allocator_cache_and_the_process_fraction(mon
     ``set_per_process_memory_fraction``; None off CUDA."""
     state = {"fraction": 1.0}
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1000, 10000))
-    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 3000)
-    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 3500)
+    monkeypatch.setattr(torch.cuda, "memory_stats_as_nested_dict", lambda device=None: {
+        "allocated_bytes": {"all": {"current": 3000, "peak": 9000}, "large_pool": {"current": 2000}},
+        "reserved_bytes": {"all": {"current": 3500, "peak": 9500}}})
     monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: state["fraction"])
     cuda = torch.device("cuda", 0)
     assert linear.available_bytes(cuda) == 1500
