@@ -328,10 +328,7 @@ def fused_linear_dpo_loss(
         packing = _check_packing(cu_seqlens, hidden, "hidden", max_seqlen, validate)
         num_pairs = packing.num_pairs
     _check_token_options(specs, ld_alpha, use_weighting, average_log_prob, token_metrics)
-    softcap, temperature = _check_linear_options(logit_softcap, temperature, mode, chunk_tokens)
-    if vocab_chunk is not None and (isinstance(vocab_chunk, bool) or not isinstance(vocab_chunk, int)
-                                    or vocab_chunk < 1):
-        raise ValueError(f"vocab_chunk must be an int >= 1 (or None for the memory budget), got {vocab_chunk!r}")
+    softcap, temperature = _check_linear_options(logit_softcap, temperature, mode, chunk_tokens, vocab_chunk)
     ref_given = _check_linear_reference(hidden, weight, bias, ref_logps, ref_hidden, ref_weight, ref_bias,
                                         reference_free, num_pairs, specs)
     backend_name = resolve_backend(backend, hidden.device)
@@ -545,7 +542,7 @@ def estimate_linear_memory(
     from . import linear
 
     num_pairs, vocab_size = _check_linear_inputs(hidden, weight, labels, bias, ignore_index)
-    softcap, _ = _check_linear_options(logit_softcap, 1.0, "auto", chunk_tokens)
+    softcap, _ = _check_linear_options(logit_softcap, 1.0, "auto", chunk_tokens, vocab_chunk)
     aligned = align_labels(labels, ignore_index, shift)
     needs = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
     head = linear.Head(weight, bias, 1.0, softcap, "reference", ignore_index)
@@ -966,7 +963,7 @@ def _check_linear_tensors(hidden, weight, labels, bias, ignore_index,
     return vocab_size
 
 
-def _check_linear_options(logit_softcap, temperature, mode, chunk_tokens):
+def _check_linear_options(logit_softcap, temperature, mode, chunk_tokens, vocab_chunk=None):
     from .linear import MODES
 
     def positive(value, name):
@@ -978,9 +975,9 @@ def _check_linear_options(logit_softcap, temperature, mode, chunk_tokens):
     softcap = None if logit_softcap is None else positive(logit_softcap, "logit_softcap")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if chunk_tokens is not None and (isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int)
-                                     or chunk_tokens < 1):
-        raise ValueError(f"chunk_tokens must be an int >= 1 (or None for the memory budget), got {chunk_tokens!r}")
+    for name, value in (("chunk_tokens", chunk_tokens), ("vocab_chunk", vocab_chunk)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be an int >= 1 (or None for the memory budget), got {value!r}")
     return softcap, temperature
 
 

@@ -977,6 +977,28 @@ def test_option_errors(kwargs, error, match):
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
+    (dict(chunk_tokens=0), ValueError, "chunk_tokens must be an int >= 1"),
+    (dict(vocab_chunk=0), ValueError, "vocab_chunk must be an int >= 1"),
+    (dict(vocab_chunk=True), ValueError, "vocab_chunk"),
+    (dict(logit_softcap=-1.0), ValueError, "logit_softcap must be a finite number > 0"),
+    (dict(labels="short"), ValueError, "labels"),
+    (dict(weight="wrongH"), ValueError, "weight"),
+    (dict(ignore_index=1.5), TypeError, "ignore_index must be an int"),
+])
+def test_estimate_linear_memory_errors(kwargs, error, match):
+    """estimate_linear_memory checks its inputs and options as fused_linear_dpo_loss does."""
+    from dpo_kernels import estimate_linear_memory
+
+    hidden, weight, labels, b = _args()
+    values = {"short": labels[:, :3], "wrongH": torch.randn(30, 5)}
+    kwargs = {k: values.get(v, v) if isinstance(v, str) else v for k, v in kwargs.items()}
+    args = {"hidden": hidden, "weight": weight, "labels": labels, "bias": b}
+    args.update({k: kwargs.pop(k) for k in list(kwargs) if k in args})
+    with pytest.raises(error, match=match):
+        estimate_linear_memory(**args, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
     (dict(), ValueError, "no reference: pass ref_logps or ref_hidden"),
     (dict(ref_logps=torch.randn(4), ref_hidden="H"), ValueError, "either ref_logps or ref_hidden"),
     (dict(ref_hidden="H", reference_free=True), ValueError, "reference_free=True conflicts with ref_hidden"),
