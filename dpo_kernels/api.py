@@ -483,12 +483,13 @@ def _one_pass_fits(linear, hidden, weight, bias, aligned, census, extras, needs,
     always. First from bounds that need no count (every token valid, the largest chunk full: no
     host sync); only when those do not fit, from the census's counts (the path's one sync, which
     one_pass and split make anyway)."""
-    available = linear.available_bytes(hidden.device)
+    footprint = _footprint(linear, hidden, weight, bias, aligned, extras, needs, softcap)
+    bound = linear.one_pass_peak_bytes(footprint(aligned.numel()), min(one_pass_chunk, aligned.numel()))
+    available = linear.available_bytes(hidden.device, enough=math.ceil(bound / linear.AUTO_MEMORY_HEADROOM))
     if available is None:
         return True
     budget = linear.AUTO_MEMORY_HEADROOM * available
-    footprint = _footprint(linear, hidden, weight, bias, aligned, extras, needs, softcap)
-    if linear.one_pass_peak_bytes(footprint(aligned.numel()), min(one_pass_chunk, aligned.numel())) <= budget:
+    if bound <= budget:
         return True
     peaks = _mode_peaks(linear, footprint, census, one_pass_chunk, split_chunk, plan)
     return peaks["one_pass"] <= budget or peaks["split"] >= peaks["one_pass"]

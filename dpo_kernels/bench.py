@@ -88,7 +88,7 @@ class Shape:
 
 
 def _element_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return dtype.itemsize
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -142,7 +142,7 @@ def chunk_size(vocab_size: int, dtype: torch.dtype, softcap: float | None, chunk
     logits in the compute dtype, plus the fp32 temporaries of the softcap)."""
     if chunk_tokens is not None:
         return int(chunk_tokens)
-    per_token = vocab_size * torch.empty((), dtype=dtype).element_size()
+    per_token = vocab_size * dtype.itemsize
     if softcap is not None:
         per_token += 2 * 4 * vocab_size  # tanh in fp32 and its derivative, kept for the backward
     tokens = max(1, budget // max(per_token, 1))
@@ -167,7 +167,7 @@ def split_chunk_size(vocab_size: int, hidden_size: int, dtype: torch.dtype, soft
     backward's, and fewer, larger chunks mean larger matmuls and less fixed cost per chunk."""
     if chunk_tokens is not None:
         return int(chunk_tokens)
-    weight_bytes = vocab_size * hidden_size * torch.empty((), dtype=dtype).element_size()
+    weight_bytes = vocab_size * hidden_size * dtype.itemsize
     return chunk_size(vocab_size, dtype, softcap, None, max(DEFAULT_ONE_PASS_CHUNK_BYTES, weight_bytes))
 
 
@@ -960,21 +960,26 @@ def split_peak_bytes(fp: Footprint, chunk_rows: int, plan: tuple[int, int]) -> i
     return fp.token_bytes() + max(forward, backward_hidden, backward_weight)
 
 
-def available_bytes(device: torch.device) -> int | None:
+def available_bytes(device: torch.device, enough: int | None = None) -> int | None:
     """Bytes this process may still allocate on ``device``: the device's free memory plus what
     PyTorch's caching allocator holds unused, capped by ``set_per_process_memory_fraction``.
-    ``None`` off CUDA (the host's memory is not a limit ``auto`` plans around)."""
+    ``None`` off CUDA (the host's memory is not a limit ``auto`` plans around).
+
+    ``enough``: when the device's free memory alone covers it (and no fraction caps the
+    process), that free memory is returned without reading the allocator's statistics. This runs
+    before the first matmul, while the device waits: one driver query is all it costs then."""
     device = torch.device(device)
     if device.type != "cuda":
         return None
     free, total = torch.cuda.mem_get_info(device)
+    fraction = torch.cuda.get_per_process_memory_fraction(device)
+    if enough is not None and fraction >= 1.0 and free >= enough:
+        return free
     # One read of the allocator's statistics, nested as it keeps them: memory_allocated() and
-    # memory_reserved() each flatten and sort the whole table (~10^2 entries) on the host, and this
-    # runs before the first matmul, while the device waits.
+    # memory_reserved() each flatten and sort the whole table (~10^2 entries) on the host.
     stats = torch.cuda.memory_stats_as_nested_dict(device)
     allocated = stats.get("allocated_bytes", {}).get("all", {}).get("current", 0)
     available = free + stats.get("reserved_bytes", {}).get("all", {}).get("current", 0) - allocated
-    fraction = torch.cuda.get_per_process_memory_fraction(device)
     if fraction < 1.0:
         available = min(available, int(fraction * total) - allocated)
     return max(0, available)

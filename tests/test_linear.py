@@ -474,7 +474,7 @@ def test_auto_takes_split_when_one_pass_would_not_fit(monkeypatch):
     losses = []
 
     def grad_fn(available):
-        monkeypatch.setattr(linear, "available_bytes", lambda device: available)
+        monkeypatch.setattr(linear, "available_bytes", lambda device, enough=None: available)
         out = fused_linear_dpo_loss(h, w, labels, ref_logps=ref)
         losses.append(out.loss.item())
         torch.autograd.grad(out.loss, (h, w))
@@ -500,8 +500,15 @@ def test_available_bytes_counts_the_allocator_cache_and_the_process_fraction(mon
     monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: state["fraction"])
     cuda = torch.device("cuda", 0)
     assert linear.available_bytes(cuda) == 1500
+    assert linear.available_bytes(cuda, enough=1001) == 1500
+    assert linear.available_bytes(torch.device("cpu"), enough=1) is None
+    monkeypatch.setattr(torch.cuda, "memory_stats_as_nested_dict", None)  # not read when the free memory is enough
+    assert linear.available_bytes(cuda, enough=1000) == 1000
+    monkeypatch.setattr(torch.cuda, "memory_stats_as_nested_dict", lambda device=None: {
+        "allocated_bytes": {"all": {"current": 3000}}, "reserved_bytes": {"all": {"current": 3500}}})
     state["fraction"] = 0.4
     assert linear.available_bytes(cuda) == 1000  # 4000 allowed, 3000 allocated
+    assert linear.available_bytes(cuda, enough=10) == 1000  # a fraction: the statistics are read
     state["fraction"] = 0.2
     assert linear.available_bytes(cuda) == 0
     assert linear.available_bytes(torch.device("cpu")) is None
@@ -1173,7 +1180,7 @@ def test_nothing_stands_between_the_positions_and_the_first_matmul(mode, monkeyp
     first matmul is queued (their launches overlap it). ``auto`` decides one_pass without a sync
     of its own when every pair fits one chunk and one_pass fits the free memory whatever the
     counts (faked here as on a GPU with room to spare)."""
-    monkeypatch.setattr(linear, "available_bytes", lambda device: 1 << 40)
+    monkeypatch.setattr(linear, "available_bytes", lambda device, enough=None: 1 << 40)
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Ops(TorchDispatchMode):

@@ -57,7 +57,7 @@ def pick_config(vocab_size: int, dtype: torch.dtype, extras: frozenset[str] = fr
         return LaunchConfig(block_v=_block_override, num_warps=4)
     if interpreting():
         return LaunchConfig(block_v=min(_INTERPRETER_BLOCK, triton.next_power_of_2(vocab_size)), num_warps=1)
-    elem = torch.empty((), dtype=dtype).element_size()
+    elem = dtype.itemsize
     if extras & _REGISTER_HEAVY_EXTRAS:
         block_v = max(min(_HEAVY_BYTES_PER_STEP // elem, triton.next_power_of_2(vocab_size)), 128)
         return LaunchConfig(block_v=block_v, num_warps=4)
