@@ -385,14 +385,11 @@ def fused_linear_dpo_loss(
     extras = policy_extras(use_weighting, token_metrics)
     needs = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
     needs = tuple(n and torch.is_grad_enabled() for n in needs)
-    one_pass_chunk = linear.one_pass_chunk_size(vocab_size, hidden.dtype, softcap, chunk_tokens)
+    one_pass_chunk, split_chunk, plan = _chunk_plan(linear, head, hidden, softcap, chunk_tokens, vocab_chunk, needs)
     # auto: the pairs' token counts decide the mode (the census's read; one_pass reuses it for its
     # chunks), unless every pair fits one one_pass chunk whatever its count (2 T tokens at most):
     # then one_pass reads the census itself, after queuing the work that needs no count.
     may_exceed = 2 * aligned.shape[-1] > one_pass_chunk
-    plan = linear.backward_plan(head, hidden.shape[-1], hidden.dtype, chunk_tokens, vocab_chunk)
-    split_chunk = (linear.split_chunk_size(vocab_size, hidden.shape[-1], hidden.dtype, softcap, chunk_tokens)
-                   if needs[1] else one_pass_chunk)
 
     def one_pass_fits() -> bool:
         return _one_pass_fits(linear, hidden, weight, bias, aligned, census, extras, needs, softcap, one_pass_chunk,
@@ -425,8 +422,7 @@ def fused_linear_dpo_loss(
         return objective.loss_terms(TokenLogprobs(logp, lse, ext, aligned), ref_seq)
 
     # split: the hidden gradient's per-token part in the forward, every gradient in the backward
-    # (linear.Split). Its forward chunks may be as large as the weight gradient, which its backward
-    # holds anyway (linear.split_chunk_size); with a frozen head, one_pass's chunks.
+    # (linear.Split), its chunks from _chunk_plan.
     if chosen_mode == "split":
         runner = linear.Split(head, aligned, extras, split_chunk, terms_fn, needs, plan, census=census)
         loss, seq_logps = linear.split(hidden, head, runner)
@@ -495,6 +491,16 @@ def _one_pass_fits(linear, hidden, weight, bias, aligned, census, extras, needs,
     return peaks["one_pass"] <= budget or peaks["split"] >= peaks["one_pass"]
 
 
+def _chunk_plan(linear, head, hidden, softcap, chunk_tokens, vocab_chunk, needs):
+    """``(one_pass's tokens per chunk, split's forward tokens per chunk, the two_phase/split
+    backward's plan)``: split's forward chunks may be as large as the weight gradient, which its
+    backward holds anyway (:func:`linear.split_chunk_size`); with a frozen head, one_pass's."""
+    V, H = head.vocab_size, hidden.shape[-1]
+    one_pass_chunk = linear.one_pass_chunk_size(V, hidden.dtype, softcap, chunk_tokens)
+    split_chunk = linear.split_chunk_size(V, H, hidden.dtype, softcap, chunk_tokens) if needs[1] else one_pass_chunk
+    return one_pass_chunk, split_chunk, linear.backward_plan(head, H, hidden.dtype, chunk_tokens, vocab_chunk)
+
+
 def _footprint(linear, hidden, weight, bias, aligned, extras, needs, softcap):
     """``valid_tokens -> linear.Footprint`` of this call."""
     def footprint(valid: int):
@@ -547,10 +553,7 @@ def estimate_linear_memory(
     aligned = align_labels(labels, ignore_index, shift)
     needs = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
     head = linear.Head(weight, bias, 1.0, softcap, "reference", ignore_index)
-    one_pass_chunk = linear.one_pass_chunk_size(vocab_size, hidden.dtype, softcap, chunk_tokens)
-    split_chunk = (linear.split_chunk_size(vocab_size, hidden.shape[-1], hidden.dtype, softcap, chunk_tokens)
-                   if needs[1] else one_pass_chunk)
-    plan = linear.backward_plan(head, hidden.shape[-1], hidden.dtype, chunk_tokens, vocab_chunk)
+    one_pass_chunk, split_chunk, plan = _chunk_plan(linear, head, hidden, softcap, chunk_tokens, vocab_chunk, needs)
     footprint = _footprint(linear, hidden, weight, bias, aligned, policy_extras(use_weighting, token_metrics),
                            needs, softcap)
     census = linear.TokenCensus(aligned, ignore_index, num_pairs)
