@@ -143,8 +143,9 @@ def sweep(doc: Doc, shape: HiddenShape, device, tflops, iters, warmup, budget_s)
     # two_phase's default slice is the hidden size (4096 here).
     variants += [("two_phase", {})] + [("two_phase", {"vocab_chunk": 8192})]
     # split: no fp32 accumulator across slices, so wider slices cost only their logits; smaller
-    # forward chunks (its forward's peak) cost matmul efficiency.
-    variants += [("split", {})] + [("split", {"vocab_chunk": v}) for v in (8192, 16384)]
+    # forward chunks (its forward's peak) cost matmul efficiency. Its default slice is 2 H where
+    # every valid token fits one chunk of it (8192 rows here), else H: H and 4 H beside it.
+    variants += [("split", {})] + [("split", {"vocab_chunk": v}) for v in (shape.hidden, 4 * shape.hidden)]
     variants += [("split", {"chunk_tokens": 2048})]
     if shape.vocab < 8192:  # smoke
         variants = [("one_pass", {}), ("one_pass", {"chunk_tokens": 1}), ("one_pass", {"chunk_tokens": 7}),

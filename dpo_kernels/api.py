@@ -295,7 +295,8 @@ def fused_linear_dpo_loss(
             weight gradient is formed one slice at a time: one product written into the gradient when
             one token chunk holds all valid tokens, else summed in an fp32 ``[vocab_chunk, H]``
             buffer (default: the hidden size H rounded down to a multiple of 128, at least 2048
-            rows; the whole vocabulary when smaller).
+            rows; the whole vocabulary when smaller; split takes twice that when every valid
+            token fits one chunk of the wider slice).
         cu_seqlens: a packed (padding-free) batch, as in :func:`fused_dpo_loss`: ``hidden``
             ``[1, total, H]`` or ``[total, H]``, ``labels`` ``[1, total]`` or ``[total]``,
             ``ref_hidden`` like ``hidden``; the ``B`` chosen sequences first, then the ``B``
@@ -385,7 +386,8 @@ def fused_linear_dpo_loss(
     extras = policy_extras(use_weighting, token_metrics)
     needs = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
     needs = tuple(n and torch.is_grad_enabled() for n in needs)
-    one_pass_chunk, split_chunk, plan = _chunk_plan(linear, head, hidden, softcap, chunk_tokens, vocab_chunk, needs)
+    one_pass_chunk, split_chunk, split_plan = _chunk_plan(linear, head, hidden, softcap, chunk_tokens, vocab_chunk,
+                                                          needs)
     # auto: the pairs' token counts decide the mode (the census's read; one_pass reuses it for its
     # chunks), unless every pair fits one one_pass chunk whatever its count (2 T tokens at most):
     # then one_pass reads the census itself, after queuing the work that needs no count.
@@ -393,7 +395,7 @@ def fused_linear_dpo_loss(
 
     def one_pass_fits() -> bool:
         return _one_pass_fits(linear, hidden, weight, bias, aligned, census, extras, needs, softcap, one_pass_chunk,
-                              split_chunk, plan)
+                              split_chunk, split_plan)
 
     chosen_mode = _pick_mode(mode, objective, census if may_exceed else None, one_pass_chunk, any(needs), specs,
                              compiling, one_pass_fits)
@@ -424,7 +426,8 @@ def fused_linear_dpo_loss(
     # split: the hidden gradient's per-token part in the forward, every gradient in the backward
     # (linear.Split), its chunks from _chunk_plan.
     if chosen_mode == "split":
-        runner = linear.Split(head, aligned, extras, split_chunk, terms_fn, needs, plan, census=census)
+        runner = linear.Split(head, aligned, extras, split_chunk, terms_fn, needs, split_plan(census.total()),
+                              census=census)
         loss, seq_logps = linear.split(hidden, head, runner)
     else:
         runner = linear.OnePass(head, aligned, extras, one_pass_chunk, terms_fn, num_pairs, needs, census=census)
@@ -472,7 +475,7 @@ def _pick_mode(mode, objective, census, chunk, grad_needed, specs, compiling=Fal
 
 
 def _one_pass_fits(linear, hidden, weight, bias, aligned, census, extras, needs, softcap, one_pass_chunk,
-                   split_chunk, plan) -> bool:
+                   split_chunk, split_plan) -> bool:
     """Whether ``auto`` may take one_pass for memory: its estimated peak
     (:func:`linear.one_pass_peak_bytes`) is within :data:`linear.AUTO_MEMORY_HEADROOM` of what
     the device has left (:func:`linear.available_bytes`), or split would need no less. Off CUDA,
@@ -487,18 +490,23 @@ def _one_pass_fits(linear, hidden, weight, bias, aligned, census, extras, needs,
     budget = linear.AUTO_MEMORY_HEADROOM * available
     if bound <= budget:
         return True
-    peaks = _mode_peaks(linear, footprint, census, one_pass_chunk, split_chunk, plan)
+    peaks = _mode_peaks(linear, footprint, census, one_pass_chunk, split_chunk, split_plan)
     return peaks["one_pass"] <= budget or peaks["split"] >= peaks["one_pass"]
 
 
 def _chunk_plan(linear, head, hidden, softcap, chunk_tokens, vocab_chunk, needs):
-    """``(one_pass's tokens per chunk, split's forward tokens per chunk, the two_phase/split
-    backward's plan)``: split's forward chunks may be as large as the weight gradient, which its
-    backward holds anyway (:func:`linear.split_chunk_size`); with a frozen head, one_pass's."""
+    """``(one_pass's tokens per chunk, split's forward tokens per chunk, valid tokens -> split's
+    backward plan)``: split's forward chunks may be as large as the weight gradient, which its
+    backward holds anyway (:func:`linear.split_chunk_size`); with a frozen head, one_pass's. Its
+    backward's slices depend on the valid tokens (:func:`linear.backward_plan`)."""
     V, H = head.vocab_size, hidden.shape[-1]
     one_pass_chunk = linear.one_pass_chunk_size(V, hidden.dtype, softcap, chunk_tokens)
     split_chunk = linear.split_chunk_size(V, H, hidden.dtype, softcap, chunk_tokens) if needs[1] else one_pass_chunk
-    return one_pass_chunk, split_chunk, linear.backward_plan(head, H, hidden.dtype, chunk_tokens, vocab_chunk)
+
+    def split_plan(valid_tokens: int) -> tuple[int, int]:
+        return linear.backward_plan(head, H, hidden.dtype, chunk_tokens, vocab_chunk, valid_tokens)
+
+    return one_pass_chunk, split_chunk, split_plan
 
 
 def _footprint(linear, hidden, weight, bias, aligned, extras, needs, softcap):
@@ -513,13 +521,13 @@ def _footprint(linear, hidden, weight, bias, aligned, extras, needs, softcap):
     return footprint
 
 
-def _mode_peaks(linear, footprint, census, one_pass_chunk, split_chunk, plan) -> dict[str, int]:
+def _mode_peaks(linear, footprint, census, one_pass_chunk, split_chunk, split_plan) -> dict[str, int]:
     """Estimated peak bytes of one_pass and split (gradients included) from the census's counts."""
     fp = footprint(census.total())
     first = linear.token_chunks(fp.valid_tokens, split_chunk)[:1]
     return {"one_pass": linear.one_pass_peak_bytes(fp, linear.one_pass_chunk_rows(census.pair_counts(),
                                                                                   one_pass_chunk)),
-            "split": linear.split_peak_bytes(fp, first[0][1] if first else 0, plan)}
+            "split": linear.split_peak_bytes(fp, first[0][1] if first else 0, split_plan(fp.valid_tokens))}
 
 
 def estimate_linear_memory(
@@ -553,11 +561,12 @@ def estimate_linear_memory(
     aligned = align_labels(labels, ignore_index, shift)
     needs = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
     head = linear.Head(weight, bias, 1.0, softcap, "reference", ignore_index)
-    one_pass_chunk, split_chunk, plan = _chunk_plan(linear, head, hidden, softcap, chunk_tokens, vocab_chunk, needs)
+    one_pass_chunk, split_chunk, split_plan = _chunk_plan(linear, head, hidden, softcap, chunk_tokens, vocab_chunk,
+                                                          needs)
     footprint = _footprint(linear, hidden, weight, bias, aligned, policy_extras(use_weighting, token_metrics),
                            needs, softcap)
     census = linear.TokenCensus(aligned, ignore_index, num_pairs)
-    return _mode_peaks(linear, footprint, census, one_pass_chunk, split_chunk, plan)
+    return _mode_peaks(linear, footprint, census, one_pass_chunk, split_chunk, split_plan)
 
 
 def _loss_setup(loss_type, loss_weights, **options):

@@ -46,7 +46,8 @@ is rounded, see below):
   and keeps its small graph. The backward takes the per-token coefficients from that graph for
   the incoming gradients (so ``chosen_logps`` may carry gradients too), rounds ``coef_t * u_t``
   once into the hidden gradient, frees ``u``, and runs ``two_phase``'s backward for the weight and
-  bias (:class:`Split`). No fp32 ``[N_valid, H]`` accumulator summed over slices: ``two_phase``
+  bias (:class:`Split`), with slices twice as wide where every valid token fits one chunk of
+  them (:func:`backward_plan`). No fp32 ``[N_valid, H]`` accumulator summed over slices: ``two_phase``
   needs one only because its hidden gradient is summed over vocabulary slices.
 
 Memory: :func:`one_pass_peak_bytes` and :func:`split_peak_bytes` count the buffers of each mode's
@@ -772,11 +773,26 @@ def vocab_slice_size(vocab_size: int, hidden_size: int, vocab_chunk: int | None)
 
 
 def backward_plan(head: Head, hidden_size: int, dtype: torch.dtype, chunk_tokens: int | None,
-                  vocab_chunk: int | None) -> tuple[int, int]:
-    """``(vocabulary rows per slice, tokens per chunk)`` of the ``two_phase`` backward. Tokens:
-    ``chunk_tokens`` if given, else what keeps one slice's logits (plus the softcap's fp32
-    temporaries) within :data:`DEFAULT_CHUNK_BYTES`, as :func:`chunk_size` does for full rows."""
+                  vocab_chunk: int | None, valid_tokens: int | None = None) -> tuple[int, int]:
+    """``(vocabulary rows per slice, tokens per chunk)`` of the ``two_phase`` backward (and of
+    ``split``'s, for the weight and bias). Tokens: ``chunk_tokens`` if given, else what keeps one
+    slice's logits (plus the softcap's fp32 temporaries) within :data:`DEFAULT_CHUNK_BYTES`, as
+    :func:`chunk_size` does for full rows.
+
+    ``valid_tokens`` (``split``, which knows them before it plans its backward; ``two_phase``
+    plans before them inside torch.compile, and keeps one plan for both): with both knobs left to
+    their defaults, the slice is twice :func:`vocab_slice_size`'s when every valid token still
+    fits one chunk of the wider slice. Why: split has no fp32 accumulator summed over slices, so a
+    wider slice costs only its logits (bounded by the same budget), and the slices' GEMMs are
+    the largest gap in its time. Run D (H200, 8 x 1024, H = 4096, docs/perf.md) measured 39.94 ms
+    / 1.27 GB at 8192 rows against 40.68 / 1.22 at 4096; when the tokens do not fit (2 x 16384:
+    24576 valid tokens) the wider slice would need several token chunks and an fp32
+    ``[rows, H]`` buffer for its weight gradient, which no run has measured."""
     step = vocab_slice_size(head.vocab_size, hidden_size, vocab_chunk)
+    if valid_tokens is not None and vocab_chunk is None and chunk_tokens is None:
+        wide = min(head.vocab_size, 2 * step)
+        if wide > step and chunk_size(wide, dtype, head.softcap, None) >= valid_tokens:
+            step = wide
     return step, chunk_size(step, dtype, head.softcap, chunk_tokens)
 
 

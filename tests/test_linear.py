@@ -8,6 +8,7 @@ bf16 rounding level (normwise relative error below 2^-7).
 """
 import itertools
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -442,7 +443,9 @@ def test_peak_estimate_matches_the_allocator(case):
 def test_peak_estimate_reproduces_the_h200_measurements():
     """The model at issue 5's three shapes (bf16, 25% of each sequence ignored, gradients of
     hidden and weight) against the peaks run D measured on an H200 (docs/perf.md, GB of 1e9
-    bytes, two decimals): one_pass 1.96 / 1.96 / 2.16, split 1.22 / 1.24 / 1.72."""
+    bytes, two decimals), whose split slices were H rows (the default then): one_pass 1.96 / 1.96
+    / 2.16, split 1.22 / 1.24 / 1.72; and the sweep's split at 8 x 1024 with 8192 and 16384 rows,
+    1.27 and 1.37 GB. Today's default slice at 8 x 1024 is the 8192-row one."""
     from dpo_kernels import estimate_linear_memory
 
     measured = {(8, 1024, 4096, 128256): (1.96, 1.22), (4, 2048, 3584, 152064): (1.96, 1.24),
@@ -452,8 +455,13 @@ def test_peak_estimate_reproduces_the_h200_measurements():
         labels[:, : T // 4] = IGNORE
         hidden = torch.empty(B, T, H, dtype=BF16, requires_grad=True)  # never written: sizes only
         weight = torch.empty(V, H, dtype=BF16, requires_grad=True)
-        peaks = estimate_linear_memory(hidden, weight, labels)
+        peaks = estimate_linear_memory(hidden, weight, labels, vocab_chunk=H)
         assert round(peaks["one_pass"] / 1e9, 2) == one_pass and round(peaks["split"] / 1e9, 2) == split, peaks
+        if (B, T) == (8, 1024):
+            for rows, gb in ((8192, 1.27), (16384, 1.37)):
+                assert round(estimate_linear_memory(hidden, weight, labels, vocab_chunk=rows)["split"] / 1e9, 2) == gb
+            assert (estimate_linear_memory(hidden, weight, labels)["split"]
+                    == estimate_linear_memory(hidden, weight, labels, vocab_chunk=8192)["split"])
 
 
 def test_auto_takes_split_when_one_pass_would_not_fit(monkeypatch):
@@ -888,6 +896,27 @@ def test_vocab_slice_size_default_is_the_hidden_size():
     step, tokens = linear.backward_plan(head, 4096, BF16, None, None)
     assert step * tokens * 2 <= linear.DEFAULT_CHUNK_BYTES and tokens >= 8192
     assert linear.backward_plan(head, 4096, BF16, 7, 100) == (100, 7)
+
+
+def test_split_backward_slices_widen_when_every_valid_token_fits_one_chunk():
+    """split's backward (``valid_tokens`` given): twice the default slice when all valid tokens
+    fit one chunk of it within the budget (8 x 1024 with 25% ignored: 6144 tokens, 8192 rows),
+    else the default (24576 tokens: 4096 rows, one chunk of 32768); a knob given keeps its own
+    plan; V smaller than the wider slice caps it; a softcap's fp32 temporaries count."""
+    head = linear.Head(torch.empty(128256, 1, device="meta"), None, 1.0, None, "reference", IGNORE)
+    assert linear.backward_plan(head, 4096, BF16, None, None, valid_tokens=6144) == (8192, 16384)
+    assert linear.backward_plan(head, 4096, BF16, None, None, valid_tokens=16384) == (8192, 16384)
+    assert linear.backward_plan(head, 4096, BF16, None, None, valid_tokens=16385) == (4096, 32768)
+    assert linear.backward_plan(head, 4096, BF16, None, None, valid_tokens=24576) == (4096, 32768)
+    assert linear.backward_plan(head, 4096, BF16, None, 4096, valid_tokens=6144) == (4096, 32768)
+    assert linear.backward_plan(head, 4096, BF16, 6144, None, valid_tokens=6144) == (4096, 6144)
+    capped = linear.Head(torch.empty(6000, 1, device="meta"), None, 1.0, None, "reference", IGNORE)
+    assert linear.backward_plan(capped, 4096, BF16, None, None, valid_tokens=100)[0] == 6000
+    capped = replace(capped, weight=torch.empty(4096, 1, device="meta"))
+    assert linear.backward_plan(capped, 4096, BF16, None, None, valid_tokens=100)[0] == 4096
+    softcapped = replace(head, softcap=30.0)  # 2 + 8 bytes per element in the budget: 3200 tokens of 8192 rows
+    assert linear.backward_plan(softcapped, 4096, BF16, None, None, valid_tokens=3200)[0] == 8192
+    assert linear.backward_plan(softcapped, 4096, BF16, None, None, valid_tokens=3201)[0] == 4096
 
 
 @pytest.mark.parametrize("value", [0, -3, 2.5, True])
