@@ -7,9 +7,10 @@
 #    present, into /tmp/site: nothing is downloaded (the GPU machine has no internet);
 # 2. gpu_report.py --sections hidden: correctness against float64 and time / memory of ours
 #    (one_pass, two_phase) beside TRL's fused lm head, Liger, CCE and eager at the issue-5 shapes;
-# 3. hidden_path_sweep.py: the knobs, the kernel profile and the phases of a step.
+# 3. hidden_path_sweep.py: the knobs, the kernel profile and the phases of a step;
+# 4. token_kernel_sweep.py: the token kernels' blocks and warps at the hidden path's shapes.
 #
-# Writes under $OUT (default ./gpu_checks_out): report/ and sweep/. Budgets (seconds) can be
+# Writes under $OUT (default ./gpu_checks_out): report/, sweep/ and tokens/. Budgets (seconds) can be
 # changed with REPORT_BUDGET_S and SWEEP_BUDGET_S; each script stops starting rows past its budget.
 # SMOKE=1 runs both on the CPU at tiny shapes (to check this script; the numbers mean nothing).
 set -u
@@ -31,5 +32,7 @@ python3 benchmarks/gpu_report.py ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"} --pythonpat
 report=$?
 python3 benchmarks/hidden_path_sweep.py ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"} --pythonpath "$SITE" --budget-s "${SWEEP_BUDGET_S:-120}" --out "$OUT_DIR/sweep"
 sweep=$?
-echo "gpu_report: exit $report; hidden_path_sweep: exit $sweep"
-exit $(( report || sweep ))
+python3 benchmarks/token_kernel_sweep.py ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"} --out "$OUT_DIR/tokens"
+tokens=$?
+echo "gpu_report: exit $report; hidden_path_sweep: exit $sweep; token_kernel_sweep: exit $tokens"
+exit $(( report || sweep || tokens ))

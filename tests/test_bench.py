@@ -151,3 +151,16 @@ def test_gpu_report_issue5_target_verdicts(monkeypatch):
     alone = {(r[0], r[1]): r[5] for r in report.target_rows(records[:2])}
     assert alone["ours_one_pass", "fast mode"] == "missed: no TRL time in this run"
     assert alone["ours_split", "low-memory mode"] == "MET"
+
+
+def test_token_kernel_sweep_smoke(tmp_path):
+    """benchmarks/token_kernel_sweep.py on the CPU through Triton's interpreter: every
+    configuration runs and agrees with the default (the backward bit for bit)."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "token_kernel_sweep.py"), "--smoke", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, env=_env(tmp_path), cwd=tmp_path,
+    )
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    report = (tmp_path / "token_kernel_sweep.md").read_text()
+    assert report.count("| configuration | us | TB/s | % copy | vs the default |") == 3
+    assert report.count("bit for bit") == 4 and report.count("| agrees |") == 2 and "DIFFERS" not in report

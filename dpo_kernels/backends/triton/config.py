@@ -30,16 +30,20 @@ class LaunchConfig:
 _GPU_BYTES_PER_STEP = 16384
 _INTERPRETER_BLOCK = 1024  # the interpreter runs programs one by one: small blocks, many of them
 
-# Tests shrink the block to exercise V above one block with small vocabularies.
-_block_override: int | None = None
+# Tests shrink the block to exercise V above one block with small vocabularies;
+# benchmarks/token_kernel_sweep.py times other blocks and warps on a GPU.
+_override: LaunchConfig | None = None
 
 
-def set_block_override(block_v: int | None) -> None:
-    """Force the vocabulary block size (a power of two), or restore the automatic rule with None."""
-    global _block_override
+def set_block_override(block_v: int | None, num_warps: int = 4) -> None:
+    """Force the vocabulary block size (a power of two) and the warps of every launch, or restore
+    the automatic rule with None."""
+    global _override
     if block_v is not None and (block_v < 16 or block_v & (block_v - 1)):
         raise ValueError(f"block_v must be a power of two >= 16, got {block_v}")
-    _block_override = block_v
+    if num_warps < 1 or num_warps & (num_warps - 1):
+        raise ValueError(f"num_warps must be a power of two >= 1, got {num_warps}")
+    _override = None if block_v is None else LaunchConfig(block_v=block_v, num_warps=num_warps)
 
 
 # Extras that keep a second per-lane value live through the block's reductions (entropy: e * z;
@@ -53,8 +57,8 @@ _HEAVY_BYTES_PER_STEP = 4096
 
 def pick_config(vocab_size: int, dtype: torch.dtype, extras: frozenset[str] = frozenset()) -> LaunchConfig:
     """Block of the vocabulary one program handles per step, and the warps behind it."""
-    if _block_override is not None:
-        return LaunchConfig(block_v=_block_override, num_warps=4)
+    if _override is not None:
+        return _override
     if interpreting():
         return LaunchConfig(block_v=min(_INTERPRETER_BLOCK, triton.next_power_of_2(vocab_size)), num_warps=1)
     elem = dtype.itemsize

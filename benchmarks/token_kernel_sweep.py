@@ -1,0 +1,190 @@
+#!/usr/bin/env python
+"""Launch configurations of the Triton token kernels, timed at the shapes the hidden path runs.
+
+    python benchmarks/token_kernel_sweep.py [--out DIR]        # CUDA
+    python benchmarks/token_kernel_sweep.py --smoke --out DIR  # CPU, Triton's interpreter, tiny
+
+``backends/triton/config.py`` picks a kernel's vocabulary block and warps by a fixed rule (16 KB
+of logits per program step, 8 warps from 4096 elements). The rule came from compiled register
+counts, not from timings. On an H200, run D's profile of ``split`` at 8 x 1024 put the token kernels
+at 2.79 ms. Their bytes at the 4.1 TB/s copy rate take ~1.9 ms, which is the largest non-GEMM gap
+left in that mode. This script times each kernel across blocks and warps, at the shapes the
+hidden path launches it on at issue 5's shape (bf16, V = 128256, H = 4096, 6144 valid tokens):
+
+- the forward (with the ``logits_sum`` extra, as the hidden path runs it) on a 3072-token chunk
+  of full rows (one_pass's and split's forward chunks);
+- the backward on the same chunk (one_pass's gradient, split's coefficient-1 gradient);
+- the backward on split's backward slices (6144 tokens x 8192 rows) and two_phase's
+  (6144 x 4096).
+
+It puts each beside a device copy of the same bytes, which is the bandwidth ceiling. It also
+checks every configuration's results against the default's: the backward bit for bit, and the
+forward within fp32 rounding, since a block changes the order of the online sums. Writes
+``token_kernel_sweep.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default=None)
+    p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU through Triton's interpreter")
+    p.add_argument("--iters", type=int, default=None)
+    return p.parse_args(argv)
+
+
+ARGS = parse_args()
+if ARGS.smoke:
+    os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are imported: the decorator reads it
+sys.path.insert(0, REPO)
+
+import torch  # noqa: E402
+
+from dpo_kernels.backends.triton import config  # noqa: E402
+from dpo_kernels.backends.triton.token_logprobs_bwd import launch_backward  # noqa: E402
+from dpo_kernels.backends.triton.token_logprobs_fwd import launch_forward  # noqa: E402
+from dpo_kernels.backends import extras_mask  # noqa: E402
+from dpo_kernels.bench import markdown_table  # noqa: E402
+
+IGNORE = -100
+
+
+def cases(smoke: bool):
+    """``(kernel, description, rows, columns)``."""
+    if smoke:
+        return [("forward", "full rows", 6, 3000), ("backward", "full rows", 6, 3000),
+                ("backward", "slice", 12, 512)]
+    return [("forward", "one_pass/split forward chunk: 3072 tokens, full rows", 3072, 128256),
+            ("backward", "one_pass/split forward chunk: 3072 tokens, full rows", 3072, 128256),
+            ("backward", "split backward slice: 6144 tokens x 8192 rows", 6144, 8192),
+            ("backward", "two_phase backward slice: 6144 tokens x 4096 rows", 6144, 4096)]
+
+
+def configs(smoke: bool, columns: int):
+    """``(block_v, num_warps)`` to time; ``None`` is pick_config's default."""
+    if smoke:
+        return [None, (256, 1), (1024, 1)]
+    cap = 1 << (columns - 1).bit_length()
+    return [None] + [(b, w) for b in (2048, 4096, 8192, 16384) for w in (4, 8, 16) if b <= max(cap, 2048)]
+
+
+def timed(fn, device, iters: int) -> float:
+    """Median microseconds of ``fn`` (CUDA events; the host clock on the CPU)."""
+    import time
+
+    fn()
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e6)
+    return statistics.median(times)
+
+
+def run_case(kernel, rows, columns, device, iters):
+    """Rows of the table for one kernel and shape: each configuration's time, bandwidth, share of
+    the copy ceiling, and its agreement with the default configuration."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    logits = (torch.randn(1, rows, columns, generator=gen) * 3).to(device, torch.bfloat16)
+    labels = torch.randint(0, columns, (1, rows), generator=gen).to(device)
+    labels[0, ::7] = IGNORE
+    mask = extras_mask(("logits_sum",))
+    _, lse, _ = launch_forward(logits, labels, IGNORE, mask)
+    coef = torch.randn(1, rows, generator=gen).to(device)
+    grad = torch.empty_like(logits)
+    if kernel == "forward":
+        moved = logits.numel() * logits.element_size()  # one read
+
+        def call():
+            return launch_forward(logits, labels, IGNORE, mask)
+    else:
+        moved = 2 * logits.numel() * logits.element_size()  # one read, one write
+
+        def call():
+            launch_backward(logits, labels, lse, coef, IGNORE, grad)
+            return grad
+
+    # The ceiling: a device copy of the logits' bytes, whose traffic is twice its size (read + write).
+    src = torch.empty(logits.numel() * logits.element_size(), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    copy_us = timed(lambda: dst.copy_(src), device, iters)
+    copy_rate = 2 * src.numel() / (copy_us * 1e-6)
+    rows_out, reference = [], None
+    for cfg in configs(device.type != "cuda", columns):
+        config.set_block_override(*cfg) if cfg else config.set_block_override(None)
+        try:
+            out = call()
+            out = tuple(t.clone() for t in out[:2]) if kernel == "forward" else out.clone()
+            us = timed(call, device, iters)
+        except Exception as exc:  # a configuration the compiler refuses (resources)
+            rows_out.append([label(cfg), "", "", "", f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"])
+            continue
+        finally:
+            config.set_block_override(None)
+        if reference is None:
+            reference = out
+            agree = "(the default)"
+        elif kernel == "forward":
+            same = all(torch.allclose(a, b, rtol=1e-6, atol=1e-6) for a, b in zip(out, reference))
+            agree = "agrees" if same else "DIFFERS"
+        else:
+            agree = "bit for bit" if torch.equal(out, reference) else "DIFFERS"
+        rate = moved / (us * 1e-6)
+        rows_out.append([label(cfg), f"{us:.1f}", f"{rate / 1e12:.2f}", f"{rate / copy_rate:.0%}", agree])
+    return rows_out, copy_us, copy_rate
+
+
+def label(cfg) -> str:
+    return "default" if cfg is None else f"block {cfg[0]}, {cfg[1]} warps"
+
+
+def main() -> int:
+    smoke = ARGS.smoke
+    if not smoke and not torch.cuda.is_available():
+        print("token_kernel_sweep: no CUDA device (--smoke runs it on the CPU through the interpreter)",
+              file=sys.stderr)
+        return 2
+    device = torch.device("cpu" if smoke else "cuda")
+    iters = ARGS.iters or (2 if smoke else 20)
+    out_dir = ARGS.out or os.environ.get("OUT") or "."
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "token_kernel_sweep.md")
+    text = [f"# Token kernels: launch configurations ({torch.cuda.get_device_name() if not smoke else 'CPU, interpreter'}; "
+            f"torch {torch.__version__})\n",
+            "Median of each configuration's launches; bandwidth = the kernel's bytes (forward: one read; "
+            "backward: one read + one write) over its time; '% copy' = that over a device copy's rate "
+            "in the same process. The default is pick_config's rule.\n"]
+    failures = 0
+    for kernel, description, rows, columns in cases(smoke):
+        default = config.pick_config(columns, torch.bfloat16, frozenset({"logits_sum"}) if kernel == "forward"
+                                     else frozenset())
+        table, copy_us, copy_rate = run_case(kernel, rows, columns, device, iters)
+        failures += sum("DIFFERS" in row[-1] for row in table)
+        table[0][0] = f"default (block {default.block_v}, {default.num_warps} warps)"
+        text.append(f"## {kernel}, {description} (bf16, {rows} x {columns})\n\n"
+                    f"Copy ceiling: {copy_rate / 1e12:.2f} TB/s.\n\n"
+                    + markdown_table(["configuration", "us", "TB/s", "% copy", "vs the default"], table) + "\n")
+        with open(path, "w") as f:
+            f.write("\n".join(text))
+    print(f"token_kernel_sweep: wrote {path}" + (f"; {failures} configuration(s) DIFFER" if failures else ""))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
