@@ -779,10 +779,11 @@ def backward_plan(head: Head, hidden_size: int, dtype: torch.dtype, chunk_tokens
     slice's logits (plus the softcap's fp32 temporaries) within :data:`DEFAULT_CHUNK_BYTES`, as
     :func:`chunk_size` does for full rows.
 
-    ``valid_tokens`` (``split``, which knows them before it plans its backward; ``two_phase``
-    plans before them inside torch.compile, and keeps one plan for both): with both knobs left to
-    their defaults, the slice is twice :func:`vocab_slice_size`'s when every valid token still
-    fits one chunk of the wider slice. Why: split has no fp32 accumulator summed over slices, so a
+    ``valid_tokens`` is passed by ``split``, which knows them before it plans its backward.
+    ``two_phase`` does not pass them: inside torch.compile it plans before they are known, and
+    it keeps that same plan in eager. With ``valid_tokens`` and both knobs left to their
+    defaults, the slice is twice :func:`vocab_slice_size`'s when every valid token still fits
+    one chunk of the wider slice. Why: split has no fp32 accumulator summed over slices, so a
     wider slice costs only its logits (bounded by the same budget), and the slices' GEMMs are
     the largest gap in its time. Run D (H200, 8 x 1024, H = 4096, docs/perf.md) measured 39.94 ms
     / 1.27 GB at 8192 rows against 40.68 / 1.22 at 4096; when the tokens do not fit (2 x 16384:
