@@ -8,9 +8,11 @@
 # 2. gpu_report.py --sections hidden: correctness against float64 and time / memory of ours
 #    (one_pass, two_phase) beside TRL's fused lm head, Liger, CCE and eager at the issue-5 shapes;
 # 3. hidden_path_sweep.py: the knobs, the kernel profile and the phases of a step;
-# 4. token_kernel_sweep.py: the token kernels' blocks and warps at the hidden path's shapes.
+# 4. token_kernel_sweep.py: the token kernels' blocks and warps at the hidden path's shapes;
+# 5. host_profile.py: the host's time before the first matmul, per mode (auto's memory check
+#    included).
 #
-# Writes under $OUT (default ./gpu_checks_out): report/, sweep/ and tokens/. Budgets (seconds) can be
+# Writes under $OUT (default ./gpu_checks_out): report/, sweep/, tokens/ and host/. Budgets (seconds) can be
 # changed with REPORT_BUDGET_S and SWEEP_BUDGET_S; each script stops starting rows past its budget.
 # SMOKE=1 runs both on the CPU at tiny shapes (to check this script; the numbers mean nothing).
 set -u
@@ -34,5 +36,7 @@ python3 benchmarks/hidden_path_sweep.py ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"} --py
 sweep=$?
 python3 benchmarks/token_kernel_sweep.py ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"} --out "$OUT_DIR/tokens"
 tokens=$?
-echo "gpu_report: exit $report; hidden_path_sweep: exit $sweep; token_kernel_sweep: exit $tokens"
-exit $(( report || sweep || tokens ))
+python3 benchmarks/host_profile.py ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"} --out "$OUT_DIR/host"
+host=$?
+echo "gpu_report: exit $report; hidden_path_sweep: exit $sweep; token_kernel_sweep: exit $tokens; host_profile: exit $host"
+exit $(( report || sweep || tokens || host ))
