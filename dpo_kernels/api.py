@@ -275,9 +275,10 @@ def fused_linear_dpo_loss(
             backward recomputes the logits; any loss, any number of backwards, traced whole by
             torch.compile), or ``"auto"``: one_pass when the loss is pair-local and a gradient is
             needed, unless pairs larger than its chunk would have more than half of their logits
-            formed again, or (on a GPU) its estimated peak is over 90% of the memory the device
-            has left while split needs less (:func:`estimate_linear_memory`): then split (split
-            for batch-coupled losses too); two_phase without a
+            formed again (then split; split for batch-coupled losses too). On a GPU it also
+            checks one_pass's estimated peak (:func:`estimate_linear_memory`) against 90% of the
+            memory the device has left. If it does not fit, it uses a smaller chunk that does,
+            or split when that needs less; two_phase without a
             gradient and inside torch.compile (two registered operators: no graph break). one_pass
             and split run eagerly inside torch.compile, in a graph break.
         chunk_tokens: tokens per chunk (default: a budget of chunk logits in the input dtype,
@@ -393,12 +394,12 @@ def fused_linear_dpo_loss(
     # then one_pass reads the census itself, after queuing the work that needs no count.
     may_exceed = 2 * aligned.shape[-1] > one_pass_chunk
 
-    def one_pass_fits() -> bool:
-        return _one_pass_fits(linear, hidden, weight, bias, aligned, census, extras, needs, softcap, one_pass_chunk,
-                              split_chunk, split_plan)
+    def one_pass_memory() -> int | None:
+        return _one_pass_chunk_for_memory(linear, hidden, weight, bias, aligned, census, extras, needs, softcap,
+                                          one_pass_chunk, split_chunk, split_plan, chunk_tokens is not None)
 
-    chosen_mode = _pick_mode(mode, objective, census if may_exceed else None, one_pass_chunk, any(needs), specs,
-                             compiling, one_pass_fits)
+    chosen_mode, one_pass_chunk = _pick_mode(mode, objective, census if may_exceed else None, one_pass_chunk,
+                                             any(needs), specs, compiling, one_pass_memory)
     if chosen_mode == "two_phase":
         logp, lse, ext = linear.linear_token_logprobs(hidden, head, token_labels, extras, chunk_tokens=chunk,
                                                       positions=valid_positions(), backward_chunk_tokens=chunk_tokens,
@@ -441,18 +442,21 @@ def fused_linear_dpo_loss(
                                                                chosen_rewards, rejected_rewards))
 
 
-def _pick_mode(mode, objective, census, chunk, grad_needed, specs, compiling=False, one_pass_fits=None) -> str:
-    """``census``: the valid tokens per sequence (:class:`linear.TokenCensus`), read by ``auto``
-    when a gradient is wanted and a pair may exceed ``chunk`` (``None``: every pair fits).
-    ``compiling``: ``auto`` takes two_phase, the mode torch.compile traces whole (one_pass and
-    split size their chunks on the host: they run eagerly, a graph break). ``one_pass_fits``:
-    called by ``auto`` before it takes one_pass (:func:`_one_pass_fits`; ``None``: it fits).
+def _pick_mode(mode, objective, census, chunk, grad_needed, specs, compiling=False,
+               one_pass_memory=None) -> tuple[str, int]:
+    """``(mode, one_pass's tokens per chunk)``. ``census``: the valid tokens per sequence
+    (:class:`linear.TokenCensus`), read by ``auto`` when a gradient is wanted and a pair may
+    exceed ``chunk`` (``None``: every pair fits). ``compiling``: ``auto`` takes two_phase, the mode
+    torch.compile traces whole (one_pass and split size their chunks on the host: they run
+    eagerly, a graph break). ``one_pass_memory``: called by ``auto`` before it takes one_pass,
+    returns the chunk one_pass fits the device's memory with, or None when it does not fit
+    (:func:`_one_pass_chunk_for_memory`; ``None``: ``chunk`` fits).
 
     ``auto``: one_pass (three matmuls; its memory is bounded by its chunk whatever the pairs'
     sizes) when the loss is pair-local, pairs larger than a chunk would have at most
-    :data:`linear.AUTO_MAX_FORMED_AGAIN` of the logits formed again, and its memory fits; else
-    split (four matmuls, the least memory, any loss); two_phase when no gradient is wanted (the
-    chunked forward alone) or inside torch.compile."""
+    :data:`linear.AUTO_MAX_FORMED_AGAIN` of the logits formed again, and it fits the memory
+    (with a smaller chunk if need be); else split (four matmuls, the least memory, any loss);
+    two_phase when no gradient is wanted (the chunked forward alone) or inside torch.compile."""
     if mode == "one_pass":  # it finds each pair's coefficients right after that pair's forward
         if objective.batch_coupled:
             coupled = [spec.name for spec in specs if spec.batch_coupled]
@@ -460,38 +464,66 @@ def _pick_mode(mode, objective, census, chunk, grad_needed, specs, compiling=Fal
                 f"mode='one_pass' needs each pair's loss to depend on that pair only; loss_type {coupled!r} "
                 "couples the pairs of the batch (it sorts across it): use mode='split', 'two_phase' or 'auto'"
             )
-        return mode
+        return mode, chunk
     if mode in ("two_phase", "split"):
-        return mode
+        return mode, chunk
     if not grad_needed or compiling:
-        return "two_phase"
+        return "two_phase", chunk
     if objective.batch_coupled:
-        return "split"
+        return "split", chunk
     from . import linear
 
     if census is not None and linear.formed_again(census.pair_counts(), chunk) > linear.AUTO_MAX_FORMED_AGAIN:
-        return "split"
-    return "one_pass" if one_pass_fits is None or one_pass_fits() else "split"
+        return "split", chunk
+    fitted = chunk if one_pass_memory is None else one_pass_memory()
+    return ("split", chunk) if fitted is None else ("one_pass", fitted)
 
 
-def _one_pass_fits(linear, hidden, weight, bias, aligned, census, extras, needs, softcap, one_pass_chunk,
-                   split_chunk, split_plan) -> bool:
-    """Whether ``auto`` may take one_pass for memory: its estimated peak
-    (:func:`linear.one_pass_peak_bytes`) is within :data:`linear.AUTO_MEMORY_HEADROOM` of what
-    the device has left (:func:`linear.available_bytes`), or split would need no less. Off CUDA,
-    always. First from bounds that need no count (every token valid, the largest chunk full: no
-    host sync); only when those do not fit, from the census's counts (the path's one sync, which
-    one_pass and split make anyway)."""
+def _one_pass_chunk_for_memory(linear, hidden, weight, bias, aligned, census, extras, needs, softcap,
+                               one_pass_chunk, split_chunk, split_plan, chunk_given) -> int | None:
+    """The tokens per chunk with which ``auto`` takes one_pass for memory, or None (then split).
+
+    one_pass fits when its estimated peak (:func:`linear.one_pass_peak_bytes`) is within
+    :data:`linear.AUTO_MEMORY_HEADROOM` of what the device has left (:func:`linear.available_bytes`;
+    off CUDA, always). The check is first made from bounds that need no count (every token
+    valid, the largest chunk full), so it costs no host sync. Only when those do not fit is it
+    made from the census's counts (the path's one sync, which one_pass and split make anyway).
+
+    When the default chunk does not fit, it looks for the largest chunk that does (the peak grows
+    linearly with the chunk's rows). It only shrinks a chunk it chose: a given ``chunk_tokens`` is
+    kept. In order, it takes:
+
+    1. one_pass with that chunk, if at most :data:`linear.AUTO_MAX_FORMED_AGAIN` of the logits
+       would be formed again. Why not split straight away: on the H200 (run D, 8 x 1024),
+       one_pass with one pair per chunk took 31.1 ms at 1.54 GB, and with 768-token pieces (half
+       the logits formed again) 37.8 ms at 1.33 GB; split took 39.9-40.7 ms.
+    2. split, if it fits.
+    3. one_pass with that chunk, however much is formed again: memory before time.
+    4. Nothing fits: the smaller of split and one_pass at its default chunk."""
     footprint = _footprint(linear, hidden, weight, bias, aligned, extras, needs, softcap)
     bound = linear.one_pass_peak_bytes(footprint(aligned.numel()), min(one_pass_chunk, aligned.numel()))
     available = linear.available_bytes(hidden.device, enough=math.ceil(bound / linear.AUTO_MEMORY_HEADROOM))
     if available is None:
-        return True
+        return one_pass_chunk
     budget = linear.AUTO_MEMORY_HEADROOM * available
     if bound <= budget:
-        return True
+        return one_pass_chunk
     peaks = _mode_peaks(linear, footprint, census, one_pass_chunk, split_chunk, split_plan)
-    return peaks["one_pass"] <= budget or peaks["split"] >= peaks["one_pass"]
+    if peaks["one_pass"] <= budget:
+        return one_pass_chunk
+    rows = 0
+    if not chunk_given:
+        fp = footprint(census.total())
+        base = linear.one_pass_peak_bytes(fp, 0)
+        per_row = linear.one_pass_peak_bytes(fp, 1) - base
+        rows = int((budget - base) // per_row) if budget > base else 0
+        if rows >= 1 and linear.formed_again(census.pair_counts(), rows) <= linear.AUTO_MAX_FORMED_AGAIN:
+            return rows
+    if peaks["split"] <= budget:
+        return None
+    if rows >= 1:
+        return rows
+    return one_pass_chunk if peaks["split"] >= peaks["one_pass"] else None
 
 
 def _chunk_plan(linear, head, hidden, softcap, chunk_tokens, vocab_chunk, needs):

@@ -51,9 +51,10 @@ is rounded, see below):
   needs one only because its hidden gradient is summed over vocabulary slices.
 
 Memory: :func:`one_pass_peak_bytes` and :func:`split_peak_bytes` count the buffers of each mode's
-peak (a :class:`Footprint` of the call's sizes); ``mode="auto"`` takes one_pass on a GPU only
-where its peak fits :data:`AUTO_MEMORY_HEADROOM` of :func:`available_bytes` or split would need no
-less (``api.estimate_linear_memory`` is the public face of the two estimates).
+peak (a :class:`Footprint` of the call's sizes). On a GPU, ``mode="auto"`` takes one_pass only
+where its peak fits :data:`AUTO_MEMORY_HEADROOM` of :func:`available_bytes`. Otherwise it takes
+one_pass with a smaller chunk that fits, or split (``api._one_pass_chunk_for_memory``).
+``api.estimate_linear_memory`` is the public face of the two estimates.
 
 Precision of the products (fp32 accumulation inside every GEMM: cuBLAS for bf16/fp16 operands;
 where an fp32 result is summed over chunks the GEMM writes/accumulates fp32 directly,

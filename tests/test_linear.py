@@ -464,37 +464,71 @@ def test_peak_estimate_reproduces_the_h200_measurements():
                     == estimate_linear_memory(hidden, weight, labels, vocab_chunk=8192)["split"])
 
 
-def test_auto_takes_split_when_one_pass_would_not_fit(monkeypatch):
+def test_auto_fits_one_pass_to_the_memory_or_takes_split(monkeypatch):
     """auto checks one_pass's estimated peak against the device's free memory (only on CUDA; the
-    free memory is faked here): one_pass while it fits within ``AUTO_MEMORY_HEADROOM`` of it (first
-    from bounds that need no count, then from the counts), else split, which needs less; one_pass
-    again when split would need no less. Either way the result is the same loss."""
+    free memory is faked here). In order it takes:
+
+    1. one_pass at its default chunk while that fits within ``AUTO_MEMORY_HEADROOM`` of the free
+       memory (first from bounds that need no count, then from the counts);
+    2. else one_pass with the largest chunk that fits, while at most half of the logits would be
+       formed again;
+    3. else split if it fits;
+    4. else one_pass with the chunk that fits, pieces and all;
+    5. else the smaller of split and one_pass at its default chunk.
+
+    A given ``chunk_tokens`` is never shrunk. Every choice gives the same loss and gradients.
+    Here split's one forward chunk holds every token, so it needs more than one_pass with a pair
+    per chunk; a patched split estimate stands for a split that needs less."""
     from dpo_kernels import estimate_linear_memory
 
     hidden, weight, _, labels = make_inputs(2, 64, 128, 3000, prompt=16, seed=4)
     ref = torch.randn(4) - 30
     h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
     peaks = estimate_linear_memory(h, w, labels)
-    assert peaks["split"] < peaks["one_pass"]
-    fits = math.ceil(peaks["one_pass"] / linear.AUTO_MEMORY_HEADROOM)
-    assert linear.one_pass_peak_bytes(linear.Footprint(labels.numel(), labels.numel(), 128, 3000, 4, 4, 0,
-                                                       (True, True, False), False), labels.numel()) > fits
-    losses = []
+    headroom = linear.AUTO_MEMORY_HEADROOM
+    fits = math.ceil(peaks["one_pass"] / headroom)
+    everything = labels.numel()
+    assert linear.one_pass_peak_bytes(linear.Footprint(everything, everything, 128, 3000, 4, 4, 0,
+                                                       (True, True, False), False), everything) > fits
+    counts = linear.TokenCensus(labels, IGNORE, 2).pair_counts()
+    fp = linear.Footprint(everything, sum(counts), 128, 3000, 4, 4, 0, (True, True, False), False, 3)
+    one_pair = math.ceil(linear.one_pass_peak_bytes(fp, max(counts)) / headroom)
+    pieces = math.ceil(linear.one_pass_peak_bytes(fp, 30) / headroom)  # 30-token pieces: 68% formed again
+    assert linear.formed_again(counts, 30) > linear.AUTO_MAX_FORMED_AGAIN
+    assert pieces < one_pair < peaks["split"] / headroom < fits
+    want = None
+    original = linear.logits_matmul
 
-    def grad_fn(available):
+    def step(available, **options):
+        nonlocal want
+        rows = []
+
+        def counting(h_chunk, *args):
+            rows.append(h_chunk.shape[0])
+            return original(h_chunk, *args)
+
         monkeypatch.setattr(linear, "available_bytes", lambda device, enough=None: available)
-        out = fused_linear_dpo_loss(h, w, labels, ref_logps=ref)
-        losses.append(out.loss.item())
-        torch.autograd.grad(out.loss, (h, w))
-        return type(out.loss.grad_fn).__name__
+        monkeypatch.setattr(linear, "logits_matmul", counting)
+        out = fused_linear_dpo_loss(h, w, labels, ref_logps=ref, **options)
+        grads = torch.autograd.grad(out.loss, (h, w))
+        got = (out.loss, *grads)
+        want = got if want is None else want
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        return type(out.loss.grad_fn).__name__.removesuffix("Backward"), rows
 
-    assert "OnePass" in grad_fn(None)  # off CUDA: no limit
-    assert "OnePass" in grad_fn(fits)  # over the count-free bound, within the counted estimate
-    assert "Split" in grad_fn(fits - 1)
-    assert "Split" in grad_fn(0)
+    assert step(None) == ("_OnePassFunction", [sum(counts)])  # off CUDA: no limit; one chunk
+    assert step(fits) == ("_OnePassFunction", [sum(counts)])  # over the count-free bound, within the counts
+    assert step(one_pair) == ("_OnePassFunction", counts)  # 2: a chunk per pair
+    mode, rows = step(pieces)  # 4: split does not fit either: one_pass in pieces
+    assert mode == "_OnePassFunction" and max(rows) <= 30 and len(rows) > 2 * len(counts), rows
+    assert step(0)[0] == "_SplitFunction"  # 5: nothing fits; split needs less than one_pass's default
+    assert step(one_pair, chunk_tokens=4096)[0] == "_SplitFunction"  # the given chunk is kept
+    monkeypatch.setattr(linear, "split_peak_bytes", lambda *args: math.floor(pieces * headroom))
+    assert step(one_pair)[1] == counts  # 2 before 3
+    assert step(pieces)[0] == "_SplitFunction"  # 3: split fits; one_pass only in pieces
     monkeypatch.setattr(linear, "split_peak_bytes", lambda *args: peaks["one_pass"])
-    assert "OnePass" in grad_fn(0)  # split would need as much: nothing to gain
-    assert max(losses) - min(losses) <= 1e-6 * abs(losses[0])
+    assert step(0) == ("_OnePassFunction", [sum(counts)])  # 5: split would need as much
 
 
 def test_available_bytes_counts_the_allocator_cache_and_the_process_fraction(monkeypatch):
