@@ -52,7 +52,7 @@ from dpo_kernels.backends.triton import config  # noqa: E402
 from dpo_kernels.backends.triton.token_logprobs_bwd import launch_backward  # noqa: E402
 from dpo_kernels.backends.triton.token_logprobs_fwd import launch_forward  # noqa: E402
 from dpo_kernels.backends import extras_mask  # noqa: E402
-from dpo_kernels.bench import markdown_table  # noqa: E402
+from dpo_kernels.bench import markdown_table, time_ms  # noqa: E402
 
 IGNORE = -100
 
@@ -77,24 +77,8 @@ def configs(smoke: bool, columns: int):
 
 
 def timed(fn, device, iters: int) -> float:
-    """Median microseconds of ``fn`` (CUDA events; the host clock on the CPU)."""
-    import time
-
-    fn()
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) * 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e6)
-    return statistics.median(times)
+    """Median microseconds of ``fn`` after one warm-up call (``bench.time_ms``: CUDA events)."""
+    return statistics.median(time_ms(fn, device, iters, warmup=1)) * 1e3
 
 
 def run_case(kernel, rows, columns, device, iters):

@@ -508,12 +508,12 @@ def _one_pass_chunk_for_memory(linear, hidden, weight, bias, aligned, census, ex
     budget = linear.AUTO_MEMORY_HEADROOM * available
     if bound <= budget:
         return one_pass_chunk
-    peaks = _mode_peaks(linear, footprint, census, one_pass_chunk, split_chunk, split_plan)
+    fp = footprint(census.total())
+    peaks = _mode_peaks(linear, fp, census.pair_counts(), one_pass_chunk, split_chunk, split_plan)
     if peaks["one_pass"] <= budget:
         return one_pass_chunk
     rows = 0
     if not chunk_given:
-        fp = footprint(census.total())
         base = linear.one_pass_peak_bytes(fp, 0)
         per_row = linear.one_pass_peak_bytes(fp, 1) - base
         rows = int((budget - base) // per_row) if budget > base else 0
@@ -553,12 +553,11 @@ def _footprint(linear, hidden, weight, bias, aligned, extras, needs, softcap):
     return footprint
 
 
-def _mode_peaks(linear, footprint, census, one_pass_chunk, split_chunk, split_plan) -> dict[str, int]:
-    """Estimated peak bytes of one_pass and split (gradients included) from the census's counts."""
-    fp = footprint(census.total())
+def _mode_peaks(linear, fp, pair_counts, one_pass_chunk, split_chunk, split_plan) -> dict[str, int]:
+    """Estimated peak bytes of one_pass and split (gradients included) for the footprint ``fp``
+    of the counted valid tokens and the pairs' counts."""
     first = linear.token_chunks(fp.valid_tokens, split_chunk)[:1]
-    return {"one_pass": linear.one_pass_peak_bytes(fp, linear.one_pass_chunk_rows(census.pair_counts(),
-                                                                                  one_pass_chunk)),
+    return {"one_pass": linear.one_pass_peak_bytes(fp, linear.one_pass_chunk_rows(pair_counts, one_pass_chunk)),
             "split": linear.split_peak_bytes(fp, first[0][1] if first else 0, split_plan(fp.valid_tokens))}
 
 
@@ -598,7 +597,8 @@ def estimate_linear_memory(
     footprint = _footprint(linear, hidden, weight, bias, aligned, policy_extras(use_weighting, token_metrics),
                            needs, softcap)
     census = linear.TokenCensus(aligned, ignore_index, num_pairs)
-    return _mode_peaks(linear, footprint, census, one_pass_chunk, split_chunk, split_plan)
+    return _mode_peaks(linear, footprint(census.total()), census.pair_counts(), one_pass_chunk, split_chunk,
+                       split_plan)
 
 
 def _loss_setup(loss_type, loss_weights, **options):

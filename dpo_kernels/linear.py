@@ -881,11 +881,6 @@ def formed_again(pair_counts: list[int], chunk_tokens: int) -> float:
     return again / total if total else 0.0
 
 
-def largest_pair(aligned: torch.Tensor, ignore_index: int) -> int:
-    """Valid tokens of the largest pair (one host sync)."""
-    return max(TokenCensus(aligned, ignore_index, aligned.shape[0] // 2).pair_counts(), default=0)
-
-
 # --------------------------------------------------------------------------------------------
 # Memory: what each gradient mode holds at its peak, so that ``mode="auto"`` can check that
 # one_pass fits before taking it (split needs the least).
