@@ -142,7 +142,13 @@ def report(arch: int = 90) -> list[dict]:
                 fwd_module.launch_forward(logits, labels, -100, extras_mask(extras))
             with capture(bwd_module, "_token_logprobs_bwd_kernel") as bwd:
                 bwd_module.launch_backward(logits, labels, lse, lse, -100, torch.empty_like(logits))
-            for name, captured in (("forward", fwd), ("backward", bwd)):
+            launches = [("forward", fwd), ("backward", bwd)]
+            if extras != ALL_EXTRAS:
+                # split's forward: the same kernel also writing the row's gradient of logp
+                with capture(fwd_module, "_token_logprobs_fwd_kernel") as fwd_grad:
+                    fwd_module.launch_forward(logits, labels, -100, 0, write_grad=True)
+                launches.append(("forward+grad", fwd_grad))
+            for name, captured in launches:
                 grid, args, kwargs = captured.launches[0]
                 kernel = compile_launch(captured.fn, args, kwargs, target)
                 if name == "backward" and extras == ALL_EXTRAS:

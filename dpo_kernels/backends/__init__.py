@@ -9,9 +9,12 @@ A backend is a module with two functions over ``logits[B, T, V]`` (any strides) 
 - ``token_logprobs_backward(logits, labels, lse, grad_logp, ignore_index, inplace)``
   -> the gradient w.r.t. ``logits`` in the logits dtype (``logits`` itself when ``inplace``);
 
-and optionally ``dpo_sigmoid_loss(...)``, the default loss fused on the device, and
+and optionally ``dpo_sigmoid_loss(...)``, the default loss fused on the device,
 ``scale_(buf, scale)``, ``buf *= scale`` in place decided on the device (nothing when the
-one-element ``scale`` is 1, and no host synchronisation to find that out).
+one-element ``scale`` is 1, and no host synchronisation to find that out), and
+``token_logprobs_forward_and_grad_(logits, labels, ignore_index, extras)``: the forward, then
+``logits`` overwritten with the backward for ``grad_logp = 1`` in one pass per row (callers go
+through :func:`forward_and_grad_`, which composes the two functions where a backend lacks it).
 
 Every kernel launch goes through a registered operator (``torch.ops.dpo_kernels.*``: the C++ ops
 of ``cpu.py``, the ``triton_*`` custom ops of ``triton/``) with a fake implementation, so that
@@ -58,6 +61,34 @@ def extras_names(mask: int) -> tuple[str, ...]:
     if not 0 <= mask < 1 << len(EXTRAS):
         raise ValueError(f"extras_mask must be in [0, {1 << len(EXTRAS)}), got {mask}")
     return tuple(name for i, name in enumerate(EXTRAS) if mask >> i & 1)
+
+def check_writable_rows(logits: torch.Tensor, op: str) -> None:
+    """Refuse to overwrite ``logits`` in place where two of its elements share memory (an expanded
+    view): rows would be written by one program and read by another."""
+    if torch._debug_has_internal_overlap(logits) == 1:
+        raise RuntimeError(f"{op}: writing in place needs logits without internal overlap (not an expanded "
+                           "view); pass a copy")
+
+
+def forward_and_grad_(backend: ModuleType, logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
+                      extras: frozenset[str] = frozenset()) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """``backend.token_logprobs_forward``'s ``(logp, lse, extras)``, with ``logits`` overwritten
+    by the gradient of ``logp`` (``onehot - softmax``; zeros on ignored rows): the backend's
+    one-pass ``token_logprobs_forward_and_grad_`` where it has one, else its forward and then its
+    in-place backward with ``grad_logp = 1`` (the same numbers).
+
+    Only the Triton backend has the one-pass kernel: on a GPU the rows are bound by memory, and
+    the row's second read can come from L2. The C++ kernels are bound by ``exp`` on a few cores;
+    a one-pass C++ version measured the same as the two ops (78-82 ms either way for
+    2048 x 128256 bf16 rows on a 2-core machine), so there is none."""
+    fused = getattr(backend, "token_logprobs_forward_and_grad_", None)
+    if fused is not None:
+        return fused(logits, labels, ignore_index, extras)
+    check_writable_rows(logits, "token_logprobs_forward_and_grad_")
+    logp, lse, values = backend.token_logprobs_forward(logits, labels, ignore_index, extras)
+    backend.token_logprobs_backward(logits, labels, lse, torch.ones_like(lse), ignore_index, inplace=True)
+    return logp, lse, values
+
 
 # name -> module path; "auto" picks among them per device.
 _BACKEND_MODULES = {

@@ -7,7 +7,7 @@ block, ignored tokens, strided views, in-place mode, and rows that must never be
 import pytest
 import torch
 
-from dpo_kernels.backends import load_backend
+from dpo_kernels.backends import forward_and_grad_, load_backend
 from oracle import IGNORE, assert_close_grad, token_logprobs
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -329,3 +329,79 @@ def test_backward_of_a_vocabulary_slice_out_of_range_label_gets_no_onehot(backen
     expected = _expected_grad(full, labels_full, coef)[:, :, v0 : v0 + V]
     assert grad.dtype == dtype
     assert_close_grad(grad, expected, dtype)
+
+
+def _forward_and_grad_ways(backend):
+    """The Triton backend's two ways of ``token_logprobs_forward_and_grad_`` (each forced in
+    turn); the other backends' one."""
+    if backend != "triton":
+        yield backend
+        return
+    from dpo_kernels.backends.triton.config import set_forward_and_grad_fusion
+
+    try:
+        for one_kernel in (True, False):
+            set_forward_and_grad_fusion(one_kernel)
+            yield "one kernel" if one_kernel else "two kernels"
+    finally:
+        set_forward_and_grad_fusion(None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("V", [7, 301, 1030])
+def test_forward_and_grad_writes_the_unit_gradient_over_the_logits(backend, small_block, dtype, V):
+    """``forward_and_grad_`` (``split``'s forward): the forward's results, and the logits overwritten
+    with ``d logp / d z = onehot - softmax`` (zeros on ignored rows), the same numbers as the
+    forward followed by the in-place backward with ``grad_logp = 1``, bit for bit. The rows sit
+    at every alignment inside a NaN-filled buffer: a read or write past a row would show."""
+    for way in _forward_and_grad_ways(backend):
+        _check_forward_and_grad(backend, dtype, V, way)
+
+
+def _check_forward_and_grad(backend, dtype, V, way):
+    ops = load_backend(backend)
+    B, T = 3, 5
+    buffer = torch.full((B, T, V + 3), float("nan"), dtype=dtype)
+    buffer[..., 1 : V + 1] = (torch.randn(B, T, V) * 3).to(dtype)
+    labels = _labels(B, T, V)
+    labels[2, 4] = V + 5  # out of range, not ignored: logp NaN, and no one-hot anywhere
+    before = buffer[..., 1 : V + 1].clone()
+
+    fused = buffer.clone()
+    logp, lse, extras = forward_and_grad_(ops, fused[..., 1 : V + 1], labels, IGNORE, frozenset({"entropy"}))
+    composed = buffer.clone()
+    want_logp, want_lse, want_extras = ops.token_logprobs_forward(composed[..., 1 : V + 1], labels, IGNORE,
+                                                                  frozenset({"entropy"}))
+    ops.token_logprobs_backward(composed[..., 1 : V + 1], labels, want_lse, torch.ones_like(want_lse), IGNORE, True)
+
+    torch.testing.assert_close(logp, want_logp, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(lse, want_lse) and torch.equal(extras["entropy"], want_extras["entropy"])
+    assert torch.equal(fused.nan_to_num(7.0), composed.nan_to_num(7.0)), way
+    assert torch.isnan(fused[..., 0]).all() and torch.isnan(fused[..., V + 1 :]).all(), way
+
+    grad = fused[..., 1 : V + 1]
+    scored = labels != IGNORE
+    assert (grad[~scored] == 0).all()
+    in_range = scored & (labels < V)
+    assert torch.isnan(logp[scored & ~in_range]).all()
+    # Against the float64 oracle: d logp / d z for every row with a label in range; the
+    # out-of-range row is -softmax (no one-hot).
+    expected = _expected_grad(before, torch.where(in_range | ~scored, labels, IGNORE), torch.ones(B, T))
+    expected[scored & ~in_range] = -torch.softmax(before[scored & ~in_range].double(), -1)
+    assert_close_grad(grad, expected, dtype)
+    oracle_logp = token_logprobs(before, torch.where(in_range, labels, IGNORE))[0]
+    torch.testing.assert_close(logp[in_range].double(), oracle_logp[in_range],
+                               rtol=1e-5 if dtype != torch.float64 else 1e-12, atol=1e-5)
+
+
+def test_forward_and_grad_refuses_rows_that_share_memory(backend):
+    ops = load_backend(backend)
+    expanded = torch.randn(1, 1, 50).expand(2, 3, 50)
+    with pytest.raises(RuntimeError, match="internal overlap"):
+        forward_and_grad_(ops, expanded, torch.zeros(2, 3, dtype=torch.long), IGNORE)
+
+
+def test_forward_and_grad_of_an_empty_batch(backend):
+    ops = load_backend(backend)
+    logp, lse, _ = forward_and_grad_(ops, torch.randn(0, 3, 10), torch.zeros(0, 3, dtype=torch.long), IGNORE)
+    assert logp.shape == lse.shape == (0, 3)

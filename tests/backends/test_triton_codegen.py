@@ -53,8 +53,16 @@ def test_backward_reads_and_writes_16_byte_vectors(codegen):
         assert row["global_stores_16B"] >= 4 and row["global_stores"] - row["global_stores_16B"] <= 1, row
 
 
+def test_forward_and_grad_reads_and_writes_16_byte_vectors(codegen):
+    """split's forward kernel (``WRITE_GRAD``): two vector passes over the row, the second one
+    storing; the scalar accesses are the label, the target and the unaligned head/tail."""
+    for row in _rows(codegen, "forward+grad"):
+        assert row["global_loads_16B"] >= 8 and row["global_loads"] - row["global_loads_16B"] <= 4, row
+        assert row["global_stores_16B"] >= 4 and row["global_stores"] - row["global_stores_16B"] <= 3, row
+
+
 def test_exp_is_the_fast_hardware_exp(codegen):
-    for row in _rows(codegen, "forward") + _rows(codegen, "backward"):
+    for row in _rows(codegen, "forward") + _rows(codegen, "backward") + _rows(codegen, "forward+grad"):
         assert row["ex2_approx"] > 0, row
 
 

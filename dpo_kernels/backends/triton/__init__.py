@@ -2,6 +2,9 @@
 from .dpo_sigmoid_loss import dpo_sigmoid_loss
 from .scale import scale_
 from .token_logprobs_bwd import token_logprobs_backward
-from .token_logprobs_fwd import token_logprobs_forward
+from .token_logprobs_fwd import token_logprobs_forward, token_logprobs_forward_and_grad_
 
-__all__ = ["token_logprobs_forward", "token_logprobs_backward", "dpo_sigmoid_loss", "scale_"]
+__all__ = [
+    "token_logprobs_forward", "token_logprobs_backward", "token_logprobs_forward_and_grad_", "dpo_sigmoid_loss",
+    "scale_",
+]

@@ -73,3 +73,12 @@ def peel_offsets(head, body, n, VEC: tl.constexpr):
     offs = tl.where(lanes < VEC, lanes, head + body + lanes - VEC)
     real = tl.where(lanes < VEC, lanes < head, offs < n)
     return offs, real
+
+
+@triton.jit
+def logprob_grad(z, offs, label, lse, coef):
+    """``coef * (onehot(label) - exp(z - lse))`` for one block of a row, in the accumulation
+    dtype. The true-class entry ``coef * (1 - p)`` is formed before any rounding, so it does not
+    cancel when ``p -> 1``."""
+    prob = tl.exp(z - lse)
+    return tl.where(offs == label, coef * (1.0 - prob), -coef * prob)

@@ -69,3 +69,32 @@ def pick_config(vocab_size: int, dtype: torch.dtype, extras: frozenset[str] = fr
     block_v = max(block_v, 128)
     num_warps = 8 if block_v >= 4096 else 4
     return LaunchConfig(block_v=block_v, num_warps=num_warps)
+
+
+# split's forward needs each row's gradient of logp right after its forward. One kernel can do
+# both (WRITE_GRAD: one launch, the row's second read from L2 if it is still there) or the
+# backward can follow the forward. The second read hits L2 only while the rows in flight fit
+# it: at 64 registers x 256 threads (benchmarks/triton_codegen.py) an H100/H200 runs 4 programs
+# on each of its 132 SMs, 528 rows at once; 528 x 64 KB = 34 MB fits their 50 MB L2, Llama-3's
+# 256 KB rows (135 MB) do not, and there one kernel would read the row twice from memory like
+# two kernels, on the forward's one-program-per-row grid (run D, docs/perf.md: 2.5 TB/s against
+# the backward's 2.9). Chosen from this model, not yet timed: benchmarks/token_kernel_sweep.py
+# times both. Under the interpreter the one kernel runs, so the CPU tests cover it.
+_FUSE_MAX_ROW_BYTES = 64 << 10
+_fusion_override: bool | None = None
+
+
+def set_forward_and_grad_fusion(fuse: bool | None) -> None:
+    """Force the one-kernel forward-and-gradient (True), the forward then the backward (False), or
+    restore the rule of :func:`fuse_forward_and_grad` (None)."""
+    global _fusion_override
+    _fusion_override = fuse
+
+
+def fuse_forward_and_grad(vocab_size: int, dtype: torch.dtype) -> bool:
+    """Whether ``token_logprobs_forward_and_grad_`` runs as one kernel (see above)."""
+    if _fusion_override is not None:
+        return _fusion_override
+    if interpreting():
+        return True
+    return vocab_size * dtype.itemsize <= _FUSE_MAX_ROW_BYTES

@@ -20,15 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, peel_offsets, row_split, vector_width
+from ._common import acc_dtype, logprob_grad, peel_offsets, row_split, vector_width
 from .config import pick_config
-
-
-@triton.jit
-def _grad_block(z, offs, label, lse, coef):
-    """``coef * (onehot(label) - exp(z - lse))`` for one block, in the accumulation dtype."""
-    prob = tl.exp(z - lse)
-    return tl.where(offs == label, coef * (1.0 - prob), -coef * prob)
 
 
 @triton.jit
@@ -68,7 +61,7 @@ def _token_logprobs_bwd_kernel(
         mask=offs < tl.where(is_ignored, 0, body),  # a bound, not a scalar-and-block mask,
         other=float("-inf"),                        # which Triton's interpreter rejects
     ).to(ACC_DTYPE)
-    grad = _grad_block(z, head + offs, label, lse, coef)
+    grad = logprob_grad(z, head + offs, label, lse, coef)
     grad = tl.where(is_ignored, 0.0, grad)
     tl.store(
         grad_ptr + tl.multiple_of(g_start + head * stride_gv, VEC) + offs * stride_gv,
@@ -81,7 +74,7 @@ def _token_logprobs_bwd_kernel(
         peel, peel_real = peel_offsets(head, body, V, VEC)
         z_peel = tl.load(logits_ptr + z_start + peel * stride_zv, mask=peel_real & (peel < n_read),
                          other=float("-inf")).to(ACC_DTYPE)
-        grad_peel = tl.where(is_ignored, 0.0, _grad_block(z_peel, peel, label, lse, coef))
+        grad_peel = tl.where(is_ignored, 0.0, logprob_grad(z_peel, peel, label, lse, coef))
         tl.store(grad_ptr + g_start + peel * stride_gv, grad_peel.to(grad_ptr.dtype.element_ty), mask=peel_real)
 
 

@@ -18,6 +18,20 @@ boundary, so the vocabulary loop uses 16-byte vector loads whatever V is (see ``
 An ignored row makes no vocabulary pass at all, and all its outputs are 0. A label outside
 ``[0, V)`` that is not ``ignore_index`` is never used as an address: its row reports
 ``logp = NaN`` so the error cannot pass silently.
+
+With ``WRITE_GRAD`` (``token_logprobs_forward_and_grad_``) the program then overwrites its row
+with the gradient of ``logp`` itself::
+
+    grad[v] = onehot(y)[v] - exp(z_v - lse)       (the backward kernel's formula, coef = 1)
+
+in a second pass over the row, rounded once to the logits dtype; an ignored row is written as
+zeros without being read. Why: the hidden-state path's ``split`` mode needs exactly this before
+any loss exists (``u_t = d logp_t / d h_t``). As two kernels, the row is read from memory by the
+forward, then read again and written by the backward; here the second read follows the first
+within one program (last block first: the most recently read blocks are the likeliest still in
+L2), and there is one launch instead of two. Whether that read does come from L2 depends on the
+row's size: ``config.fuse_forward_and_grad`` decides where this kernel runs. The numbers are
+those of the two kernels, bit for bit: the same ``lse`` and the same expression per element.
 """
 from __future__ import annotations
 
@@ -25,9 +39,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import empty_forward_outputs, extras_mask, extras_names
-from ._common import acc_dtype, peel_offsets, row_split, vector_width
-from .config import pick_config
+from .. import check_writable_rows, empty_forward_outputs, extras_mask, extras_names
+from ._common import acc_dtype, logprob_grad, peel_offsets, row_split, vector_width
+from .config import fuse_forward_and_grad, pick_config
+from .token_logprobs_bwd import token_logprobs_backward
 
 
 @triton.jit
@@ -80,6 +95,7 @@ def _token_logprobs_fwd_kernel(
     WITH_ENTROPY: tl.constexpr,
     WITH_ACCURACY: tl.constexpr,
     WITH_LSE_2Z: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     b = row // T
@@ -146,12 +162,35 @@ def _token_logprobs_fwd_kernel(
         lse_2z = 2.0 * shift + tl.log(tl.where(sum_e2 == 0, 1.0, sum_e2))
         lse_2z = tl.where(running_max == float("-inf"), float("-inf"), lse_2z)
         tl.store(lse_2z_ptr + row, tl.where(is_ignored, 0.0, lse_2z))
+    if WRITE_GRAD:
+        # The whole row is written (an ignored one with zeros, unread), after every read above:
+        # the target logit was loaded before this pass overwrites it. The body goes last block
+        # first: the blocks this program read most recently are the likeliest still in L2.
+        head, body = row_split(row_start, V, VEC)
+        lse = tl.where(is_ignored, 0.0, lse)  # the stored lse, which the backward kernel would read
+        body_ptr = logits_ptr + tl.multiple_of(row_start + head * stride_zv, VEC)
+        body = tl.multiple_of(body, VEC)
+        read_bound = tl.where(is_ignored, 0, body)  # a bound, not a scalar-and-block mask (interpreter)
+        n_blocks = tl.cdiv(body, BLOCK_V)
+        for k in range(0, n_blocks):
+            offs = (n_blocks - 1 - k) * BLOCK_V + tl.arange(0, BLOCK_V)
+            ptrs = body_ptr + offs.to(tl.int64) * stride_zv
+            z = tl.load(ptrs, mask=offs < read_bound, other=float("-inf")).to(ACC_DTYPE)
+            grad = tl.where(is_ignored, 0.0, logprob_grad(z, head + offs, label, lse, 1.0))
+            tl.store(ptrs, grad.to(logits_ptr.dtype.element_ty), mask=offs < body)
+        n_read = tl.where(is_ignored, 0, V)
+        peel, peel_real = peel_offsets(head, body, V, VEC)
+        peel_ptr = logits_ptr + row_start + peel.to(tl.int64) * stride_zv
+        z_peel = tl.load(peel_ptr, mask=peel_real & (peel < n_read), other=float("-inf")).to(ACC_DTYPE)
+        grad_peel = tl.where(is_ignored, 0.0, logprob_grad(z_peel, peel, label, lse, 1.0))
+        tl.store(peel_ptr, grad_peel.to(logits_ptr.dtype.element_ty), mask=peel_real)
 
 
 def launch_forward(
-    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, extras_mask: int
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, extras_mask: int, write_grad: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Allocate the outputs and launch the forward kernel (the body of the operator below)."""
+    """Allocate the outputs and launch the forward kernel (the body of the operators below); with
+    ``write_grad`` each row of ``logits`` is then overwritten with its gradient of ``logp``."""
     logp, lse, stacked = empty_forward_outputs(logits, extras_mask)
     B, T, V = logits.shape
     if B * T == 0:
@@ -173,6 +212,7 @@ def launch_forward(
         WITH_ENTROPY="entropy" in extras,
         WITH_ACCURACY="accuracy" in extras,
         WITH_LSE_2Z="lse_2z" in extras,
+        WRITE_GRAD=write_grad,
         num_warps=cfg.num_warps,
     )
     return logp, lse, stacked
@@ -198,6 +238,19 @@ def _token_logprobs_fwd_fake(logits, labels, ignore_index, extras_mask):
     return empty_forward_outputs(logits, extras_mask)
 
 
+@torch.library.custom_op("dpo_kernels::triton_token_logprobs_fwd_and_grad_", mutates_args=("logits",))
+def token_logprobs_fwd_and_grad_op(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, extras_mask: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward operator's outputs, and ``logits`` overwritten with ``onehot - softmax``."""
+    return launch_forward(logits, labels, ignore_index, extras_mask, write_grad=True)
+
+
+@token_logprobs_fwd_and_grad_op.register_fake
+def _token_logprobs_fwd_and_grad_fake(logits, labels, ignore_index, extras_mask):
+    return empty_forward_outputs(logits, extras_mask)
+
+
 def token_logprobs_forward(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -212,4 +265,25 @@ def token_logprobs_forward(
     acc_dtype(logits.dtype)  # a clear TypeError for a dtype the kernel cannot read, before the op
     mask = extras_mask(extras)
     logp, lse, stacked = token_logprobs_fwd_op(logits, labels, int(ignore_index), mask)
+    return logp, lse, dict(zip(extras_names(mask), stacked.unbind(0)))
+
+
+def token_logprobs_forward_and_grad_(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int,
+    extras: frozenset[str] = frozenset(),
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """:func:`token_logprobs_forward`, then each row of ``logits`` overwritten with the gradient
+    of its ``logp``: ``onehot(y) - softmax(z)`` (zeros on ignored rows). One kernel where
+    ``config.fuse_forward_and_grad`` says so, else the forward then the in-place backward; the
+    numbers are the same either way."""
+    acc_dtype(logits.dtype)
+    check_writable_rows(logits, "token_logprobs_forward_and_grad_")
+    if not fuse_forward_and_grad(logits.shape[-1], logits.dtype):
+        logp, lse, values = token_logprobs_forward(logits, labels, ignore_index, extras)
+        token_logprobs_backward(logits, labels, lse, torch.ones_like(lse), ignore_index, inplace=True)
+        return logp, lse, values
+    mask = extras_mask(extras)
+    logp, lse, stacked = token_logprobs_fwd_and_grad_op(logits, labels, int(ignore_index), mask)
     return logp, lse, dict(zip(extras_names(mask), stacked.unbind(0)))
