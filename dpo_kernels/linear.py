@@ -89,7 +89,7 @@ from typing import Optional
 
 import torch
 
-from .backends import empty_forward_outputs, extras_mask, extras_names, load_backend
+from .backends import empty_forward_outputs, extras_mask, extras_names, forward_and_grad_, load_backend
 from .logprobs import refuse_double_backward
 
 MODES = ("auto", "one_pass", "two_phase", "split")
@@ -418,6 +418,18 @@ def _chunk_forward(head: Head, z: torch.Tensor, y: torch.Tensor, extras):
     return logp[0], lse[0], {name: values[name][0] for name in extras}
 
 
+def _chunk_forward_and_grad_(head: Head, z: torch.Tensor, y: torch.Tensor, extras, dcap: torch.Tensor | None):
+    """:func:`_chunk_forward`'s results, and ``z`` overwritten with each token's gradient of its
+    ``logp`` w.r.t. the raw logits (``split``'s forward: a coefficient of 1), through
+    ``backends.forward_and_grad_`` (the forward kernel writes it where the Triton backend's
+    ``config.fuse_forward_and_grad`` says so; else the backward follows the forward)."""
+    backend = load_backend(head.backend_name)
+    logp, lse, values = forward_and_grad_(backend, z.unsqueeze(0), y.unsqueeze(0), head.ignore_index,
+                                          frozenset(extras))
+    _to_raw_logits_grad_(head, z, dcap)
+    return logp[0], lse[0], {name: values[name][0] for name in extras}
+
+
 def _chunk_grad_logits_(head: Head, z: torch.Tensor, y: torch.Tensor, lse: torch.Tensor, coef: torch.Tensor,
                         dcap: torch.Tensor | None, ignore_index: int | None = None) -> torch.Tensor:
     """Overwrites ``z`` with the gradient w.r.t. the raw (pre-transform) logits. ``z`` may be a
@@ -427,11 +439,17 @@ def _chunk_grad_logits_(head: Head, z: torch.Tensor, y: torch.Tensor, lse: torch
     backend.token_logprobs_backward(z.unsqueeze(0), y.unsqueeze(0), lse.unsqueeze(0),
                                     coef.to(lse.dtype).unsqueeze(0).contiguous(),
                                     head.ignore_index if ignore_index is None else ignore_index, inplace=True)
+    return _to_raw_logits_grad_(head, z, dcap)
+
+
+def _to_raw_logits_grad_(head: Head, g: torch.Tensor, dcap: torch.Tensor | None) -> torch.Tensor:
+    """The chain rule through the temperature and the softcap, in place: the gradient w.r.t. the
+    transformed logits becomes the gradient w.r.t. the matmul's output."""
     if head.temperature != 1.0:
-        z.div_(head.temperature)
+        g.div_(head.temperature)
     if dcap is not None:
-        z.copy_(z.to(dcap.dtype).mul_(dcap))
-    return z
+        g.copy_(g.to(dcap.dtype).mul_(dcap))
+    return g
 
 
 class _Grads:
@@ -506,14 +524,14 @@ def _scatter(values: torch.Tensor, rows, cols, shape) -> torch.Tensor:
 
 @torch.no_grad()
 def forward_tokens(hidden: torch.Tensor, head: Head, aligned: torch.Tensor, extras=(), *, chunk_tokens: int,
-                   positions=None, bounds=None, each_chunk=None):
+                   positions=None, bounds=None, each_grad=None):
     """``(logp, lse, extras)`` as ``[2P, T]`` (0 on ignored tokens), chunked, no autograd.
 
     ``bounds``: the chunks ``(start, end)`` of the valid positions (default: ``chunk_tokens`` each,
-    the last one smaller). ``each_chunk(start, end, z, y, lse, dcap)`` (``split``): called with each
-    chunk's logits after the kernel's forward, with the softcap's derivative kept for it; it may
-    overwrite the logits. The result buffers are made after the first matmul is queued (on a GPU
-    their launches overlap it)."""
+    the last one smaller). ``each_grad(start, end, g)`` (``split``): called with each chunk's
+    ``g = d logp / d (h @ weight.T + bias)`` ``[end - start, V]``, written over the chunk's logits
+    (``backends.forward_and_grad_``: one kernel where the Triton rule takes it). The result buffers are made after the first matmul
+    is queued (on a GPU their launches overlap it)."""
     rows, cols = valid_positions(aligned, head.ignore_index) if positions is None else positions
     n = rows.numel()
     if bounds is None:
@@ -522,16 +540,19 @@ def forward_tokens(hidden: torch.Tensor, head: Head, aligned: torch.Tensor, extr
     results = None
     for s, e in bounds:
         r, c = rows[s:e], cols[s:e]
-        z, dcap = _chunk_logits(head, gather_rows(hidden, r, c), keep_derivative=each_chunk is not None)
+        z, dcap = _chunk_logits(head, gather_rows(hidden, r, c), keep_derivative=each_grad is not None)
         if results is None:
             results = {name: torch.empty(n, dtype=acc, device=hidden.device) for name in ("logp", "lse", *extras)}
         y = aligned[r, c]
-        lp, ls, ex = _chunk_forward(head, z, y, extras)
+        if each_grad is None:
+            lp, ls, ex = _chunk_forward(head, z, y, extras)
+        else:
+            lp, ls, ex = _chunk_forward_and_grad_(head, z, y, extras, dcap)
         results["logp"][s:e], results["lse"][s:e] = lp, ls
         for name in extras:
             results[name][s:e] = ex[name]
-        if each_chunk is not None:
-            each_chunk(s, e, z, y, ls, dcap)
+        if each_grad is not None:
+            each_grad(s, e, z)
         del z, dcap
     if results is None:  # no valid token
         results = {name: torch.empty(0, dtype=acc, device=hidden.device) for name in ("logp", "lse", *extras)}
@@ -1206,17 +1227,16 @@ class Split:
         rows, cols = valid_positions(aligned, head.ignore_index, n)
         u = None
 
-        def hidden_rows(s, e, z, y, lse, dcap):
-            """Each token's ``u``: the logits' gradient for a coefficient of 1 (in place), times the weight."""
+        def hidden_rows(s, e, g):
+            """Each token's ``u``: the logits' gradient for a coefficient of 1, times the weight."""
             nonlocal u
             if u is None:  # after the first matmul is queued
                 u = torch.empty((n, hidden.shape[-1]), dtype=_acc_dtype(hidden.dtype), device=hidden.device)
-            g = _chunk_grad_logits_(head, z, y, lse, torch.ones_like(lse), dcap)
             grad_hidden_matmul_fp32(u[s:e], g, head.weight, self.plan[0])
 
         logp, lse, ext = forward_tokens(hidden, head, aligned, self.extras, chunk_tokens=self.chunk_tokens,
                                         positions=(rows, cols), bounds=token_chunks(n, self.chunk_tokens),
-                                        each_chunk=hidden_rows if self.needs[0] else None)
+                                        each_grad=hidden_rows if self.needs[0] else None)
         self.tokens = (logp, lse, ext)
         with torch.enable_grad():
             leaf = logp.detach().requires_grad_(True)

@@ -906,6 +906,41 @@ def test_split_serves_what_one_pass_refuses(dtype, backend):
         out.loss.backward()
 
 
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs triton")
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_split_forward_gradient_is_the_same_in_one_kernel_or_two(dtype):
+    """split's forward turns each chunk's logits into their gradient through
+    ``backends.forward_and_grad_``: on the Triton backend in the forward kernel itself or by the
+    backward after it (``config.fuse_forward_and_grad``). With a softcap and a temperature (whose
+    chain rule follows the kernel) and token metrics, both give the same loss, metrics and
+    gradients bit for bit, and the float64 oracle's."""
+    from dpo_kernels.backends.triton.config import set_forward_and_grad_fusion
+
+    hidden, weight, b, labels = make_inputs(3, 8, 16, 300, dtype, bias=True, seed=11)
+    ref = torch.randn(6) - 10
+    options = dict(ref_logps=ref, mode="split", backend="triton", logit_softcap=5.0, temperature=0.7,
+                   chunk_tokens=5)
+    results = []
+    try:
+        for one_kernel in (True, False):
+            set_forward_and_grad_fusion(one_kernel)
+            h, w, bb = (t.clone().requires_grad_(True) for t in (hidden, weight, b))
+            out = fused_linear_dpo_loss(h, w, labels, bb, token_metrics=True, **options)
+            out.loss.backward()
+            results.append((out, (h.grad, w.grad, bb.grad)))
+    finally:
+        set_forward_and_grad_fusion(None)
+    (fused, fused_grads), (two, two_grads) = results
+    assert torch.equal(fused.loss, two.loss) and torch.equal(fused.chosen_logps, two.chosen_logps)
+    assert fused.metrics.keys() == two.metrics.keys()
+    assert all(torch.equal(fused.metrics[k], two.metrics[k]) for k in two.metrics)
+    assert all(torch.equal(a, c) for a, c in zip(fused_grads, two_grads))
+    want = oracle.linear_dpo(hidden, weight, labels, b, ref_logps=ref, softcap=5.0, temperature=0.7)
+    torch.testing.assert_close(fused.loss.double(), want["loss"], rtol=2e-5 if dtype == F32 else 2e-2, atol=1e-5)
+    for got, key in zip(fused_grads, ("grad_hidden", "grad_weight", "grad_bias")):
+        assert _rel(got, want[key]) < (1e-5 if dtype == F32 else 1e-2), key
+
+
 def test_split_weight_gradient_sees_an_in_place_change_of_its_inputs():
     """The backward forms the weight gradient from ``hidden`` and ``weight`` again: changed in place
     after the forward, autograd refuses (a saved tensor's version), never a silently wrong
