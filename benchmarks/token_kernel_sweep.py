@@ -19,8 +19,14 @@ hidden path launches it on at issue 5's shape (bf16, V = 128256, H = 4096, 6144 
 
 It puts each beside a device copy of the same bytes, which is the bandwidth ceiling. It also
 checks every configuration's results against the default's: the backward bit for bit, and the
-forward within fp32 rounding, since a block changes the order of the online sums. Writes
-``token_kernel_sweep.md``.
+forward within fp32 rounding, since a block changes the order of the online sums.
+
+Then split's forward-and-gradient (``token_logprobs_forward_and_grad_``): the forward then the
+backward with a coefficient of 1 (two kernels), against the forward kernel writing the gradient
+itself (``WRITE_GRAD``, one kernel, across blocks and warps), on 3072-token chunks of 32000-,
+128256- and 152064-wide rows. ``config.fuse_forward_and_grad`` picks one kernel for rows up to
+64 KB from an L2 model (see there), untimed until this runs. Every way is checked bit for bit
+against the two kernels. Writes ``token_kernel_sweep.md``.
 """
 from __future__ import annotations
 
@@ -134,6 +140,60 @@ def run_case(kernel, rows, columns, device, iters):
     return rows_out, copy_us, copy_rate
 
 
+def forward_and_grad_cases(smoke: bool):
+    """``(rows, columns)`` of split's forward chunks: Llama-2/Mistral-sized, Llama-3 and Qwen rows."""
+    if smoke:
+        return [(6, 3000), (6, 700)]
+    return [(3072, 32000), (3072, 128256), (3072, 152064)]
+
+
+def run_forward_and_grad_case(rows, columns, device, iters):
+    """Rows of the table comparing the two ways of split's forward-and-gradient on one shape."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    logits = (torch.randn(1, rows, columns, generator=gen) * 3).to(device, torch.bfloat16)
+    labels = torch.randint(0, columns, (1, rows), generator=gen).to(device)
+    labels[0, ::7] = IGNORE
+    size = logits.numel() * logits.element_size()
+    buf = torch.empty_like(logits)
+
+    def two_kernels():
+        _, lse, _ = launch_forward(buf, labels, IGNORE, 0)
+        launch_backward(buf, labels, lse, torch.ones_like(lse), IGNORE, buf)
+
+    def one_kernel():
+        launch_forward(buf, labels, IGNORE, 0, write_grad=True)
+
+    # Timed in place, call after call (each on the previous call's output: the same bytes and work);
+    # each way's result is checked on a fresh copy of the logits first.
+    reference, rows_out = None, []
+    ways = [("two kernels (forward, then backward with coef 1), default blocks", two_kernels, None)]
+    ways += [("one kernel, default block", one_kernel, None)]
+    if device.type == "cuda":
+        ways += [(f"one kernel, {label(cfg)}", one_kernel, cfg)
+                 for cfg in [(b, w) for b in (4096, 8192, 16384) for w in (4, 8, 16, 32)]]
+    else:
+        ways += [(f"one kernel, {label(cfg)}", one_kernel, cfg) for cfg in [(256, 1)]]
+    for name, call, cfg in ways:
+        config.set_block_override(*cfg) if cfg else config.set_block_override(None)
+        try:
+            buf.copy_(logits)
+            call()
+            out = buf.clone()
+            us = timed(call, device, iters)
+        except Exception as exc:  # a configuration the compiler refuses (resources)
+            rows_out.append([name, "", "", f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"])
+            continue
+        finally:
+            config.set_block_override(None)
+        if reference is None:
+            reference, agree = out, "(the reference)"
+        else:
+            agree = "bit for bit" if torch.equal(out, reference) else "DIFFERS"
+        # The least traffic of the step is one read and one write of the logits.
+        rows_out.append([name, f"{us:.1f}", f"{2 * size / (us * 1e-6) / 1e12:.2f}", agree])
+    return rows_out
+
+
 def label(cfg) -> str:
     return "default" if cfg is None else f"block {cfg[0]}, {cfg[1]} warps"
 
@@ -164,6 +224,15 @@ def main() -> int:
         text.append(f"## {kernel}, {description} (bf16, {rows} x {columns})\n\n"
                     f"Copy ceiling: {copy_rate / 1e12:.2f} TB/s.\n\n"
                     + markdown_table(["configuration", "us", "TB/s", "% copy", "vs the default"], table) + "\n")
+        with open(path, "w") as f:
+            f.write("\n".join(text))
+    for rows, columns in forward_and_grad_cases(smoke):
+        table = run_forward_and_grad_case(rows, columns, device, iters)
+        failures += sum("DIFFERS" in row[-1] for row in table)
+        rule = "one kernel" if config.fuse_forward_and_grad(columns, torch.bfloat16) else "two kernels"
+        text.append(f"## split's forward and gradient (bf16, {rows} x {columns}; the rule picks {rule})\n\n"
+                    "TB/s = one read + one write of the logits (the least this step moves) over the time.\n\n"
+                    + markdown_table(["way", "us", "TB/s", "vs two kernels"], table) + "\n")
         with open(path, "w") as f:
             f.write("\n".join(text))
     print(f"token_kernel_sweep: wrote {path}" + (f"; {failures} configuration(s) DIFFER" if failures else ""))
