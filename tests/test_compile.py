@@ -251,7 +251,7 @@ def _kernel_ops():
         ops += [("cpu", "token_logprobs_fwd"), ("cpu", "token_logprobs_bwd"), ("cpu", "token_logprobs_bwd_")]
     if triton_available():
         ops += [("triton", "triton_token_logprobs_fwd"), ("triton", "triton_token_logprobs_bwd"),
-                ("triton", "triton_token_logprobs_bwd_")]
+                ("triton", "triton_token_logprobs_bwd_"), ("triton", "triton_token_logprobs_fwd_and_grad_")]
     return ops
 
 
@@ -262,8 +262,8 @@ def test_opcheck_kernel_ops(backend_op, case):
     load_backend(backend_name)  # registers the operators
     op = getattr(torch.ops.dpo_kernels, name)
     logits, labels, lse, grad_logp = _op_inputs(*case)
-    if name.endswith("_fwd"):
-        args = (logits, labels, IGNORE, 0b1011)
+    if name.endswith("_fwd") or name.endswith("_fwd_and_grad_"):
+        args = (logits, labels, IGNORE, 0b1011)  # the in-place one writes through a view, as below
     else:
         # The in-place op writes through the view into its wider buffer.
         args = (logits, labels, lse, grad_logp, IGNORE)
