@@ -13,7 +13,8 @@ chosen from, so a change of default is backed by a number:
    pair per chunk; two_phase with several token chunks per vocabulary slice, so the fp32 slice
    accumulator runs), as gpu_report.py's check does for the defaults;
 3. forward + backward time (CUDA events, median) and extra peak memory of ``one_pass`` per
-   ``chunk_tokens`` and of ``two_phase`` and ``split`` per ``vocab_chunk``, beside the 3- and 4-matmul floors at
+   ``chunk_tokens`` and of ``two_phase`` and ``split`` per ``vocab_chunk`` (and split with its
+   forward-and-gradient forced to one kernel), beside the 3- and 4-matmul floors at
    the bf16 matmul rate measured in the same process;
 4. where the time goes: ``torch.profiler`` CUDA time by kernel for the default of each mode
    (GEMMs vs our kernels vs the rest).
@@ -55,6 +56,7 @@ import torch  # noqa: E402
 from baselines_hidden import HiddenShape, make_hidden_batch, near_reference_logps  # noqa: E402
 import baselines_hidden  # noqa: E402
 from dpo_kernels import fused_linear_dpo_loss, linear  # noqa: E402
+from dpo_kernels.backends.triton.config import set_forward_and_grad_fusion  # noqa: E402
 from dpo_kernels.bench import BETA, IGNORE_INDEX, fmt_bytes, markdown_table, peak_extra_bytes, release_memory, time_ms  # noqa: E402
 
 T0 = time.perf_counter()
@@ -83,10 +85,24 @@ def matmul_tflops(device, smoke: bool) -> float | None:
     return 2 * 8192 ** 3 / (ms * 1e-3) / 1e12
 
 
+# Not an argument of fused_linear_dpo_loss: a variant with this knob runs with the Triton
+# backend's forward-and-gradient forced to one kernel (True) or two (False), whatever
+# config.fuse_forward_and_grad's rule would take at this vocabulary (split's forward).
+ONE_KERNEL = "one_kernel_forward_and_grad"
+
+
 def loss_fn(mode: str, **knobs):
+    one_kernel = knobs.pop(ONE_KERNEL, None)
+
     def fn(hidden, weight, labels, ref):
-        return fused_linear_dpo_loss(hidden, weight, labels, ref_logps=ref, beta=BETA, ignore_index=IGNORE_INDEX,
-                                     mode=mode, validate=False, **knobs).loss
+        if one_kernel is not None:
+            set_forward_and_grad_fusion(one_kernel)
+        try:
+            return fused_linear_dpo_loss(hidden, weight, labels, ref_logps=ref, beta=BETA, ignore_index=IGNORE_INDEX,
+                                         mode=mode, validate=False, **knobs).loss
+        finally:
+            if one_kernel is not None:
+                set_forward_and_grad_fusion(None)
     return fn
 
 
@@ -147,10 +163,13 @@ def sweep(doc: Doc, shape: HiddenShape, device, tflops, iters, warmup, budget_s)
     # every valid token fits one chunk of it (8192 rows here), else H: H and 4 H beside it.
     variants += [("split", {})] + [("split", {"vocab_chunk": v}) for v in (shape.hidden, 4 * shape.hidden)]
     variants += [("split", {"chunk_tokens": 2048})]
+    # split's forward-and-gradient in the forward kernel (one kernel) at this vocabulary, beside
+    # the rule's choice above (config.fuse_forward_and_grad: two kernels at Llama-3's 256 KB rows).
+    variants += [("split", {ONE_KERNEL: True})]
     if shape.vocab < 8192:  # smoke
         variants = [("one_pass", {}), ("one_pass", {"chunk_tokens": 1}), ("one_pass", {"chunk_tokens": 7}),
                     ("two_phase", {}), ("two_phase", {"vocab_chunk": 300}), ("split", {}),
-                    ("split", {"vocab_chunk": 300})]
+                    ("split", {"vocab_chunk": 300}), ("split", {ONE_KERNEL: False})]
     rows = []
     header = ["mode", "knobs", "median ms", "min ms", "x floor (3 mm)", "x floor (4 mm)", "extra peak memory", "note"]
     title = (f"## Time and memory ({shape.describe()}; the gradients themselves: {fmt_bytes(shape.grads_bytes)}; "
