@@ -62,6 +62,7 @@ def extras_names(mask: int) -> tuple[str, ...]:
         raise ValueError(f"extras_mask must be in [0, {1 << len(EXTRAS)}), got {mask}")
     return tuple(name for i, name in enumerate(EXTRAS) if mask >> i & 1)
 
+
 def check_writable_rows(logits: torch.Tensor, op: str) -> None:
     """Refuse to overwrite ``logits`` in place where two of its elements share memory (an expanded
     view): rows would be written by one program and read by another."""
@@ -85,8 +86,16 @@ def forward_and_grad_(backend: ModuleType, logits: torch.Tensor, labels: torch.T
     if fused is not None:
         return fused(logits, labels, ignore_index, extras)
     check_writable_rows(logits, "token_logprobs_forward_and_grad_")
-    logp, lse, values = backend.token_logprobs_forward(logits, labels, ignore_index, extras)
-    backend.token_logprobs_backward(logits, labels, lse, torch.ones_like(lse), ignore_index, inplace=True)
+    return forward_then_grad_(backend.token_logprobs_forward, backend.token_logprobs_backward, logits, labels,
+                              ignore_index, extras)
+
+
+def forward_then_grad_(forward, backward, logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
+                       extras: frozenset[str] = frozenset()) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """:func:`forward_and_grad_` from a backend's two functions: ``forward``, then ``backward`` in
+    place with ``grad_logp = 1``."""
+    logp, lse, values = forward(logits, labels, ignore_index, extras)
+    backward(logits, labels, lse, torch.ones_like(lse), ignore_index, inplace=True)
     return logp, lse, values
 
 

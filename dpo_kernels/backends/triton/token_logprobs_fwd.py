@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import check_writable_rows, empty_forward_outputs, extras_mask, extras_names
+from .. import check_writable_rows, empty_forward_outputs, extras_mask, extras_names, forward_then_grad_
 from ._common import acc_dtype, logprob_grad, peel_offsets, row_split, vector_width
 from .config import fuse_forward_and_grad, pick_config
 from .token_logprobs_bwd import token_logprobs_backward
@@ -281,9 +281,8 @@ def token_logprobs_forward_and_grad_(
     acc_dtype(logits.dtype)
     check_writable_rows(logits, "token_logprobs_forward_and_grad_")
     if not fuse_forward_and_grad(logits.shape[-1], logits.dtype):
-        logp, lse, values = token_logprobs_forward(logits, labels, ignore_index, extras)
-        token_logprobs_backward(logits, labels, lse, torch.ones_like(lse), ignore_index, inplace=True)
-        return logp, lse, values
+        return forward_then_grad_(token_logprobs_forward, token_logprobs_backward, logits, labels, ignore_index,
+                                  extras)
     mask = extras_mask(extras)
     logp, lse, stacked = token_logprobs_fwd_and_grad_op(logits, labels, int(ignore_index), mask)
     return logp, lse, dict(zip(extras_names(mask), stacked.unbind(0)))
