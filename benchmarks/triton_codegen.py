@@ -40,10 +40,15 @@ loss_module = importlib.import_module("dpo_kernels.backends.triton.dpo_sigmoid_l
 bwd_module = importlib.import_module("dpo_kernels.backends.triton.token_logprobs_bwd")
 fwd_module = importlib.import_module("dpo_kernels.backends.triton.token_logprobs_fwd")
 scale_module = importlib.import_module("dpo_kernels.backends.triton.scale")
+matmul_module = importlib.import_module("dpo_kernels.backends.triton.logits_grad_matmul")
 
 # The device-side scale of fused_linear_dpo_loss's one_pass gradients: Llama-3-8B's lm_head
 # weight gradient (V x H), and one past 2^31 elements (64-bit sizes).
 SCALE_SIZES = [128256 * 4096, (1 << 31) + 8]
+
+# The fused logits-gradient matmul of the backward's vocabulary slices: (tokens, slice rows, H) of
+# split at 8 x 1024 (6144 valid tokens, 8192-row slices of Llama-3's head) and at Qwen's H.
+MATMUL_SHAPES = [(6144, 8192, 4096), (6144, 7168, 3584)]
 
 # The design's shapes: [2B, T, V] logits of Llama-3's and Qwen's vocabularies, and an odd one.
 SHAPES = [(8, 1024, 128256), (4, 4096, 151936), (8, 512, 50257)]
@@ -123,6 +128,7 @@ def analyse(kernel) -> dict:
         "global_stores": len(re.findall(r"\bst\.global", ptx)),
         "global_stores_16B": len(re.findall(r"\bst\.global(?:\.[a-z0-9_:]+)*\.v4\.(?:b32|f32|u32)", ptx)),
         "ex2_approx": ptx.count("ex2.approx"),
+        "wgmma": len(re.findall(r"\bwgmma\.mma_async", ptx)),
         "local_in_ptx": len(re.findall(r"\bld\.local|\bst\.local", ptx)),
     }
     if "cubin" in kernel.asm:
@@ -167,6 +173,19 @@ def report(arch: int = 90) -> list[dict]:
     kernel = compile_launch(loss.fn, args, kwargs, target)
     rows.append({"kernel": "dpo_sigmoid_loss", "shape": [16, 1024], "dtype": "float32", "grid": list(grid),
                  "block_v": kwargs["BLOCK_T"], "num_warps": kwargs["num_warps"], **analyse(kernel)})
+    for (m, n, k) in MATMUL_SHAPES:
+        for dtype, softcap in ((torch.bfloat16, None), (torch.bfloat16, 30.0), (torch.float16, None)):
+            h = torch.empty(m, k, dtype=dtype, device="meta")
+            w = torch.empty(n, k, dtype=dtype, device="meta")
+            vec = torch.empty(m, dtype=torch.float32, device="meta")
+            with capture(matmul_module, "_logits_grad_matmul_kernel") as mm:
+                matmul_module.logits_grad_matmul(h, w, None, vec.long(), vec, vec, -100, softcap, 1.0)
+            grid, args, kwargs = mm.launches[0]
+            kernel = compile_launch(mm.fn, args, kwargs, target)
+            rows.append({"kernel": "logits_grad_matmul" + (" softcap" if softcap else ""), "shape": [m, n, k],
+                         "dtype": str(dtype).replace("torch.", ""), "grid": list(grid),
+                         "block_v": f"{kwargs['BLOCK_M']}x{kwargs['BLOCK_N']}x{kwargs['BLOCK_K']}",
+                         "num_warps": kwargs["num_warps"], **analyse(kernel)})
     for n in SCALE_SIZES:
         for dtype in (torch.bfloat16, torch.float32):
             buf = torch.empty(n, dtype=dtype, device="meta")

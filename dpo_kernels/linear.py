@@ -89,7 +89,8 @@ from typing import Optional
 
 import torch
 
-from .backends import empty_forward_outputs, extras_mask, extras_names, forward_and_grad_, load_backend
+from .backends import (empty_forward_outputs, extras_mask, extras_names, forward_and_grad_, fused_logits_grad_matmul,
+                       load_backend)
 from .logprobs import refuse_double_backward
 
 MODES = ("auto", "one_pass", "two_phase", "split")
@@ -442,6 +443,27 @@ def _chunk_grad_logits_(head: Head, z: torch.Tensor, y: torch.Tensor, lse: torch
     return _to_raw_logits_grad_(head, z, dcap)
 
 
+def _logits_grad(head: Head, h: torch.Tensor, y: torch.Tensor, lse: torch.Tensor, coef: torch.Tensor,
+                 vocab: slice | None = None, ignore_index: int | None = None) -> torch.Tensor:
+    """The gradient w.r.t. the raw logits of ``h``'s (vocabulary slice ``vocab`` of the) logits,
+    for the per-token coefficients ``coef`` and the full rows' ``lse``, when the logits themselves
+    are not needed (their forward ran earlier): the backward of ``two_phase`` and ``split``, and
+    ``one_pass``'s pieces formed again. One matmul whose epilogue writes the gradient where the
+    backend has one and takes it (``backends.fused_logits_grad_matmul``), else the logits
+    (:func:`_chunk_logits`) and then :func:`_chunk_grad_logits_` over them in place: the same
+    roundings, step for step."""
+    fused = fused_logits_grad_matmul(load_backend(head.backend_name), h.dtype)
+    if fused is None:
+        z, dcap = _chunk_logits(head, h, keep_derivative=True, vocab=vocab)
+        return _chunk_grad_logits_(head, z, y, lse, coef, dcap, ignore_index=ignore_index)
+    weight, bias = head.weight, head.bias
+    if vocab is not None:
+        weight = weight[vocab]
+        bias = None if bias is None else bias[vocab]
+    return fused(h, weight, bias, y, lse, coef, head.ignore_index if ignore_index is None else ignore_index,
+                 head.softcap, head.temperature)
+
+
 def _to_raw_logits_grad_(head: Head, g: torch.Tensor, dcap: torch.Tensor | None) -> torch.Tensor:
     """The chain rule through the temperature and the softcap, in place: the gradient w.r.t. the
     transformed logits becomes the gradient w.r.t. the matmul's output."""
@@ -758,11 +780,8 @@ def two_phase_backward(head: Head, hidden, aligned, rows, cols, lse, grad_logp, 
         gb_acc = torch.zeros(v1 - v0, dtype=acc, device=hidden.device) if need_b else None
         for k, (s, e) in enumerate(bounds):
             h = whole[s:e]
-            z, dcap = _chunk_logits(head, h, keep_derivative=True, vocab=vocab)
             y = labels[s:e] - v0 if sliced else labels[s:e]
-            g = _chunk_grad_logits_(head, z, y, token_lse[s:e], coef[s:e], dcap,
-                                    ignore_index=no_label if sliced else None)
-            del dcap
+            g = _logits_grad(head, h, y, token_lse[s:e], coef[s:e], vocab, ignore_index=no_label if sliced else None)
             if need_h:
                 if sliced:
                     grad_hidden_matmul_acc(gh_acc[s:e], g, w_slice, accumulate=v0 > 0)
@@ -772,7 +791,7 @@ def two_phase_backward(head: Head, hidden, aligned, rows, cols, lse, grad_logp, 
                 grad_weight_matmul(gw_out, g, h, accumulate=k > 0)
             if need_b:
                 gb_acc.add_(g.sum(0, dtype=acc))
-            del z, g
+            del g
         if need_w and not direct_weight:
             grad_weight[v0:v1].copy_(gw_out)  # the one rounding of this slice
         if need_b:
@@ -1141,10 +1160,9 @@ class OnePass:
             for a, b in pieces[:-1]:
                 r, c = rows[a:b], cols[a:b]
                 h = gather_rows(hidden, r, c)
-                z, dcap = _chunk_logits(head, h, keep_derivative=True)
-                g = _chunk_grad_logits_(head, z, aligned[r, c], lse[r, c], coef[r, c], dcap)
+                g = _logits_grad(head, h, aligned[r, c], lse[r, c], coef[r, c])
                 grads.add(head, g, h, r, c)
-                del g, z, dcap
+                del g
         if logp is None:  # no valid token: no chunk ran
             logp, lse, ext, grads = self._buffers(hidden)
         self.tokens = (logp, lse, ext)

@@ -941,6 +941,43 @@ def test_split_forward_gradient_is_the_same_in_one_kernel_or_two(dtype):
         assert _rel(got, want[key]) < (1e-5 if dtype == F32 else 1e-2), key
 
 
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs triton")
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("mode,knobs", [("two_phase", dict(vocab_chunk=64, chunk_tokens=4)),
+                                        ("two_phase", {}), ("split", dict(vocab_chunk=96)),
+                                        ("one_pass", dict(chunk_tokens=3))])
+def test_backward_logits_gradient_fused_into_the_matmul_or_not(dtype, mode, knobs):
+    """The logits formed again in the backward (two_phase's and split's vocabulary slices, with
+    several token chunks and one; one_pass's earlier pieces of a pair larger than its chunk) turn
+    into their gradient either in the fused matmul's epilogue or by a torch matmul then the
+    backward kernel (``config.fuse_logits_grad``). With bias, softcap and temperature both give
+    the float64 oracle's loss and gradients, and in fp32 each other's to rounding."""
+    from dpo_kernels.backends.triton.config import set_logits_grad_fusion
+
+    hidden, weight, b, labels = make_inputs(3, 8, 16, 300, dtype, bias=True, seed=5)
+    ref = torch.randn(6) - 10
+    options = dict(ref_logps=ref, mode=mode, backend="triton", logit_softcap=5.0, temperature=0.7, shift=True,
+                   **knobs)
+    results = []
+    try:
+        for fused in (True, False):
+            set_logits_grad_fusion(fused)
+            h, w, bb = (t.clone().requires_grad_(True) for t in (hidden, weight, b))
+            out = fused_linear_dpo_loss(h, w, labels, bb, **options)
+            out.loss.backward()
+            results.append((out.loss, (h.grad, w.grad, bb.grad)))
+    finally:
+        set_logits_grad_fusion(None)
+    want = oracle.linear_dpo(hidden, weight, labels, b, ref_logps=ref, softcap=5.0, temperature=0.7, shift=True)
+    for loss, grads in results:
+        torch.testing.assert_close(loss.double(), want["loss"], rtol=2e-5 if dtype == F32 else 2e-2, atol=1e-5)
+        for got, key in zip(grads, ("grad_hidden", "grad_weight", "grad_bias")):
+            assert _rel(got, want[key]) < (1e-5 if dtype == F32 else 1e-2), key
+    if dtype == F32:
+        for a, c in zip(results[0][1], results[1][1]):
+            assert _rel(a, c) < 2e-6
+
+
 def test_split_weight_gradient_sees_an_in_place_change_of_its_inputs():
     """The backward forms the weight gradient from ``hidden`` and ``weight`` again: changed in place
     after the forward, autograd refuses (a saved tensor's version), never a silently wrong

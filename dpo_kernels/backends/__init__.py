@@ -99,6 +99,20 @@ def forward_then_grad_(forward, backward, logits: torch.Tensor, labels: torch.Te
     return logp, lse, values
 
 
+def fused_logits_grad_matmul(backend: ModuleType, dtype: torch.dtype):
+    """The backend's ``logits_grad_matmul`` (the logits' gradient written by the lm_head matmul's
+    own epilogue, the logits never stored) when it has one and its rule takes it for ``dtype``;
+    else None, and the caller forms the logits with a torch matmul and runs the backend's
+    in-place backward on them (the same roundings).
+
+    Only the Triton backend has one: its rule (``config.fuse_logits_grad``) keeps the measured
+    cuBLAS path on a GPU until a run has timed the Triton matmul against it."""
+    fused = getattr(backend, "logits_grad_matmul", None)
+    if fused is None or not backend.fuse_logits_grad(dtype):
+        return None
+    return fused
+
+
 # name -> module path; "auto" picks among them per device.
 _BACKEND_MODULES = {
     "triton": "dpo_kernels.backends.triton",

@@ -13,6 +13,8 @@ def on_gpu_rules(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     yield
     config.set_forward_and_grad_fusion(None)
+    config.set_logits_grad_fusion(None)
+    config.set_matmul_config_override(None)
 
 
 def test_forward_and_grad_is_one_kernel_only_for_rows_that_can_stay_in_l2(on_gpu_rules):
@@ -35,3 +37,39 @@ def test_forward_and_grad_override_wins_and_none_restores_the_rule(on_gpu_rules)
 def test_the_interpreter_runs_the_one_kernel_so_the_cpu_tests_cover_it(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert config.fuse_forward_and_grad(128256, torch.bfloat16)
+
+
+def test_logits_grad_matmul_waits_for_a_gpu_timing(on_gpu_rules):
+    """On a GPU the backward's slices keep the measured cuBLAS matmul and backward kernel until a
+    run has timed the fused matmul; float64 never takes it."""
+    for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        assert not config.fuse_logits_grad(dtype)
+    config.set_logits_grad_fusion(True)
+    assert config.fuse_logits_grad(torch.bfloat16) and not config.fuse_logits_grad(torch.float64)
+    config.set_logits_grad_fusion(None)
+    assert not config.fuse_logits_grad(torch.bfloat16)
+
+
+def test_the_interpreter_runs_the_fused_matmul_so_the_cpu_tests_cover_it(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert config.fuse_logits_grad(torch.bfloat16) and config.fuse_logits_grad(torch.float32)
+    assert not config.fuse_logits_grad(torch.float64)
+
+
+def test_matmul_tiles(on_gpu_rules):
+    """The tutorial's Hopper tile for 16-bit inputs, half as wide for fp32; an override must be
+    powers of two with blocks of at least 16 (``tl.dot``'s smallest)."""
+    cfg = config.pick_matmul_config(torch.bfloat16)
+    assert (cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages) == (128, 256, 64, 8, 3)
+    assert config.pick_matmul_config(torch.float32).block_n == 128
+    forced = config.MatmulConfig(64, 128, 32, 4, 4, 4)
+    config.set_matmul_config_override(forced)
+    assert config.pick_matmul_config(torch.bfloat16) == forced
+    for bad in (config.MatmulConfig(8, 128, 32, 4, 4, 4), config.MatmulConfig(64, 96, 32, 4, 4, 4),
+                config.MatmulConfig(64, 128, 32, 3, 4, 4), config.MatmulConfig(64, 128, 32, 4, 6, 4),
+                config.MatmulConfig(64, 128, 32, 4, 4, 0)):
+        with pytest.raises(ValueError, match="MatmulConfig"):
+            config.set_matmul_config_override(bad)
+    assert config.pick_matmul_config(torch.bfloat16) == forced  # a refused override changes nothing
+    config.set_matmul_config_override(None)
+    assert config.pick_matmul_config(torch.bfloat16) == cfg

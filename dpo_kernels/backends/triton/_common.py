@@ -82,3 +82,50 @@ def logprob_grad(z, offs, label, lse, coef):
     cancel when ``p -> 1``."""
     prob = tl.exp(z - lse)
     return tl.where(offs == label, coef * (1.0 - prob), -coef * prob)
+
+
+@triton.jit
+def tanh(x):
+    """``tanh`` of fp32 ``x`` from ``exp`` (libdevice's is missing under the interpreter).
+
+    ``sign(x) (1 - e) / (1 + e)`` with ``e = exp(-2|x|)`` (never overflows) for ``|x| >= 1/4``;
+    below, where ``1 - e`` would cancel, the odd Taylor polynomial to ``x^13`` (its first omitted
+    term, ``929569/638512875 x^15``, is under ``1e-11`` of ``tanh(x)`` there). Within 4 fp32 ulps
+    of ``torch.tanh`` (``tests/backends/test_triton_common.py``)."""
+    ax = tl.abs(x)
+    e = tl.exp(-2.0 * tl.minimum(ax, 30.0))  # past 30, tanh is 1 in fp32 (and 2|x| stays finite)
+    big = (1.0 - e) / (1.0 + e)
+    s = tl.minimum(tl.maximum(x, -0.25), 0.25)  # the polynomial is only taken below 1/4; -0 stays -0
+    s2 = s * s
+    small = s * (1.0 + s2 * (-1.0 / 3.0 + s2 * (2.0 / 15.0 + s2 * (-17.0 / 315.0 + s2 * (
+        62.0 / 2835.0 + s2 * (-1382.0 / 155925.0 + s2 * (21844.0 / 6081075.0)))))))
+    return tl.where(ax < 0.25, small, tl.where(x < 0, -big, big))
+
+
+@triton.jit
+def round_to(x, dtype: tl.constexpr, BY_BITS: tl.constexpr):
+    """fp32 ``x`` rounded to nearest-even in ``dtype`` and returned in fp32 (so the next step
+    computes on the rounded value, as torch does between two ops).
+
+    ``BY_BITS`` rounds bf16 on the bits: Triton's interpreter converts fp32 to bf16 by truncation
+    (a GPU rounds to nearest-even), which would make the CPU tests check a different number than
+    the GPU computes. ``bits + 0x7FFF + lsb`` then clearing the low half is round-to-nearest-even;
+    infinities stay infinite."""
+    if BY_BITS and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    else:
+        return x.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def cast_rounded(x, dtype: tl.constexpr, BY_BITS: tl.constexpr):
+    """fp32 ``x`` in ``dtype``, rounded to nearest-even: :func:`round_to`, then for bf16 under
+    ``BY_BITS`` the top half of the bits (exact; the interpreter's own cast also flushes bf16
+    subnormals to zero)."""
+    r = round_to(x, dtype, BY_BITS)
+    if BY_BITS and dtype == tl.bfloat16:
+        return (r.to(tl.uint32, bitcast=True) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return r.to(dtype)

@@ -98,3 +98,70 @@ def fuse_forward_and_grad(vocab_size: int, dtype: torch.dtype) -> bool:
     if interpreting():
         return True
     return vocab_size * dtype.itemsize <= _FUSE_MAX_ROW_BYTES
+
+
+# The backward of two_phase and split forms each vocabulary slice's logits only to turn them into
+# their gradient. logits_grad_matmul.py does both in one Triton matmul whose epilogue writes the
+# gradient: the unfused path (a cuBLAS matmul, then the backward kernel in place) writes, reads
+# and writes the slice again. What that saves depends on the Triton matmul keeping up with
+# cuBLAS, which no GPU run has measured yet: on a GPU the rule keeps the measured path until
+# benchmarks/token_kernel_sweep.py has timed both. Under the interpreter the fused matmul runs,
+# so the CPU tests cover it.
+@dataclass(frozen=True)
+class MatmulConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int
+    num_warps: int
+    num_stages: int
+
+
+# The Triton tutorial's Hopper configuration for 16-bit inputs (128 x 256 x 64, 8 warps, 3 stages),
+# and a half-width tile for fp32 (twice the bytes per element in shared memory).
+_MATMUL_16BIT = MatmulConfig(block_m=128, block_n=256, block_k=64, group_m=8, num_warps=8, num_stages=3)
+_MATMUL_FP32 = MatmulConfig(block_m=128, block_n=128, block_k=32, group_m=8, num_warps=8, num_stages=3)
+_MATMUL_INTERPRETER = MatmulConfig(block_m=16, block_n=32, block_k=16, group_m=2, num_warps=1, num_stages=1)
+_matmul_override: MatmulConfig | None = None
+_logits_grad_override: bool | None = None
+
+
+def set_matmul_config_override(cfg: MatmulConfig | None) -> None:
+    """Force the tiles of the fused logits-gradient matmul (tests, the sweep), or restore the rule
+    with None. Block sizes must be powers of two, at least 16 (``tl.dot``'s smallest tile)."""
+    global _matmul_override
+    if cfg is not None:
+        for name in ("block_m", "block_n", "block_k", "group_m", "num_warps"):
+            value = getattr(cfg, name)
+            if value < 1 or value & (value - 1) or (name.startswith("block") and value < 16):
+                raise ValueError(f"MatmulConfig.{name} must be a power of two"
+                                 f"{' >= 16' if name.startswith('block') else ''}, got {value}")
+        if cfg.num_stages < 1:
+            raise ValueError(f"MatmulConfig.num_stages must be >= 1, got {cfg.num_stages}")
+    _matmul_override = cfg
+
+
+def pick_matmul_config(dtype: torch.dtype) -> MatmulConfig:
+    """Tiles, warps and pipeline stages of the fused logits-gradient matmul."""
+    if _matmul_override is not None:
+        return _matmul_override
+    if interpreting():
+        return _MATMUL_INTERPRETER
+    return _MATMUL_FP32 if dtype == torch.float32 else _MATMUL_16BIT
+
+
+def set_logits_grad_fusion(fuse: bool | None) -> None:
+    """Force the fused logits-gradient matmul in the backward of two_phase and split (True), the
+    cuBLAS matmul then the backward kernel (False), or restore :func:`fuse_logits_grad` (None)."""
+    global _logits_grad_override
+    _logits_grad_override = fuse
+
+
+def fuse_logits_grad(dtype: torch.dtype) -> bool:
+    """Whether the backward's slices take the fused matmul (see above). Never for float64 (the
+    matmul is written for the training dtypes; gradcheck's fp64 runs take the torch path)."""
+    if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return False
+    if _logits_grad_override is not None:
+        return _logits_grad_override
+    return interpreting()

@@ -1,0 +1,61 @@
+"""``backends/triton/_common.py``'s numeric helpers, run through small kernels: ``tanh`` (from
+``exp``, for the interpreter) against ``torch.tanh``, and ``round_to``/``cast_rounded`` (exact
+round-to-nearest-even, which the interpreter's own bf16 cast is not) against torch's casts."""
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+
+from dpo_kernels.backends.triton._common import cast_rounded, round_to, tanh  # noqa: E402
+from dpo_kernels.backends.triton.config import interpreting  # noqa: E402
+
+
+@triton.jit
+def _tanh_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < n)
+    tl.store(out_ptr + offs, tanh(x), mask=offs < n)
+
+
+@triton.jit
+def _round_kernel(x_ptr, rounded_ptr, cast_ptr, n, BY_BITS: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < n)
+    tl.store(rounded_ptr + offs, round_to(x, cast_ptr.dtype.element_ty, BY_BITS), mask=offs < n)
+    tl.store(cast_ptr + offs, cast_rounded(x, cast_ptr.dtype.element_ty, BY_BITS), mask=offs < n)
+
+
+def _edge_values():
+    x = torch.cat([torch.randn(3000) * 3, torch.randn(500) * 1e-3, torch.randn(200) * 60,
+                   torch.tensor([0.0, -0.0, 0.125, -0.125, 0.12499999, 1e-30, -1e-38, 1e-42, 20.0, -20.0,
+                                 88.0, -100.0, 3.4e38, float("inf"), float("-inf")])])
+    return x.float()
+
+
+def test_tanh_is_within_a_few_ulps_of_torch():
+    x = _edge_values()
+    out = torch.empty_like(x)
+    _tanh_kernel[(triton.cdiv(x.numel(), 1024),)](x, out, x.numel(), BLOCK=1024)
+    want = torch.tanh(x.double())
+    ulp = torch.finfo(torch.float32).eps * want.abs().clamp(min=torch.finfo(torch.float32).tiny)
+    assert ((out.double() - want).abs() <= 4 * ulp).all()
+    assert torch.equal(torch.signbit(out[x == 0]), torch.signbit(x[x == 0]))  # -0 stays -0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("by_bits", [True, False])
+def test_round_to_is_torchs_round_to_nearest_even(dtype, by_bits):
+    if dtype == torch.bfloat16 and not by_bits and interpreting():
+        pytest.skip("the interpreter's own fp32 -> bf16 cast truncates: the reason for BY_BITS")
+    x = _edge_values()
+    # Ties: values exactly halfway between two bf16 numbers, both parities.
+    ties = (torch.arange(1, 200, dtype=torch.float32) * 2.0**-7 + 1) + 2.0**-8
+    x = torch.cat([x, ties, -ties]).contiguous()
+    rounded = torch.empty_like(x)
+    cast = torch.empty(x.shape, dtype=dtype)
+    _round_kernel[(triton.cdiv(x.numel(), 1024),)](x, rounded, cast, x.numel(), BY_BITS=by_bits, BLOCK=1024)
+    want = x.to(dtype)
+    bits = {2: torch.int16, 4: torch.int32}[dtype.itemsize]
+    assert torch.equal(cast.view(bits), want.view(bits))  # bit for bit: signed zeros, subnormals
+    assert torch.equal(rounded, want.float())
