@@ -5,16 +5,22 @@
 #
 # 1. installs the wheels the GPU image lacks (TRL, Liger, CCE and TRL's imports) from .whl/, if
 #    present, into /tmp/site: nothing is downloaded (the GPU machine has no internet);
-# 2. gpu_report.py --sections hidden: correctness against float64 and time / memory of ours
-#    (one_pass, two_phase) beside TRL's fused lm head, Liger, CCE and eager at the issue-5 shapes;
-# 3. hidden_path_sweep.py: the knobs, the kernel profile and the phases of a step;
-# 4. token_kernel_sweep.py: the token kernels' blocks and warps at the hidden path's shapes;
+# 2. token_kernel_sweep.py first (its answers decide defaults): the backward's slice logits
+#    gradient unfused (cuBLAS + backward kernel) against the fused Triton matmul, then the token
+#    kernels' blocks and warps and split's forward-and-gradient at the hidden path's shapes;
+# 3. hidden_path_sweep.py: the knobs (the fused matmul forced on, for split and two_phase,
+#    included), the kernel profile and the phases of a step;
+# 4. gpu_report.py --sections hidden: correctness against float64 and time / memory of ours
+#    beside TRL's fused lm head, Liger, CCE and eager at the issue-5 shapes (runs D and E have
+#    them all: its budget is what is left);
 # 5. host_profile.py: the host's time before the first matmul, per mode (auto's memory check
 #    included).
 #
-# Writes under $OUT (default ./gpu_checks_out): report/, sweep/, tokens/ and host/. Budgets (seconds) can be
-# changed with REPORT_BUDGET_S and SWEEP_BUDGET_S; each script stops starting rows past its budget.
-# SMOKE=1 runs both on the CPU at tiny shapes (to check this script; the numbers mean nothing).
+# Writes under $OUT (default ./gpu_checks_out): tokens/, sweep/, report/ and host/. Budgets
+# (seconds) can be changed with TOKENS_BUDGET_S, SWEEP_BUDGET_S and REPORT_BUDGET_S; each script
+# stops starting rows (sections) past its budget. Together with the wheels' install they fit a
+# 540 s device call. SMOKE=1 runs them all on the CPU at tiny shapes (to check this script; the
+# numbers mean nothing).
 set -u
 cd "$(dirname "$0")/.."
 OUT_DIR=${OUT:-./gpu_checks_out}
@@ -29,13 +35,13 @@ fi
 if compgen -G ".whl/*.whl" > /dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl
 fi
-python3 benchmarks/gpu_report.py ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"} --pythonpath "$SITE" --sections hidden --budget-s "${REPORT_BUDGET_S:-300}" \
+python3 benchmarks/token_kernel_sweep.py ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"} --budget-s "${TOKENS_BUDGET_S:-100}" --out "$OUT_DIR/tokens"
+tokens=$?
+python3 benchmarks/hidden_path_sweep.py ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"} --pythonpath "$SITE" --budget-s "${SWEEP_BUDGET_S:-110}" --out "$OUT_DIR/sweep"
+sweep=$?
+python3 benchmarks/gpu_report.py ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"} --pythonpath "$SITE" --sections hidden --budget-s "${REPORT_BUDGET_S:-200}" \
     --out "$OUT_DIR/report"
 report=$?
-python3 benchmarks/hidden_path_sweep.py ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"} --pythonpath "$SITE" --budget-s "${SWEEP_BUDGET_S:-120}" --out "$OUT_DIR/sweep"
-sweep=$?
-python3 benchmarks/token_kernel_sweep.py ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"} --out "$OUT_DIR/tokens"
-tokens=$?
 python3 benchmarks/host_profile.py ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"} --out "$OUT_DIR/host"
 host=$?
 echo "gpu_report: exit $report; hidden_path_sweep: exit $sweep; token_kernel_sweep: exit $tokens; host_profile: exit $host"

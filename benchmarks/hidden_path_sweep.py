@@ -56,7 +56,7 @@ import torch  # noqa: E402
 from baselines_hidden import HiddenShape, make_hidden_batch, near_reference_logps  # noqa: E402
 import baselines_hidden  # noqa: E402
 from dpo_kernels import fused_linear_dpo_loss, linear  # noqa: E402
-from dpo_kernels.backends.triton.config import set_forward_and_grad_fusion  # noqa: E402
+from dpo_kernels.backends.triton.config import set_forward_and_grad_fusion, set_logits_grad_fusion  # noqa: E402
 from dpo_kernels.bench import BETA, IGNORE_INDEX, fmt_bytes, markdown_table, peak_extra_bytes, release_memory, time_ms  # noqa: E402
 
 T0 = time.perf_counter()
@@ -89,21 +89,29 @@ def matmul_tflops(device, smoke: bool) -> float | None:
 # backend's forward-and-gradient forced to one kernel (True) or two (False), whatever
 # config.fuse_forward_and_grad's rule would take at this vocabulary (split's forward).
 ONE_KERNEL = "one_kernel_forward_and_grad"
+# Likewise: the backward's slice logits turned into their gradient by the fused Triton matmul
+# (True) or by cuBLAS and the backward kernel (False), whatever config.fuse_logits_grad says.
+FUSED_MATMUL = "fused_logits_grad_matmul"
 
 
 def loss_fn(mode: str, **knobs):
     one_kernel = knobs.pop(ONE_KERNEL, None)
+    fused_matmul = knobs.pop(FUSED_MATMUL, None)
 
     def fn(hidden, weight, labels, ref):
-        if one_kernel is not None:
-            set_forward_and_grad_fusion(one_kernel)
-        try:
-            return fused_linear_dpo_loss(hidden, weight, labels, ref_logps=ref, beta=BETA, ignore_index=IGNORE_INDEX,
-                                         mode=mode, validate=False, **knobs).loss
-        finally:
-            if one_kernel is not None:
-                set_forward_and_grad_fusion(None)
+        # Every call sets both (None restores the rule). They stay set after the return, since
+        # the backward (after it) reads the second: reset_rules() ends a variant.
+        set_forward_and_grad_fusion(one_kernel)
+        set_logits_grad_fusion(fused_matmul)
+        return fused_linear_dpo_loss(hidden, weight, labels, ref_logps=ref, beta=BETA, ignore_index=IGNORE_INDEX,
+                                     mode=mode, validate=False, **knobs).loss
     return fn
+
+
+def reset_rules() -> None:
+    """The Triton backend's own rules again, after a variant that forced them."""
+    set_forward_and_grad_fusion(None)
+    set_logits_grad_fusion(None)
 
 
 def check_paths(doc: Doc, shape: HiddenShape, device) -> None:
@@ -124,6 +132,9 @@ def check_paths(doc: Doc, shape: HiddenShape, device) -> None:
         (f"two_phase, {max(1, per_pair // 3)} tokens per backward chunk (fp32 slice accumulator)",
          loss_fn("two_phase", chunk_tokens=max(1, per_pair // 3))),
         ("split, default", loss_fn("split")),
+        ("split, backward slices' logits gradient in the fused Triton matmul", loss_fn("split", **{FUSED_MATMUL: True})),
+        ("two_phase, backward slices' logits gradient in the fused Triton matmul",
+         loss_fn("two_phase", **{FUSED_MATMUL: True})),
         (f"split, forward and backward chunks of {max(1, per_pair // 3)} tokens",
          loss_fn("split", chunk_tokens=max(1, per_pair // 3))),
     ]
@@ -138,6 +149,8 @@ def check_paths(doc: Doc, shape: HiddenShape, device) -> None:
         except Exception as exc:  # a row saying why, never an aborted sweep
             log(traceback.format_exc(limit=4))
             rows.append([name, f"raised {type(exc).__name__}: {str(exc)[:200]}", "", "", ""])
+        finally:
+            reset_rules()
     doc.add(f"## Multi-chunk paths against float64 ({shape.describe()})\n\n"
             + markdown_table(["variant", "loss err", "grad hidden err (rel to row)", "grad weight err (rel to row)",
                               "ignored rows != 0"], rows))
@@ -158,10 +171,14 @@ def sweep(doc: Doc, shape: HiddenShape, device, tflops, iters, warmup, budget_s)
     variants += [("one_pass", {"chunk_tokens": 768})]
     # two_phase's default slice is the hidden size (4096 here).
     variants += [("two_phase", {})] + [("two_phase", {"vocab_chunk": 8192})]
+    # The backward's slice logits turned into their gradient in the fused Triton matmul's epilogue
+    # (config.fuse_logits_grad: on a GPU not until timed), split and two_phase at their defaults.
+    # Early in the list, so the budget never cuts them; split's default beside them.
+    variants += [("split", {}), ("split", {FUSED_MATMUL: True}), ("two_phase", {FUSED_MATMUL: True})]
     # split: no fp32 accumulator across slices, so wider slices cost only their logits; smaller
     # forward chunks (its forward's peak) cost matmul efficiency. Its default slice is 2 H where
     # every valid token fits one chunk of it (8192 rows here), else H: H and 4 H beside it.
-    variants += [("split", {})] + [("split", {"vocab_chunk": v}) for v in (shape.hidden, 4 * shape.hidden)]
+    variants += [("split", {"vocab_chunk": v}) for v in (shape.hidden, 4 * shape.hidden)]
     variants += [("split", {"chunk_tokens": 2048})]
     # split's forward-and-gradient in the forward kernel (one kernel) at this vocabulary, beside
     # the rule's choice above (config.fuse_forward_and_grad: two kernels at Llama-3's 256 KB rows).
@@ -169,7 +186,8 @@ def sweep(doc: Doc, shape: HiddenShape, device, tflops, iters, warmup, budget_s)
     if shape.vocab < 8192:  # smoke
         variants = [("one_pass", {}), ("one_pass", {"chunk_tokens": 1}), ("one_pass", {"chunk_tokens": 7}),
                     ("two_phase", {}), ("two_phase", {"vocab_chunk": 300}), ("split", {}),
-                    ("split", {"vocab_chunk": 300}), ("split", {ONE_KERNEL: False})]
+                    ("split", {"vocab_chunk": 300}), ("split", {ONE_KERNEL: False}),
+                    ("split", {FUSED_MATMUL: False}), ("two_phase", {FUSED_MATMUL: False})]
     rows = []
     header = ["mode", "knobs", "median ms", "min ms", "x floor (3 mm)", "x floor (4 mm)", "extra peak memory", "note"]
     title = (f"## Time and memory ({shape.describe()}; the gradients themselves: {fmt_bytes(shape.grads_bytes)}; "
@@ -194,6 +212,7 @@ def sweep(doc: Doc, shape: HiddenShape, device, tflops, iters, warmup, budget_s)
         except Exception as exc:
             log(traceback.format_exc(limit=4))
             rows.append([mode, label, "", "", "", "", "", f"raised {type(exc).__name__}: {str(exc)[:200]}"])
+        reset_rules()
         release_memory(device)
         log(f"{mode} {label}: {rows[-1][2]} ms")
         doc.parts = [p for p in doc.parts if not p.startswith("## Time and memory")]

@@ -1,8 +1,16 @@
 #!/usr/bin/env python
 """Launch configurations of the Triton token kernels, timed at the shapes the hidden path runs.
 
-    python benchmarks/token_kernel_sweep.py [--out DIR]        # CUDA
-    python benchmarks/token_kernel_sweep.py --smoke --out DIR  # CPU, Triton's interpreter, tiny
+    python benchmarks/token_kernel_sweep.py [--out DIR] [--budget-s S]  # CUDA
+    python benchmarks/token_kernel_sweep.py --smoke --out DIR           # CPU, Triton's interpreter, tiny
+
+First (the open question it answers decides a default): the backward's vocabulary slices of
+two_phase and split, whose logits are formed only to become their gradient. The unfused path (a
+cuBLAS matmul, then the backward kernel in place: what ``config.fuse_logits_grad`` takes on a GPU
+today) against the fused Triton matmul whose epilogue writes the gradient
+(``logits_grad_matmul.py``) at its default tiles and four others, with the cuBLAS matmul alone as
+the reference rate. Both ways are checked against float64 on a sample of rows: the fused error
+must stay within twice the unfused one (they differ by the matmul's order of accumulation).
 
 ``backends/triton/config.py`` picks a kernel's vocabulary block and warps by a fixed rule (16 KB
 of logits per program step, 8 warps from 4096 elements). The rule came from compiled register
@@ -34,6 +42,9 @@ import argparse
 import os
 import statistics
 import sys
+import time
+
+T0 = time.perf_counter()
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -44,6 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None)
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU through Triton's interpreter")
     p.add_argument("--iters", type=int, default=None)
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="start no new section past this many seconds (the rest is listed as not run)")
     return p.parse_args(argv)
 
 
@@ -55,6 +68,7 @@ sys.path.insert(0, REPO)
 import torch  # noqa: E402
 
 from dpo_kernels.backends.triton import config  # noqa: E402
+from dpo_kernels.backends.triton.logits_grad_matmul import logits_grad_matmul  # noqa: E402
 from dpo_kernels.backends.triton.token_logprobs_bwd import launch_backward  # noqa: E402
 from dpo_kernels.backends.triton.token_logprobs_fwd import launch_forward  # noqa: E402
 from dpo_kernels.backends import extras_mask  # noqa: E402
@@ -195,6 +209,95 @@ def run_forward_and_grad_case(rows, columns, device, iters):
     return rows_out
 
 
+def logits_grad_cases(smoke: bool):
+    """``(description, tokens M, slice rows N, hidden K)`` of the backward's slices at issue 5's shapes."""
+    if smoke:
+        return [("tiny slice", 40, 96, 48)]
+    return [("split's slice at 8 x 1024 (Llama-3 head)", 6144, 8192, 4096),
+            ("two_phase's slice at 8 x 1024 (Llama-3 head)", 6144, 4096, 4096),
+            ("split's slice at 4 x 2048 (Qwen head)", 6144, 7168, 3584)]
+
+
+def matmul_configs(smoke: bool):
+    """Tiles of the fused matmul to time; ``None`` is pick_matmul_config's default."""
+    if smoke:
+        return [None, config.MatmulConfig(32, 32, 16, 2, 1, 1)]
+    return [None] + [config.MatmulConfig(*c) for c in [(128, 256, 64, 8, 8, 4), (128, 128, 64, 8, 8, 4),
+                                                       (128, 128, 64, 8, 4, 4), (256, 128, 64, 8, 8, 3)]]
+
+
+def run_logits_grad_case(M, N, K, device, iters):
+    """Rows comparing the slice's logits gradient unfused (cuBLAS + backward kernel) and fused."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    h = torch.randn(M, K, generator=gen).to(device, torch.bfloat16)
+    w = (torch.randn(N, K, generator=gen) * 2 / K ** 0.5).to(device, torch.bfloat16)
+    labels = torch.randint(-N, 2 * N, (M,), generator=gen).to(device)  # a third of them in the slice
+    z_full = h.float() @ w.float().T
+    lse = (torch.logsumexp(z_full, 1) + 2.0).contiguous()  # as if the rest of the vocabulary held mass
+    del z_full
+    coef = torch.randn(M, generator=gen).to(device)
+    sample = torch.arange(0, M, max(1, M // 64), device=device)
+    z64 = h[sample].double() @ w.double().T
+    onehot = torch.zeros_like(z64)
+    inside = (labels[sample] >= 0) & (labels[sample] < N)
+    onehot[inside.nonzero()[:, 0], labels[sample][inside]] = 1.0
+    g64 = coef[sample].double()[:, None] * (onehot - torch.exp(z64 - lse[sample].double()[:, None]))
+    no_label = -(10 ** 9)  # never equal to a label
+
+    def err(g):
+        return float((g[sample].double() - g64).abs().max() / g64.abs().max())
+
+    buf = torch.empty(M, N, dtype=torch.bfloat16, device=device)
+
+    def cublas_only():
+        return torch.mm(h, w.t(), out=buf)
+
+    def unfused():
+        torch.mm(h, w.t(), out=buf)
+        launch_backward(buf.unsqueeze(0), labels.unsqueeze(0), lse.unsqueeze(0), coef.unsqueeze(0), no_label,
+                        buf.unsqueeze(0))
+        return buf
+
+    def fused():
+        return logits_grad_matmul(h, w, None, labels, lse, coef, no_label)
+
+    flops = 2 * M * N * K
+    rows_out = []
+    mm_us = timed(cublas_only, device, iters)
+    rows_out.append(["cuBLAS matmul alone (no gradient: the reference rate)", f"{mm_us:.1f}",
+                     f"{flops / (mm_us * 1e-6) / 1e12:.0f}", "", ""])
+    unfused_err = err(unfused().clone())
+    unfused_us = timed(unfused, device, iters)
+    rows_out.append(["unfused: cuBLAS matmul + backward kernel in place (today's GPU path)", f"{unfused_us:.1f}",
+                     f"{flops / (unfused_us * 1e-6) / 1e12:.0f}", f"{unfused_err:.2e}", "(the reference)"])
+    for cfg in matmul_configs(device.type != "cuda"):
+        config.set_matmul_config_override(cfg)
+        try:
+            e = err(fused())
+            us = timed(fused, device, iters)
+        except Exception as exc:  # a configuration the compiler refuses (resources)
+            rows_out.append([f"fused, {matmul_label(cfg)}", "", "", "",
+                             f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"])
+            continue
+        finally:
+            config.set_matmul_config_override(None)
+        verdict = (f"{unfused_us / us:.2f}x the unfused" if e <= 2 * unfused_err + 1e-6
+                   else f"DIFFERS (error {e:.2e} > 2x the unfused)")
+        rows_out.append([f"fused, {matmul_label(cfg)}", f"{us:.1f}", f"{flops / (us * 1e-6) / 1e12:.0f}",
+                         f"{e:.2e}", verdict])
+    return rows_out
+
+
+def matmul_label(cfg) -> str:
+    if cfg is None:
+        cfg = config.pick_matmul_config(torch.bfloat16)
+        prefix = "default "
+    else:
+        prefix = ""
+    return (f"{prefix}{cfg.block_m}x{cfg.block_n}x{cfg.block_k}, group {cfg.group_m}, {cfg.num_warps} warps, "
+            f"{cfg.num_stages} stages")
+
+
 def label(cfg) -> str:
     return "default" if cfg is None else f"block {cfg[0]}, {cfg[1]} warps"
 
@@ -216,7 +319,31 @@ def main() -> int:
             "backward: one read + one write) over its time; '% copy' = that over a device copy's rate "
             "in the same process. The default is pick_config's rule.\n"]
     failures = 0
+    budget = ARGS.budget_s
+    skipped = []
+
+    def over_budget(what: str) -> bool:
+        if budget is not None and time.perf_counter() - T0 > budget:
+            skipped.append(what)
+            return True
+        return False
+
+    for description, M, N, K in logits_grad_cases(smoke):
+        if over_budget(f"logits gradient, {description}"):
+            continue
+        table = run_logits_grad_case(M, N, K, device, iters)
+        failures += sum("DIFFERS" in row[-1] for row in table)
+        text.append(f"## The backward's slice: logits gradient unfused or fused ({description}; bf16, "
+                    f"{M} tokens x {N} rows, H = {K}; the rule takes "
+                    f"{'the fused matmul' if config.fuse_logits_grad(torch.bfloat16) else 'the unfused path'})\n\n"
+                    "TFLOP/s = the matmul's 2 M N K over the whole step's time; error = max |g - g64| / max |g64| "
+                    "on a sample of rows (float64 oracle).\n\n"
+                    + markdown_table(["way", "us", "TFLOP/s", "error", "verdict"], table) + "\n")
+        with open(path, "w") as f:
+            f.write("\n".join(text))
     for kernel, description, rows, columns in cases(smoke):
+        if over_budget(f"{kernel}, {description}"):
+            continue
         default = config.pick_config(columns, torch.bfloat16, frozenset({"logits_sum"}) if kernel == "forward"
                                      else frozenset())
         table, copy_us, copy_rate = run_case(kernel, rows, columns, device, iters)
@@ -228,12 +355,18 @@ def main() -> int:
         with open(path, "w") as f:
             f.write("\n".join(text))
     for rows, columns in forward_and_grad_cases(smoke):
+        if over_budget(f"split's forward and gradient, {rows} x {columns}"):
+            continue
         table = run_forward_and_grad_case(rows, columns, device, iters)
         failures += sum("DIFFERS" in row[-1] for row in table)
         rule = "one kernel" if config.fuse_forward_and_grad(columns, torch.bfloat16) else "two kernels"
         text.append(f"## split's forward and gradient (bf16, {rows} x {columns}; the rule picks {rule})\n\n"
                     "TB/s = one read + one write of the logits (the least this step moves) over the time.\n\n"
                     + markdown_table(["way", "us", "TB/s", "vs two kernels"], table) + "\n")
+        with open(path, "w") as f:
+            f.write("\n".join(text))
+    if skipped:
+        text.append("## Not run (budget spent)\n\n" + "\n".join(f"- {what}" for what in skipped) + "\n")
         with open(path, "w") as f:
             f.write("\n".join(text))
     print(f"token_kernel_sweep: wrote {path}" + (f"; {failures} configuration(s) DIFFER" if failures else ""))
