@@ -155,8 +155,9 @@ def test_gpu_report_issue5_target_verdicts(monkeypatch):
 
 def test_token_kernel_sweep_smoke(tmp_path):
     """benchmarks/token_kernel_sweep.py on the CPU through Triton's interpreter: every
-    configuration runs and agrees with the default (the backward bit for bit), and the one-kernel
-    forward-and-gradient agrees with the two kernels bit for bit."""
+    configuration runs and agrees with the default (the backward bit for bit), the one-kernel
+    forward-and-gradient agrees with the two kernels bit for bit, and the fused logits-gradient
+    matmul's tiles stay within twice the unfused path's float64 error."""
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "token_kernel_sweep.py"), "--smoke", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=300, env=_env(tmp_path), cwd=tmp_path,
@@ -166,3 +167,5 @@ def test_token_kernel_sweep_smoke(tmp_path):
     assert report.count("| configuration | us | TB/s | % copy | vs the default |") == 3
     assert report.count("| way | us | TB/s | vs two kernels |") == 2
     assert report.count("bit for bit") == 4 + 2 * 2 and report.count("| agrees |") == 2 and "DIFFERS" not in report
+    assert report.count("| way | us | TFLOP/s | error | verdict |") == 1
+    assert report.count("x the unfused |") == 2 and "Not run" not in report
