@@ -8,8 +8,8 @@ First (the open question it answers decides a default): the backward's vocabular
 two_phase and split, whose logits are formed only to become their gradient. The unfused path (a
 cuBLAS matmul, then the backward kernel in place: what ``config.fuse_logits_grad`` takes on a GPU
 today) against the fused Triton matmul whose epilogue writes the gradient
-(``logits_grad_matmul.py``) at its default tiles and four others, with the cuBLAS matmul alone as
-the reference rate. Both ways are checked against float64 on a sample of rows: the fused error
+(``logits_grad_matmul.py``) at its default tiles, three other tiles and tutorial 09's options
+(TMA descriptors; and a persistent grid), with the cuBLAS matmul alone as the reference rate. Both ways are checked against float64 on a sample of rows: the fused error
 must stay within twice the unfused one (they differ by the matmul's order of accumulation).
 
 ``backends/triton/config.py`` picks a kernel's vocabulary block and warps by a fixed rule (16 KB
@@ -221,9 +221,14 @@ def logits_grad_cases(smoke: bool):
 def matmul_configs(smoke: bool):
     """Tiles of the fused matmul to time; ``None`` is pick_matmul_config's default."""
     if smoke:
-        return [None, config.MatmulConfig(32, 32, 16, 2, 1, 1)]
+        return [None, config.MatmulConfig(32, 32, 16, 2, 1, 1),
+                config.MatmulConfig(16, 32, 16, 2, 1, 1, use_tma=True, persistent=True)]
+    # The tutorial-03 tile with one more stage, half-width tiles at 8 and 4 warps, then tutorial
+    # 09's options at the default tile: operands through TMA descriptors, and a persistent grid.
     return [None] + [config.MatmulConfig(*c) for c in [(128, 256, 64, 8, 8, 4), (128, 128, 64, 8, 8, 4),
-                                                       (128, 128, 64, 8, 4, 4), (256, 128, 64, 8, 8, 3)]]
+                                                       (128, 128, 64, 8, 4, 4)]] + [
+        config.MatmulConfig(128, 256, 64, 8, 8, 3, use_tma=True),
+        config.MatmulConfig(128, 256, 64, 8, 8, 3, use_tma=True, persistent=True)]
 
 
 def run_logits_grad_case(M, N, K, device, iters):
@@ -294,8 +299,9 @@ def matmul_label(cfg) -> str:
         prefix = "default "
     else:
         prefix = ""
+    options = "".join([", TMA" if cfg.use_tma else "", ", persistent" if cfg.persistent else ""])
     return (f"{prefix}{cfg.block_m}x{cfg.block_n}x{cfg.block_k}, group {cfg.group_m}, {cfg.num_warps} warps, "
-            f"{cfg.num_stages} stages")
+            f"{cfg.num_stages} stages{options}")
 
 
 def label(cfg) -> str:

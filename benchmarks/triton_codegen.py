@@ -41,6 +41,7 @@ bwd_module = importlib.import_module("dpo_kernels.backends.triton.token_logprobs
 fwd_module = importlib.import_module("dpo_kernels.backends.triton.token_logprobs_fwd")
 scale_module = importlib.import_module("dpo_kernels.backends.triton.scale")
 matmul_module = importlib.import_module("dpo_kernels.backends.triton.logits_grad_matmul")
+config_module = importlib.import_module("dpo_kernels.backends.triton.config")
 
 # The device-side scale of fused_linear_dpo_loss's one_pass gradients: Llama-3-8B's lm_head
 # weight gradient (V x H), and one past 2^31 elements (64-bit sizes).
@@ -129,6 +130,7 @@ def analyse(kernel) -> dict:
         "global_stores_16B": len(re.findall(r"\bst\.global(?:\.[a-z0-9_:]+)*\.v4\.(?:b32|f32|u32)", ptx)),
         "ex2_approx": ptx.count("ex2.approx"),
         "wgmma": len(re.findall(r"\bwgmma\.mma_async", ptx)),
+        "tma_loads": len(re.findall(r"\bcp\.async\.bulk\.tensor", ptx)),
         "local_in_ptx": len(re.findall(r"\bld\.local|\bst\.local", ptx)),
     }
     if "cubin" in kernel.asm:
@@ -173,16 +175,26 @@ def report(arch: int = 90) -> list[dict]:
     kernel = compile_launch(loss.fn, args, kwargs, target)
     rows.append({"kernel": "dpo_sigmoid_loss", "shape": [16, 1024], "dtype": "float32", "grid": list(grid),
                  "block_v": kwargs["BLOCK_T"], "num_warps": kwargs["num_warps"], **analyse(kernel)})
+    tma = matmul_module.TensorDescriptor is not None
     for (m, n, k) in MATMUL_SHAPES:
-        for dtype, softcap in ((torch.bfloat16, None), (torch.bfloat16, 30.0), (torch.float16, None)):
+        ways = [(torch.bfloat16, None, None), (torch.bfloat16, 30.0, None), (torch.float16, None, None)]
+        if tma:  # tutorial 09's options: descriptors (TMA) and a persistent grid
+            ways.append((torch.bfloat16, None, config_module.MatmulConfig(128, 256, 64, 8, 8, 3, use_tma=True,
+                                                                          persistent=True)))
+        for dtype, softcap, cfg in ways:
             h = torch.empty(m, k, dtype=dtype, device="meta")
             w = torch.empty(n, k, dtype=dtype, device="meta")
             vec = torch.empty(m, dtype=torch.float32, device="meta")
-            with capture(matmul_module, "_logits_grad_matmul_kernel") as mm:
-                matmul_module.logits_grad_matmul(h, w, None, vec.long(), vec, vec, -100, softcap, 1.0)
+            config_module.set_matmul_config_override(cfg)
+            try:
+                with capture(matmul_module, "_logits_grad_matmul_kernel") as mm:
+                    matmul_module.logits_grad_matmul(h, w, None, vec.long(), vec, vec, -100, softcap, 1.0)
+            finally:
+                config_module.set_matmul_config_override(None)
             grid, args, kwargs = mm.launches[0]
             kernel = compile_launch(mm.fn, args, kwargs, target)
-            rows.append({"kernel": "logits_grad_matmul" + (" softcap" if softcap else ""), "shape": [m, n, k],
+            name = "logits_grad_matmul" + (" softcap" if softcap else "") + (" tma persistent" if cfg else "")
+            rows.append({"kernel": name, "shape": [m, n, k],
                          "dtype": str(dtype).replace("torch.", ""), "grid": list(grid),
                          "block_v": f"{kwargs['BLOCK_M']}x{kwargs['BLOCK_N']}x{kwargs['BLOCK_K']}",
                          "num_warps": kwargs["num_warps"], **analyse(kernel)})

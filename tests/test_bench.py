@@ -168,4 +168,4 @@ def test_token_kernel_sweep_smoke(tmp_path):
     assert report.count("| way | us | TB/s | vs two kernels |") == 2
     assert report.count("bit for bit") == 4 + 2 * 2 and report.count("| agrees |") == 2 and "DIFFERS" not in report
     assert report.count("| way | us | TFLOP/s | error | verdict |") == 1
-    assert report.count("x the unfused |") == 2 and "Not run" not in report
+    assert report.count("x the unfused |") == 3 and "Not run" not in report

@@ -82,10 +82,13 @@ def test_logits_grad_matmul_runs_on_tensor_cores_and_stores_vectors(codegen):
     """The backward's fused matmul (``logits_grad_matmul.py``) at split's slice shapes: Hopper's
     asynchronous tensor-core instruction (``wgmma``), no spill at the tutorial's 128 x 256 tile
     (the epilogue's softcap included: it needs ~255 registers, the most a thread has), and the
-    gradient stored in 16-byte vectors."""
+    gradient stored in 16-byte vectors. With host-side tensor descriptors (Triton >= 3.4) the
+    persistent TMA variant the sweep times is compiled too."""
     rows = [r for r in codegen if r["kernel"].startswith("logits_grad_matmul")]
-    assert {r["kernel"] for r in rows} == {"logits_grad_matmul", "logits_grad_matmul softcap"}
+    assert {r["kernel"] for r in rows} >= {"logits_grad_matmul", "logits_grad_matmul softcap"}
     for row in rows:
         assert row["wgmma"] > 0, row
+        # tutorial 09's variant reads its operands with Hopper's bulk tensor copies (TMA)
+        assert (row["tma_loads"] > 0) == ("tma" in row["kernel"]), row
         assert row["global_stores_16B"] >= 1 and row["global_stores"] == row["global_stores_16B"], row
         assert row["ex2_approx"] > 0, row

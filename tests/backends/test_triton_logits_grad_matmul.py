@@ -15,7 +15,7 @@ import torch
 pytest.importorskip("triton")
 
 from dpo_kernels.backends.triton import config  # noqa: E402
-from dpo_kernels.backends.triton.logits_grad_matmul import logits_grad_matmul  # noqa: E402
+from dpo_kernels.backends.triton.logits_grad_matmul import _tma_ready, logits_grad_matmul  # noqa: E402
 from dpo_kernels.linear import Head, _chunk_grad_logits_, _chunk_logits  # noqa: E402
 
 IGNORE = -1000
@@ -141,6 +141,54 @@ def test_strided_views_inside_nan_buffers(dtype):
     got = logits_grad_matmul(h_view, w_view[v0:v0 + N], b[v0:v0 + N], *args)
     assert torch.isfinite(got).all()
     assert torch.equal(got, logits_grad_matmul(h, weight[v0:v0 + N], b[v0:v0 + N], *args))
+
+
+# The interpreter's default tiles, read through tensor descriptors and/or walked by a persistent grid.
+_INTERPRETER_TILES = dict(block_m=16, block_n=32, block_k=16, group_m=2, num_warps=1, num_stages=1)
+WAYS = {"descriptors": config.MatmulConfig(**_INTERPRETER_TILES, use_tma=True),
+        "persistent": config.MatmulConfig(**_INTERPRETER_TILES, persistent=True),
+        "descriptors, persistent": config.MatmulConfig(**_INTERPRETER_TILES, use_tma=True, persistent=True)}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("way", list(WAYS))
+def test_descriptors_and_persistent_grid_give_the_same_numbers(dtype, way):
+    """The same tiles read through tensor descriptors (views whose strides allow it: unit column
+    stride, 16-byte rows and base, inside NaN-filled buffers, so an out-of-range read would show)
+    or walked by a persistent grid give the pointer tiles' numbers bit for bit."""
+    M, N, K = 37, 301, 72
+    h, weight, b, labels, coef, v0 = _problem(M, N, K, dtype, bias=True)
+    _, lse, *_ = _oracle(h, weight, b, labels, coef, v0, N, 4.0, 0.7)
+    hbuf = torch.full((M + 6, 96), float("nan"), dtype=dtype)
+    hbuf[3:3 + M, 8:8 + K] = h
+    wbuf = torch.full((weight.shape[0] + 8, 104), float("nan"), dtype=dtype)
+    wbuf[4:4 + weight.shape[0], 16:16 + K] = weight
+    h_view, w_view = hbuf[3:3 + M, 8:8 + K], wbuf[4:4 + weight.shape[0], 16:16 + K][v0:v0 + N]
+    assert _tma_ready(h_view) and _tma_ready(w_view)
+    args = (b[v0:v0 + N], _shifted(labels, v0), lse.float(), coef, IGNORE, 4.0, 0.7)
+    want = logits_grad_matmul(h, weight[v0:v0 + N], *args)
+    try:
+        config.set_matmul_config_override(WAYS[way])
+        got = logits_grad_matmul(h_view, w_view, *args)
+    finally:
+        config.set_matmul_config_override(None)
+    assert torch.equal(got, want)
+
+
+def test_descriptors_need_aligned_rows():
+    """An operand whose rows are not 16-byte multiples (or with a column stride) is read by the
+    pointer tiles even when the configuration asks for descriptors."""
+    x = torch.randn(8, 13)
+    assert not _tma_ready(x) and _tma_ready(torch.randn(8, 16)) and not _tma_ready(torch.randn(16, 8).t())
+    h, weight, b, labels, coef, v0 = _problem(9, 20, 13, torch.float32, bias=False)
+    _, lse, *_ = _oracle(h, weight, b, labels, coef, v0, 20, None, 1.0)
+    args = (h, weight[v0:v0 + 20], None, _shifted(labels, v0), lse.float(), coef, IGNORE)
+    want = logits_grad_matmul(*args)
+    try:
+        config.set_matmul_config_override(WAYS["descriptors"])
+        assert torch.equal(logits_grad_matmul(*args), want)
+    finally:
+        config.set_matmul_config_override(None)
 
 
 def test_tiles_do_not_change_the_numbers():

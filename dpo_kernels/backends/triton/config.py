@@ -115,6 +115,8 @@ class MatmulConfig:
     group_m: int
     num_warps: int
     num_stages: int
+    use_tma: bool = False  # operands through tensor descriptors (Hopper's TMA) where their strides allow
+    persistent: bool = False  # one program per SM walking the tiles
 
 
 # The Triton tutorial's Hopper configuration for 16-bit inputs (128 x 256 x 64, 8 warps, 3 stages),

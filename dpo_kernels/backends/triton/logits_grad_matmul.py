@@ -26,7 +26,10 @@ instead of two, and with a softcap no fp32 ``[M, N]`` derivative buffer). The we
 The matmul is the Triton tutorial's (``03-matrix-multiplication``): a 1D grid in groups of
 ``GROUP_M`` row blocks (the weight tiles are re-read from L2), pointer tiles advanced along K,
 out-of-range rows and columns clamped into range on load and masked on store, K masked.
-Offsets are formed in 64 bits. Under the interpreter a half-precision ``tl.dot`` is wrong, so
+Offsets are formed in 64 bits. Two options of ``MatmulConfig`` follow tutorial 09
+(``09-persistent-matmul``), for the sweep to time against it: ``use_tma`` reads the operands
+through tensor descriptors (Hopper's bulk copies; where an operand's strides allow it, else the
+pointer tiles), ``persistent`` launches one program per SM that walks the tiles. Under the interpreter a half-precision ``tl.dot`` is wrong, so
 the tiles are upcast to fp32 first (``DOT_DTYPE``), and its fp32-to-bf16 casts truncate, so
 there every rounding is done on the bits (``ROUND_BY_BITS``, see ``_common.round_to``): the CPU
 tests check the numbers a GPU computes. fp32 inputs take ``input_precision="ieee"`` (torch's
@@ -39,60 +42,70 @@ import triton
 import triton.language as tl
 
 from ._common import cast_rounded, logprob_grad, round_to, tanh
+
+try:  # host-side tensor descriptors (Hopper's TMA): Triton >= 3.4
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton: the pointer tiles only
+    TensorDescriptor = None
 from .config import interpreting, pick_matmul_config
 
 _DOT_INPUT = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
 
 @triton.jit
-def _logits_grad_matmul_kernel(
-    h_ptr, w_ptr, bias_ptr, labels_ptr, lse_ptr, coef_ptr, out_ptr,
-    M, N, K,
-    stride_hm, stride_hk,
-    stride_wn, stride_wk,
-    stride_om, stride_on,
-    ignore_index, softcap, inv_temperature,
-    HAS_BIAS: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr,
-    HAS_TEMPERATURE: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    ROUND_BY_BITS: tl.constexpr,
-):
-    # Tile order: GROUP_M row blocks sweep the columns together, so the weight tiles they share
-    # are read from memory once per group rather than once per row block.
-    pid = tl.program_id(0)
+def _tile_coords(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """``(row block, column block)`` of tile number ``tile``: GROUP_M row blocks sweep the columns
+    together, so the weight tiles they share are read from memory once per group rather than
+    once per row block."""
     blocks_m = tl.cdiv(M, BLOCK_M)
     blocks_n = tl.cdiv(N, BLOCK_N)
     per_group = GROUP_M * blocks_n
-    first_m = (pid // per_group) * GROUP_M
+    first_m = (tile // per_group) * GROUP_M
     group_rows = tl.minimum(blocks_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
+    return first_m + (tile % per_group) % group_rows, (tile % per_group) // group_rows
 
+
+@triton.jit
+def _tile_product(h, w, pid_m, pid_n, M, N, K, stride_hm, stride_hk, stride_wn, stride_wk,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
+    """``h[rows] @ w[cols].T`` of one tile in fp32. ``h``/``w`` are tensor descriptors (``USE_TMA``:
+    Hopper's bulk copies, out-of-range elements read as zeros) or pointers (tiles clamped into
+    range, K masked)."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if USE_TMA:
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            a = h.load([pid_m * BLOCK_M, k * BLOCK_K])
+            b = w.load([pid_n * BLOCK_N, k * BLOCK_K])
+            acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE).T, acc, input_precision=INPUT_PRECISION)
+    else:
+        offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        # Rows and columns past the end are clamped onto real ones for the loads (no mask in the
+        # K loop but K's own); their results are never stored.
+        load_m = tl.where(offs_m < M, offs_m, 0)
+        load_n = tl.where(offs_n < N, offs_n, 0)
+        h_ptrs = h + load_m[:, None] * stride_hm + offs_k[None, :] * stride_hk
+        w_ptrs = w + load_n[None, :] * stride_wn + offs_k[:, None] * stride_wk  # a tile of w.T
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            k_left = K - k * BLOCK_K
+            a = tl.load(h_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            b = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+            acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+            h_ptrs += BLOCK_K * stride_hk
+            w_ptrs += BLOCK_K * stride_wk
+    return acc
+
+
+@triton.jit
+def _tile_gradient(acc, pid_m, pid_n, bias_ptr, labels_ptr, lse_ptr, coef_ptr, out_ptr, M, N,
+                   stride_om, stride_on, ignore_index, softcap, inv_temperature,
+                   HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROUND_BY_BITS: tl.constexpr):
+    """The epilogue: the tile's logits from the fp32 product, then their gradient, stored."""
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    # Rows and columns past the end are clamped onto real ones for the loads (no mask in the
-    # K loop but K's own); their results are never stored.
-    load_m = tl.where(offs_m < M, offs_m, 0)
-    load_n = tl.where(offs_n < N, offs_n, 0)
-    h_ptrs = h_ptr + load_m[:, None] * stride_hm + offs_k[None, :] * stride_hk
-    w_ptrs = w_ptr + load_n[None, :] * stride_wn + offs_k[:, None] * stride_wk  # a tile of w.T
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_left = K - k * BLOCK_K
-        a = tl.load(h_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-        b = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-        acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
-        h_ptrs += BLOCK_K * stride_hk
-        w_ptrs += BLOCK_K * stride_wk
-
-    # The epilogue: the logits of this tile, then their gradient, in registers.
     out_ty = out_ptr.dtype.element_ty
     row_in = offs_m < M
     col_in = offs_n < N
@@ -118,6 +131,47 @@ def _logits_grad_matmul_kernel(
     g = tl.where(ignored[:, None], 0.0, g)
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     tl.store(out_ptrs, cast_rounded(g, out_ty, ROUND_BY_BITS), mask=row_in[:, None] & col_in[None, :])
+
+
+@triton.jit
+def _logits_grad_matmul_kernel(
+    h, w, bias_ptr, labels_ptr, lse_ptr, coef_ptr, out_ptr,
+    M, N, K,
+    stride_hm, stride_hk,
+    stride_wn, stride_wk,
+    stride_om, stride_on,
+    ignore_index, softcap, inv_temperature,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_TEMPERATURE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    ROUND_BY_BITS: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    PERSISTENT: tl.constexpr,
+):
+    # PERSISTENT: one program per SM walks the tiles, so its next tile's loads are issued while
+    # the previous tile's epilogue (the exp, the store) runs; else one program per tile.
+    if PERSISTENT:
+        num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+        for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+            pid_m, pid_n = _tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+            acc = _tile_product(h, w, pid_m, pid_n, M, N, K, stride_hm, stride_hk, stride_wn, stride_wk,
+                                BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, INPUT_PRECISION, USE_TMA)
+            _tile_gradient(acc, pid_m, pid_n, bias_ptr, labels_ptr, lse_ptr, coef_ptr, out_ptr, M, N,
+                           stride_om, stride_on, ignore_index, softcap, inv_temperature,
+                           HAS_BIAS, HAS_SOFTCAP, HAS_TEMPERATURE, BLOCK_M, BLOCK_N, ROUND_BY_BITS)
+    else:
+        pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        acc = _tile_product(h, w, pid_m, pid_n, M, N, K, stride_hm, stride_hk, stride_wn, stride_wk,
+                            BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, INPUT_PRECISION, USE_TMA)
+        _tile_gradient(acc, pid_m, pid_n, bias_ptr, labels_ptr, lse_ptr, coef_ptr, out_ptr, M, N,
+                       stride_om, stride_on, ignore_index, softcap, inv_temperature,
+                       HAS_BIAS, HAS_SOFTCAP, HAS_TEMPERATURE, BLOCK_M, BLOCK_N, ROUND_BY_BITS)
 
 
 def _check(hidden, weight, bias, labels, lse, coef):
@@ -164,10 +218,16 @@ def logits_grad_matmul(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.T
     if out.numel() == 0:
         return out
     cfg = pick_matmul_config(hidden.dtype)
-    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
+    tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
+    grid = (min(tiles, _programs_at_once(hidden.device)) if cfg.persistent else tiles,)
     dot_dtype = tl.float32 if interpreting() else _DOT_INPUT[hidden.dtype]
+    use_tma = cfg.use_tma and K > 0 and _tma_ready(hidden) and _tma_ready(weight)
+    h, w = hidden, weight
+    if use_tma:
+        h = TensorDescriptor.from_tensor(hidden, [cfg.block_m, cfg.block_k])
+        w = TensorDescriptor.from_tensor(weight, [cfg.block_n, cfg.block_k])
     _logits_grad_matmul_kernel[grid](
-        hidden, weight, bias if bias is not None else hidden, labels.contiguous(),
+        h, w, bias if bias is not None else hidden, labels.contiguous(),
         lse.float().contiguous(), coef.float().contiguous(), out,
         M, N, K,
         hidden.stride(0), hidden.stride(1),
@@ -181,6 +241,24 @@ def logits_grad_matmul(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.T
         DOT_DTYPE=dot_dtype,
         INPUT_PRECISION="ieee" if hidden.dtype == torch.float32 or interpreting() else "tf32",
         ROUND_BY_BITS=interpreting(),
+        USE_TMA=use_tma,
+        PERSISTENT=cfg.persistent,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
+
+
+def _tma_ready(t: torch.Tensor) -> bool:
+    """Whether a 2-D operand can be read through a tensor descriptor: unit column stride, a
+    16-byte-aligned base and row stride (what Hopper's bulk copies require), and a Triton that
+    has host-side descriptors. Else the pointer tiles read it."""
+    return (TensorDescriptor is not None and t.stride(1) == 1 and t.data_ptr() % 16 == 0
+            and (t.stride(0) * t.element_size()) % 16 == 0)
+
+
+def _programs_at_once(device: torch.device) -> int:
+    """A persistent grid: one program per SM (the tiles' registers allow one), a few under the
+    interpreter (so its tile loop runs more than once in the tests)."""
+    if device.type != "cuda":
+        return 3
+    return torch.cuda.get_device_properties(device).multi_processor_count
