@@ -30,6 +30,8 @@ missing, wrong device, ours not built yet), so that suites and reports skip it c
   reduction='none')`` (``logp = -loss``), with its default gradient filtering (approximate) and
   with ``filter_eps=None`` (exact). CUDA only.
 - ``ours_one_pass`` / ``ours_two_phase`` / ``ours_split``: ``dpo_kernels.fused_linear_dpo_loss(..., mode=...)``;
+  ``ours_split_fused_mm``: split with its backward slices' logits gradient forced into the fused
+  Triton matmul (``logits_grad_matmul.py``; CUDA only);
   ``ours_one_pass_160mib``: one_pass with chunks of 160 MiB of logits (low memory: pairs larger
   than a chunk are cut into pieces)
   (``validate=False``); unavailable while ``dpo_kernels`` has no ``fused_linear_dpo_loss``.
@@ -388,6 +390,19 @@ def ours(mode: str, chunk_bytes: int | None = None) -> HiddenLossFn:
     return fn
 
 
+@contextlib.contextmanager
+def fused_logits_grad_matmul():
+    """The Triton backend's fused logits-gradient matmul forced on for the backward of split and
+    two_phase (``config.fuse_logits_grad`` keeps the unfused path on a GPU until it is timed)."""
+    from dpo_kernels.backends.triton.config import set_logits_grad_fusion
+
+    set_logits_grad_fusion(True)
+    try:
+        yield
+    finally:
+        set_logits_grad_fusion(None)
+
+
 # --------------------------------------------------------------------------------------------
 # Registry
 
@@ -400,6 +415,8 @@ class HiddenVariant:
     cuda_only: bool = False
     floor_matmuls: int = 3  # the matmuls an exact method of its kind needs at least
     ours: bool = False
+    # Held around the whole step (forward and backward): library rules the variant forces.
+    rules: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
     def check(self, device) -> None:
         """Raise :class:`Unavailable` if this variant cannot run on ``device``."""
@@ -419,8 +436,9 @@ class HiddenVariant:
         """A no-argument callable: forward + backward once, returning (grad hidden, grad weight)."""
 
         def run():
-            loss = self.fn(hidden, weight, labels, ref_logps, beta)
-            return torch.autograd.grad(loss, (hidden, weight))
+            with self.rules():
+                loss = self.fn(hidden, weight, labels, ref_logps, beta)
+                return torch.autograd.grad(loss, (hidden, weight))
 
         return run
 
@@ -432,6 +450,10 @@ HIDDEN_VARIANTS: list[HiddenVariant] = [
                   ours("two_phase"), floor_matmuls=4, ours=True),
     HiddenVariant("ours_split", "ours: fused_linear_dpo_loss(mode='split') (4 matmuls, low memory, every gradient "
                   "rounded once)", ours("split"), floor_matmuls=4, ours=True),
+    HiddenVariant("ours_split_fused_mm",
+                  "ours: mode='split', the backward slices' logits gradient in the fused Triton matmul "
+                  "(forced: the rule keeps cuBLAS + kernel until this is timed)", ours("split"), cuda_only=True,
+                  floor_matmuls=4, ours=True, rules=fused_logits_grad_matmul),
     HiddenVariant("ours_one_pass_160mib",
                   "ours: mode='one_pass', chunk_tokens of 160 MiB of logits (pairs cut into pieces, earlier "
                   "pieces' logits formed again: 3 to 4 matmuls, low memory)",

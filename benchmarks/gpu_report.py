@@ -505,7 +505,8 @@ def timing_row(r: dict) -> list[str]:
 # 5. The hidden-state path: fused lm_head + DPO
 
 
-HIDDEN_CHECK_VARIANTS = ("ours_one_pass", "ours_two_phase", "ours_split", "ours_one_pass_160mib", "eager")
+HIDDEN_CHECK_VARIANTS = ("ours_one_pass", "ours_two_phase", "ours_split", "ours_split_fused_mm", "ours_one_pass_160mib",
+                         "eager")
 # Base tolerances of the hidden-path check per dtype: (loss abs, gradient rows rel to the row's
 # largest entry). Ours passes when each error is within max(base, 2 x eager's error in the same
 # dtype): no worse than materializing the logits in that dtype.
@@ -556,8 +557,9 @@ def check_hidden(shape: HiddenShape, device, ctx: Context, seed: int = 11) -> li
             results.append(record)
             continue
         try:
-            loss = variant.fn(hidden, weight, labels, ref, BETA)
-            gh, gw = torch.autograd.grad(loss, (hidden, weight))
+            with variant.rules():
+                loss = variant.fn(hidden, weight, labels, ref, BETA)
+                gh, gw = torch.autograd.grad(loss, (hidden, weight))
             errs = {
                 "loss_err": abs(float(loss) - float(loss64)),
                 "grad_hidden_err": baselines_hidden.row_rel_err(gh[mask], gh64[mask]),
