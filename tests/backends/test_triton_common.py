@@ -59,3 +59,29 @@ def test_round_to_is_torchs_round_to_nearest_even(dtype, by_bits):
     bits = {2: torch.int16, 4: torch.int32}[dtype.itemsize]
     assert torch.equal(cast.view(bits), want.view(bits))  # bit for bit: signed zeros, subnormals
     assert torch.equal(rounded, want.float())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_kernels_store_what_the_reference_rounds_to(dtype):
+    """The backward kernel's and the forward-and-gradient kernel's half-precision stores round to
+    nearest-even like torch (under the interpreter through ``cast_rounded``'s bits, whose own cast
+    would truncate half the elements): against the reference backend, the same numbers but where
+    the two ``exp`` implementations straddle a rounding boundary (at most 1 ulp, rarely)."""
+    from dpo_kernels.backends import load_backend
+
+    triton_backend, reference = load_backend("triton"), load_backend("reference")
+    logits = (torch.randn(2, 9, 700) * 3).to(dtype)
+    labels = torch.randint(0, 700, (2, 9))
+    labels[0, 2] = -100
+    _, lse, _ = reference.token_logprobs_forward(logits, labels, -100, frozenset())
+    coef = torch.randn(2, 9)
+    want = reference.token_logprobs_backward(logits, labels, lse, coef, -100)
+    got = triton_backend.token_logprobs_backward(logits, labels, lse, coef, -100)
+    one_kernel = logits.clone()
+    triton_backend.token_logprobs_forward_and_grad_(one_kernel, labels, -100, frozenset())
+    want_one = reference.token_logprobs_backward(logits, labels, lse, torch.ones_like(coef), -100)
+    for a, b in ((got, want), (one_kernel, want_one)):
+        differ = a != b
+        assert differ.float().mean() < 0.01
+        ulp = torch.finfo(dtype).eps * b.float().abs().clamp(min=torch.finfo(dtype).tiny)
+        assert ((a.float() - b.float()).abs()[differ] <= ulp[differ] * 1.01).all()

@@ -19,15 +19,9 @@ def scale_mod():
 
 
 def _want(buf, factor):
-    """torch's own in-place scaling by a Python float. Triton's interpreter rounds fp32 -> bf16 by
-    truncation (its cast ignores the rounding mode; the GPU rounds to nearest even, as torch
-    does), so on the interpreter a bf16 buffer is compared with the truncated fp32 product."""
-    from dpo_kernels.backends.triton.config import interpreting
-
-    if buf.dtype == torch.bfloat16 and interpreting():
-        product = (buf.float() * torch.tensor(factor, dtype=torch.float32)).contiguous()
-        truncated = product.view(torch.int32).bitwise_and(-65536).view(torch.float32)
-        return torch.where(product.isnan(), product, truncated).to(torch.bfloat16)
+    """torch's own in-place scaling by a Python float, on every path: under Triton's interpreter,
+    whose own fp32 -> bf16 cast truncates, the kernel rounds to nearest-even on the bits
+    (``_common.cast_rounded``), as the GPU's conversion does."""
     return buf.clone().mul_(factor)
 
 

@@ -124,8 +124,8 @@ def cast_rounded(x, dtype: tl.constexpr, BY_BITS: tl.constexpr):
     """fp32 ``x`` in ``dtype``, rounded to nearest-even: :func:`round_to`, then for bf16 under
     ``BY_BITS`` the top half of the bits (exact; the interpreter's own cast also flushes bf16
     subnormals to zero)."""
-    r = round_to(x, dtype, BY_BITS)
     if BY_BITS and dtype == tl.bfloat16:
+        r = round_to(x, dtype, BY_BITS)
         return (r.to(tl.uint32, bitcast=True) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
-        return r.to(dtype)
+        return x.to(dtype)  # the hardware's conversion: round-to-nearest-even

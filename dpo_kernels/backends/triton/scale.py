@@ -18,12 +18,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype
+from ._common import acc_dtype, cast_rounded
 from .config import interpreting
 
 
 @triton.jit
-def _scale_unless_one_kernel(buf_ptr, scale_ptr, n, BLOCK: tl.constexpr, ACC_DTYPE: tl.constexpr):
+def _scale_unless_one_kernel(buf_ptr, scale_ptr, n, BLOCK: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                             ROUND_BY_BITS: tl.constexpr):
     s = tl.load(scale_ptr).to(ACC_DTYPE)
     if s != 1.0:
         # A grid-stride loop over blocks: a capped grid covers any ``n``. Offsets in 64 bits (n may
@@ -33,7 +34,7 @@ def _scale_unless_one_kernel(buf_ptr, scale_ptr, n, BLOCK: tl.constexpr, ACC_DTY
             offs = tl.cast(block, tl.int64) * BLOCK + tl.arange(0, BLOCK)
             inside = offs < n
             x = tl.load(buf_ptr + offs, mask=inside)
-            tl.store(buf_ptr + offs, (x.to(ACC_DTYPE) * s).to(x.dtype), mask=inside)
+            tl.store(buf_ptr + offs, cast_rounded(x.to(ACC_DTYPE) * s, x.dtype, ROUND_BY_BITS), mask=inside)
 
 
 # Elements per program step and the most programs launched: 8192 bf16 elements (16 KB) per step,
@@ -50,6 +51,7 @@ def launch_scale_unless_one(buf: torch.Tensor, scale: torch.Tensor) -> None:
     block = _INTERPRETER_BLOCK if interpreting() else _BLOCK
     grid = (min(triton.cdiv(buf.numel(), block), _MAX_PROGRAMS),)
     _scale_unless_one_kernel[grid](buf, scale, buf.numel(), BLOCK=block, ACC_DTYPE=acc_dtype(buf.dtype),
+                                   ROUND_BY_BITS=interpreting(),
                                    num_warps=8 if block >= 4096 else 4)
 
 

@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, logprob_grad, peel_offsets, row_split, vector_width
-from .config import pick_config
+from ._common import acc_dtype, cast_rounded, logprob_grad, peel_offsets, row_split, vector_width
+from .config import interpreting, pick_config
 
 
 @triton.jit
@@ -35,6 +35,7 @@ def _token_logprobs_bwd_kernel(
     BLOCK_V: tl.constexpr,
     VEC: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
+    ROUND_BY_BITS: tl.constexpr,  # the interpreter's bf16 cast truncates: round on the bits (_common.round_to)
 ):
     row = tl.program_id(0).to(tl.int64)
     v_block = tl.program_id(1).to(tl.int64)
@@ -65,7 +66,7 @@ def _token_logprobs_bwd_kernel(
     grad = tl.where(is_ignored, 0.0, grad)
     tl.store(
         grad_ptr + tl.multiple_of(g_start + head * stride_gv, VEC) + offs * stride_gv,
-        grad.to(grad_ptr.dtype.element_ty),
+        cast_rounded(grad, grad_ptr.dtype.element_ty, ROUND_BY_BITS),
         mask=offs < body,
     )
 
@@ -75,7 +76,8 @@ def _token_logprobs_bwd_kernel(
         z_peel = tl.load(logits_ptr + z_start + peel * stride_zv, mask=peel_real & (peel < n_read),
                          other=float("-inf")).to(ACC_DTYPE)
         grad_peel = tl.where(is_ignored, 0.0, logprob_grad(z_peel, peel, label, lse, coef))
-        tl.store(grad_ptr + g_start + peel * stride_gv, grad_peel.to(grad_ptr.dtype.element_ty), mask=peel_real)
+        tl.store(grad_ptr + g_start + peel * stride_gv, cast_rounded(grad_peel, grad_ptr.dtype.element_ty, ROUND_BY_BITS),
+                 mask=peel_real)
 
 
 def launch_backward(logits, labels, lse, grad_logp, ignore_index, grad) -> None:
@@ -96,6 +98,7 @@ def launch_backward(logits, labels, lse, grad_logp, ignore_index, grad) -> None:
         BLOCK_V=cfg.block_v,
         VEC=vector_width(logits, grad),
         ACC_DTYPE=acc_dtype(logits.dtype),
+        ROUND_BY_BITS=interpreting(),
         num_warps=cfg.num_warps,
     )
 

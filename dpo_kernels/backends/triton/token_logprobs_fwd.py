@@ -40,8 +40,8 @@ import triton
 import triton.language as tl
 
 from .. import check_writable_rows, empty_forward_outputs, extras_mask, extras_names, forward_then_grad_
-from ._common import acc_dtype, logprob_grad, peel_offsets, row_split, vector_width
-from .config import fuse_forward_and_grad, pick_config
+from ._common import acc_dtype, cast_rounded, logprob_grad, peel_offsets, row_split, vector_width
+from .config import fuse_forward_and_grad, interpreting, pick_config
 from .token_logprobs_bwd import token_logprobs_backward
 
 
@@ -96,6 +96,7 @@ def _token_logprobs_fwd_kernel(
     WITH_ACCURACY: tl.constexpr,
     WITH_LSE_2Z: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
+    ROUND_BY_BITS: tl.constexpr,  # the interpreter's bf16 cast truncates: round on the bits (_common.round_to)
 ):
     row = tl.program_id(0).to(tl.int64)
     b = row // T
@@ -177,13 +178,13 @@ def _token_logprobs_fwd_kernel(
             ptrs = body_ptr + offs.to(tl.int64) * stride_zv
             z = tl.load(ptrs, mask=offs < read_bound, other=float("-inf")).to(ACC_DTYPE)
             grad = tl.where(is_ignored, 0.0, logprob_grad(z, head + offs, label, lse, 1.0))
-            tl.store(ptrs, grad.to(logits_ptr.dtype.element_ty), mask=offs < body)
+            tl.store(ptrs, cast_rounded(grad, logits_ptr.dtype.element_ty, ROUND_BY_BITS), mask=offs < body)
         n_read = tl.where(is_ignored, 0, V)
         peel, peel_real = peel_offsets(head, body, V, VEC)
         peel_ptr = logits_ptr + row_start + peel.to(tl.int64) * stride_zv
         z_peel = tl.load(peel_ptr, mask=peel_real & (peel < n_read), other=float("-inf")).to(ACC_DTYPE)
         grad_peel = tl.where(is_ignored, 0.0, logprob_grad(z_peel, peel, label, lse, 1.0))
-        tl.store(peel_ptr, grad_peel.to(logits_ptr.dtype.element_ty), mask=peel_real)
+        tl.store(peel_ptr, cast_rounded(grad_peel, logits_ptr.dtype.element_ty, ROUND_BY_BITS), mask=peel_real)
 
 
 def launch_forward(
@@ -213,6 +214,7 @@ def launch_forward(
         WITH_ACCURACY="accuracy" in extras,
         WITH_LSE_2Z="lse_2z" in extras,
         WRITE_GRAD=write_grad,
+        ROUND_BY_BITS=interpreting(),
         num_warps=cfg.num_warps,
     )
     return logp, lse, stacked
