@@ -20,6 +20,10 @@ from torch._dynamo.utils import counters
 
 import oracle
 from dpo_kernels import fused_dpo_loss, fused_linear_dpo_loss
+# The hidden path's operators (torch.ops.dpo_kernels.linear_token_logprobs[_backward]) are
+# registered by this module, which `import dpo_kernels` loads only on first use (it pulls in
+# torch._dynamo, ~1 s): the opchecks below name them directly, so load it here.
+import dpo_kernels.linear  # noqa: E402,F401
 from dpo_kernels.backends import cpu_extension_available, load_backend, triton_available
 from dpo_kernels.logprobs import token_logprobs
 from oracle import IGNORE
