@@ -39,7 +39,7 @@ python3 benchmarks/token_kernel_sweep.py ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"} --b
 tokens=$?
 python3 benchmarks/hidden_path_sweep.py ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"} --pythonpath "$SITE" --budget-s "${SWEEP_BUDGET_S:-110}" --out "$OUT_DIR/sweep"
 sweep=$?
-python3 benchmarks/gpu_report.py ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"} --pythonpath "$SITE" --sections hidden --budget-s "${REPORT_BUDGET_S:-200}" \
+python3 benchmarks/gpu_report.py ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"} --pythonpath "$SITE" --sections hidden --budget-s "${REPORT_BUDGET_S:-180}" \
     --out "$OUT_DIR/report"
 report=$?
 python3 benchmarks/host_profile.py ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"} --out "$OUT_DIR/host"

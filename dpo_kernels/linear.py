@@ -724,7 +724,8 @@ def two_phase_backward(head: Head, hidden, aligned, rows, cols, lse, grad_logp, 
     forward) and overwritten in place by the kernel contract with ``coef * (onehot - exp(z - lse))``
     using the full row's ``lse`` saved by the forward (so each slice's softmax is exact), the labels
     shifted by ``-v0`` (a label outside the slice is out of range: no one-hot) and an
-    ``ignore_index`` no shifted label can equal. Then
+    ``ignore_index`` no shifted label can equal; where the backend takes it, one matmul whose
+    epilogue writes that gradient does both, the logits never stored (:func:`_logits_grad`). Then
     ``grad_weight[v0:v1] = sum_chunks grad_slice.T @ h`` is accumulated in an fp32 ``[v1 - v0, H]``
     buffer (the matmul's own fp32 output for the first chunk) and rounded once into the weight
     gradient; ``grad_hidden`` sums ``grad_slice @ weight[v0:v1]`` over the slices in an fp32
