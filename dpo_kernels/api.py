@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from .backends import resolve_backend
+from .backends import fused_logits_grad_matmul, load_backend, resolve_backend
 from .logprobs import (
     TokenLogprobs,
     align_labels,
@@ -396,7 +396,8 @@ def fused_linear_dpo_loss(
 
     def one_pass_memory() -> int | None:
         return _one_pass_chunk_for_memory(linear, hidden, weight, bias, aligned, census, extras, needs, softcap,
-                                          one_pass_chunk, split_chunk, split_plan, chunk_tokens is not None)
+                                          backend_name, one_pass_chunk, split_chunk, split_plan,
+                                          chunk_tokens is not None)
 
     chosen_mode, one_pass_chunk = _pick_mode(mode, objective, census if may_exceed else None, one_pass_chunk,
                                              any(needs), specs, compiling, one_pass_memory)
@@ -479,7 +480,7 @@ def _pick_mode(mode, objective, census, chunk, grad_needed, specs, compiling=Fal
     return ("split", chunk) if fitted is None else ("one_pass", fitted)
 
 
-def _one_pass_chunk_for_memory(linear, hidden, weight, bias, aligned, census, extras, needs, softcap,
+def _one_pass_chunk_for_memory(linear, hidden, weight, bias, aligned, census, extras, needs, softcap, backend_name,
                                one_pass_chunk, split_chunk, split_plan, chunk_given) -> int | None:
     """The tokens per chunk with which ``auto`` takes one_pass for memory, or None (then split).
 
@@ -500,7 +501,7 @@ def _one_pass_chunk_for_memory(linear, hidden, weight, bias, aligned, census, ex
     2. split, if it fits.
     3. one_pass with that chunk, however much is formed again: memory before time.
     4. Nothing fits: the smaller of split and one_pass at its default chunk."""
-    footprint = _footprint(linear, hidden, weight, bias, aligned, extras, needs, softcap)
+    footprint = _footprint(linear, hidden, weight, bias, aligned, extras, needs, softcap, backend_name)
     bound = linear.one_pass_peak_bytes(footprint(aligned.numel()), min(one_pass_chunk, aligned.numel()))
     available = linear.available_bytes(hidden.device, enough=math.ceil(bound / linear.AUTO_MEMORY_HEADROOM))
     if available is None:
@@ -541,14 +542,17 @@ def _chunk_plan(linear, head, hidden, softcap, chunk_tokens, vocab_chunk, needs)
     return one_pass_chunk, split_chunk, split_plan
 
 
-def _footprint(linear, hidden, weight, bias, aligned, extras, needs, softcap):
-    """``valid_tokens -> linear.Footprint`` of this call."""
+def _footprint(linear, hidden, weight, bias, aligned, extras, needs, softcap, backend_name):
+    """``valid_tokens -> linear.Footprint`` of this call on ``backend_name`` (which decides
+    whether the backward's slices take the fused matmul, under the rules in force now)."""
+    fused = fused_logits_grad_matmul(load_backend(backend_name), hidden.dtype) is not None
+
     def footprint(valid: int):
         return linear.Footprint(
             batch_tokens=aligned.numel(), valid_tokens=valid, hidden_size=hidden.shape[-1],
             vocab_size=weight.shape[0], elem=hidden.element_size(), weight_elem=weight.element_size(),
             bias_elem=0 if bias is None else bias.element_size(), needs=tuple(needs),
-            softcap=softcap is not None, token_results=2 + len(extras))
+            softcap=softcap is not None, token_results=2 + len(extras), fused_logits_grad=fused)
 
     return footprint
 
@@ -574,6 +578,7 @@ def estimate_linear_memory(
     token_metrics: bool = False,
     chunk_tokens: int | None = None,
     vocab_chunk: int | None = None,
+    backend: str = "auto",
 ) -> dict[str, int]:
     """Estimated peak bytes that one forward + backward of :func:`fused_linear_dpo_loss` (padded
     batch, these options) adds on a GPU in ``mode="one_pass"`` and ``mode="split"``, the
@@ -584,7 +589,11 @@ def estimate_linear_memory(
     ``linear.split_peak_bytes``); on an H200 it reproduced the measured peaks of both modes at
     issue 5's three shapes to 0.01 GB, and on the CPU (fp32) the allocator's peak to 2%. It leaves
     out the allocator's rounding and the reference model's forward (which runs first, a chunk
-    of at most 256 MiB of logits by default, and is freed before the policy's)."""
+    of at most 256 MiB of logits by default, and is freed before the policy's).
+
+    ``backend``: as :func:`fused_linear_dpo_loss`'s. Where the backward's slices take the fused
+    matmul (``backends.fused_logits_grad_matmul``, under the rules in force when this is called)
+    a slice holds its gradient alone, without the softcap's fp32 temporaries."""
     from . import linear
 
     num_pairs, vocab_size = _check_linear_inputs(hidden, weight, labels, bias, ignore_index)
@@ -595,7 +604,7 @@ def estimate_linear_memory(
     one_pass_chunk, split_chunk, split_plan = _chunk_plan(linear, head, hidden, softcap, chunk_tokens, vocab_chunk,
                                                           needs)
     footprint = _footprint(linear, hidden, weight, bias, aligned, policy_extras(use_weighting, token_metrics),
-                           needs, softcap)
+                           needs, softcap, resolve_backend(backend, hidden.device))
     census = linear.TokenCensus(aligned, ignore_index, num_pairs)
     return _mode_peaks(linear, footprint(census.total()), census.pair_counts(), one_pass_chunk, split_chunk,
                        split_plan)

@@ -932,8 +932,10 @@ class Footprint:
     """The sizes that set a call's peak memory: the rows of ``hidden`` (``2P x T``, the hidden
     gradient's), the valid tokens among them (the gathers', the per-token buffers'), ``H``, ``V``,
     bytes per element of the hidden states (and logits), weight and bias (0: no bias), which
-    gradients are wanted, whether a softcap runs, and how many fp32 per-token results the forward
-    keeps (logp, lse and the extras)."""
+    gradients are wanted, whether a softcap runs, how many fp32 per-token results the forward
+    keeps (logp, lse and the extras), and whether the backward's slices take the fused matmul
+    (``backends.fused_logits_grad_matmul``: each slice is then only its gradient, with no softcap
+    temporaries)."""
 
     batch_tokens: int
     valid_tokens: int
@@ -945,12 +947,19 @@ class Footprint:
     needs: tuple[bool, bool, bool]
     softcap: bool
     token_results: int = 2
+    fused_logits_grad: bool = False
 
     def logits_bytes(self, rows: int, cols: int) -> int:
         """A chunk of logits ``[rows, cols]`` while it is being formed: the input dtype, plus with
         a softcap three fp32 temporaries (``tanh``, its square, and the derivative ``1 - tanh^2``
         that is kept for the gradient)."""
         return rows * cols * (self.elem + (12 if self.softcap else 0))
+
+    def slice_grad_bytes(self, rows: int, cols: int) -> int:
+        """A backward slice ``[rows, cols]`` while its logits' gradient is being formed: written by
+        the fused matmul's epilogue, the gradient alone; else the logits formed as in the forward
+        (:meth:`logits_bytes`), then overwritten by their gradient."""
+        return rows * cols * self.elem if self.fused_logits_grad else self.logits_bytes(rows, cols)
 
     def gradients_bytes(self) -> int:
         """The gradients themselves, in their own dtypes (the bias's fp32 sum included)."""
@@ -992,7 +1001,8 @@ def split_peak_bytes(fp: Footprint, chunk_rows: int, plan: tuple[int, int]) -> i
       coexist), or both from the second chunk on;
     - backward, hidden gradient: ``u`` + the hidden gradient + one rounding block;
     - backward, weight and bias: the gradients + the gathered valid rows ``[n, H]`` + one slice
-      of logits ``[tokens, rows]`` (``plan``: :func:`backward_plan`) + the fp32 slice buffer
+      ``[tokens, rows]`` (``plan``: :func:`backward_plan`) of logits or, fused, of their gradient
+      alone (:meth:`Footprint.slice_grad_bytes`) + the fp32 slice buffer
       when the valid tokens take several chunks of the slice.
 
     Without a weight or bias gradient the last phase does not run."""
@@ -1009,7 +1019,7 @@ def split_peak_bytes(fp: Footprint, chunk_rows: int, plan: tuple[int, int]) -> i
         step, tokens = plan
         rows, tokens = min(step, V), min(tokens, n)
         slice_buffer = rows * H * 4 if need_w and n > tokens and fp.weight_elem != 4 else 0
-        backward_weight = (fp.gradients_bytes() + n * H * fp.elem + fp.logits_bytes(tokens, rows)
+        backward_weight = (fp.gradients_bytes() + n * H * fp.elem + fp.slice_grad_bytes(tokens, rows)
                            + slice_buffer)
     return fp.token_bytes() + max(forward, backward_hidden, backward_weight)
 

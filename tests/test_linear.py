@@ -440,6 +440,63 @@ def test_peak_estimate_matches_the_allocator(case):
     assert abs(peak - estimate) <= 0.02 * peak, (peak, estimate)
 
 
+def _row_by_row_logits_grad(h, weight, bias, y, lse, coef, ignore_index, softcap, temperature):
+    """A stand-in for a fused logits-gradient matmul with its memory profile: the ``[n, rows]``
+    gradient is the only buffer of its size, each row formed by the CPU backend's unfused path
+    (its temporaries one row wide)."""
+    head = linear.Head(weight, bias, temperature, softcap, "cpu", ignore_index)
+    out = torch.empty(h.shape[0], weight.shape[0], dtype=h.dtype)
+    for i in range(h.shape[0]):
+        z, dcap = linear._chunk_logits(head, h[i:i + 1], keep_derivative=True)
+        out[i:i + 1] = linear._chunk_grad_logits_(head, z, y[i:i + 1], lse[i:i + 1], coef[i:i + 1], dcap)
+    return out
+
+
+@pytest.mark.parametrize("case", [c for c in MEMORY_CASES if c[0] == "split" and c[7] is not None],
+                         ids=lambda c: "-".join(map(str, c)))
+def test_peak_estimate_of_fused_slices_matches_the_allocator(case, monkeypatch):
+    """Where the backward's slices take a fused logits-gradient matmul, a slice holds its gradient
+    alone (no softcap temporaries): the estimate (``Footprint.fused_logits_grad``) against the
+    CPU allocator's peak within 2%, with a row-by-row stand-in for the matmul (the Triton one
+    runs here only under the interpreter, whose own copies the allocator also sees). The
+    stand-in's gradients equal the unfused path's, and the estimate is below the unfused one
+    wherever the backward forms slices (a weight or bias gradient)."""
+    from dpo_kernels import api, estimate_linear_memory
+    from dpo_kernels.bench import peak_extra_bytes
+
+    mode, P, T, H, V, chunk, vocab_chunk, softcap, bias, frozen, metrics = case
+    hidden, weight, b, labels = make_inputs(P, T, H, V, bias=bias, prompt=T // 4, seed=3)
+    hidden.requires_grad_(True)
+    weight.requires_grad_(not frozen)
+    if b is not None:
+        b.requires_grad_(True)
+    inputs = [t for t in (hidden, weight, b) if t is not None and t.requires_grad]
+    options = dict(chunk_tokens=chunk, vocab_chunk=vocab_chunk, logit_softcap=softcap, token_metrics=metrics)
+    ref = torch.randn(2 * P) - 30
+
+    def step():
+        out = fused_linear_dpo_loss(hidden, weight, labels, b, ref_logps=ref, mode=mode, validate=False,
+                                    backend="cpu", **options)
+        return torch.autograd.grad(out.loss, inputs)
+
+    unfused_grads = step()
+    unfused_estimate = estimate_linear_memory(hidden, weight, labels, b, backend="cpu", **options)[mode]
+    for module in (linear, api):
+        monkeypatch.setattr(module, "fused_logits_grad_matmul", lambda backend, dtype: _row_by_row_logits_grad)
+    fused_grads = step()
+    for got, want in zip(fused_grads, unfused_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    peak = peak_extra_bytes(step, "cpu")
+    if peak is None:
+        pytest.skip("the CPU allocator's events are not observable here")
+    estimate = estimate_linear_memory(hidden, weight, labels, b, backend="cpu", **options)[mode]
+    if frozen and not bias:  # no weight or bias gradient: the backward forms no slices
+        assert estimate == unfused_estimate
+    else:
+        assert estimate < unfused_estimate
+    assert abs(peak - estimate) <= 0.02 * peak, (peak, estimate, unfused_estimate)
+
+
 def test_peak_estimate_reproduces_the_h200_measurements():
     """The model at issue 5's three shapes (bf16, 25% of each sequence ignored, gradients of
     hidden and weight) against the peaks run D measured on an H200 (docs/perf.md, GB of 1e9
@@ -1126,6 +1183,7 @@ def test_option_errors(kwargs, error, match):
     (dict(labels="short"), ValueError, "labels"),
     (dict(weight="wrongH"), ValueError, "weight"),
     (dict(ignore_index=1.5), TypeError, "ignore_index must be an int"),
+    (dict(backend="nope"), ValueError, "backend must be one of"),
 ])
 def test_estimate_linear_memory_errors(kwargs, error, match):
     """estimate_linear_memory checks its inputs and options as fused_linear_dpo_loss does."""
