@@ -43,6 +43,7 @@ import dataclasses
 import importlib
 import importlib.util
 import math
+import os
 import sys
 import types
 from dataclasses import dataclass
@@ -390,17 +391,55 @@ def ours(mode: str, chunk_bytes: int | None = None) -> HiddenLossFn:
     return fn
 
 
+# A JSON file naming the fused matmul's tile to use in place of the default (the fields of
+# ``config.MatmulConfig``): ``token_kernel_sweep.py`` writes the fastest it timed at split's slice,
+# and ``gpu_checks.sh`` points this at it, so that one device call times the whole step at that
+# tile. It is forced for 16-bit inputs only (the sweep timed it in bf16). Unset (or no such
+# file): the default tile.
+MATMUL_CONFIG_ENV = "DPO_BENCH_MATMUL_CONFIG"
+
+
+def swept_matmul_config():
+    """The tile named by :data:`MATMUL_CONFIG_ENV`'s file (``config.MatmulConfig``), or None."""
+    import json
+
+    path = os.environ.get(MATMUL_CONFIG_ENV)
+    if not path or not os.path.exists(path):
+        return None
+    from dpo_kernels.backends.triton.config import MatmulConfig
+
+    with open(path) as f:
+        fields = json.load(f)["config"]
+    return MatmulConfig(**fields)
+
+
+def swept_matmul_label() -> str:
+    """Which tile the fused variants run at, in words (for the reports)."""
+    import json
+
+    path = os.environ.get(MATMUL_CONFIG_ENV)
+    if not path or not os.path.exists(path):
+        return "the default (pick_matmul_config; no swept tile given)"
+    with open(path) as f:
+        found = json.load(f)
+    return (f"{found['label']}: the token sweep's fastest at {found['slice']} ({found['fused_us']:.1f} us, "
+            f"unfused {found['unfused_us']:.1f} us)")
+
+
 @contextlib.contextmanager
 def fused_logits_grad_matmul():
     """The Triton backend's fused logits-gradient matmul forced on for the backward of split and
-    two_phase (``config.fuse_logits_grad`` keeps the unfused path on a GPU until it is timed)."""
-    from dpo_kernels.backends.triton.config import set_logits_grad_fusion
+    two_phase (``config.fuse_logits_grad`` keeps the unfused path on a GPU until it is timed), at
+    the tile :func:`swept_matmul_config` names if any."""
+    from dpo_kernels.backends.triton.config import set_logits_grad_fusion, set_matmul_config_override
 
     set_logits_grad_fusion(True)
+    set_matmul_config_override(swept_matmul_config(), dtypes=(torch.bfloat16, torch.float16))
     try:
         yield
     finally:
         set_logits_grad_fusion(None)
+        set_matmul_config_override(None)
 
 
 # --------------------------------------------------------------------------------------------

@@ -258,6 +258,7 @@ def environment(device: torch.device, args) -> dict:
             env["TRL fused lm head"] = f"unavailable: {exc}"
         env["fused_linear_dpo_loss"] = ("present" if baselines_hidden.has_ours()
                                         else "not available (dpo_kernels has no fused_linear_dpo_loss)")
+        env["ours_split_fused_mm's tile"] = baselines_hidden.swept_matmul_label()
     return env
 
 

@@ -56,7 +56,8 @@ import torch  # noqa: E402
 from baselines_hidden import HiddenShape, make_hidden_batch, near_reference_logps  # noqa: E402
 import baselines_hidden  # noqa: E402
 from dpo_kernels import fused_linear_dpo_loss, linear  # noqa: E402
-from dpo_kernels.backends.triton.config import set_forward_and_grad_fusion, set_logits_grad_fusion  # noqa: E402
+from dpo_kernels.backends.triton.config import (set_forward_and_grad_fusion, set_logits_grad_fusion,  # noqa: E402
+                                                set_matmul_config_override)
 from dpo_kernels.bench import BETA, IGNORE_INDEX, fmt_bytes, markdown_table, peak_extra_bytes, release_memory, time_ms  # noqa: E402
 
 T0 = time.perf_counter()
@@ -90,7 +91,8 @@ def matmul_tflops(device, smoke: bool) -> float | None:
 # config.fuse_forward_and_grad's rule would take at this vocabulary (split's forward).
 ONE_KERNEL = "one_kernel_forward_and_grad"
 # Likewise: the backward's slice logits turned into their gradient by the fused Triton matmul
-# (True) or by cuBLAS and the backward kernel (False), whatever config.fuse_logits_grad says.
+# (True; at the tile baselines_hidden.swept_matmul_config names, if any) or by cuBLAS and the
+# backward kernel (False), whatever config.fuse_logits_grad says.
 FUSED_MATMUL = "fused_logits_grad_matmul"
 
 
@@ -103,6 +105,9 @@ def loss_fn(mode: str, **knobs):
         # the backward (after it) reads the second: reset_rules() ends a variant.
         set_forward_and_grad_fusion(one_kernel)
         set_logits_grad_fusion(fused_matmul)
+        # At the token sweep's fastest tile when gpu_checks.sh passes one (else the default).
+        set_matmul_config_override(baselines_hidden.swept_matmul_config() if fused_matmul else None,
+                                   dtypes=(torch.bfloat16, torch.float16))
         return fused_linear_dpo_loss(hidden, weight, labels, ref_logps=ref, beta=BETA, ignore_index=IGNORE_INDEX,
                                      mode=mode, validate=False, **knobs).loss
     return fn
@@ -112,6 +117,7 @@ def reset_rules() -> None:
     """The Triton backend's own rules again, after a variant that forced them."""
     set_forward_and_grad_fusion(None)
     set_logits_grad_fusion(None)
+    set_matmul_config_override(None)
 
 
 def check_paths(doc: Doc, shape: HiddenShape, device) -> None:

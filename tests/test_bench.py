@@ -173,3 +173,37 @@ def test_token_kernel_sweep_smoke(tmp_path):
     assert report.count("bit for bit") == 4 + 2 * 2 and report.count("| agrees |") == 2 and "DIFFERS" not in report
     assert report.count("| way | us | TFLOP/s | error | verdict |") == 1
     assert report.count("x the unfused |") == 3 and "Not run" not in report
+    import json
+
+    best = json.loads((tmp_path / "best_matmul.json").read_text())
+    assert best["fused_us"] > 0 and best["slice"] == "tiny slice" and "Fastest fused tile here" in report
+
+
+def test_swept_matmul_tile_reaches_the_fused_variants(tmp_path, monkeypatch):
+    """The token sweep's fastest fused tile (its ``best_matmul.json``, which gpu_checks.sh names in
+    ``DPO_BENCH_MATMUL_CONFIG``) is the tile the benchmarks' fused variants force, for 16-bit
+    inputs only, and the rule's tile is back after them; without the file, the default."""
+    import dataclasses
+    import json
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import baselines_hidden
+    from dpo_kernels.backends.triton import config
+
+    tile = config.MatmulConfig(64, 64, 32, 4, 4, 2, use_tma=True)
+    path = tmp_path / "best_matmul.json"
+    path.write_text(json.dumps({"config": dataclasses.asdict(tile), "slice": "a slice", "fused_us": 1.5,
+                                "unfused_us": 2.5, "label": "64x64x32"}))
+    monkeypatch.setenv(baselines_hidden.MATMUL_CONFIG_ENV, str(path))
+    assert baselines_hidden.swept_matmul_config() == tile
+    assert baselines_hidden.swept_matmul_label().startswith("64x64x32: the token sweep's fastest at a slice")
+    rule_bf16, rule_fp32 = config.pick_matmul_config(torch.bfloat16), config.pick_matmul_config(torch.float32)
+    with baselines_hidden.fused_logits_grad_matmul():
+        assert config.fuse_logits_grad(torch.bfloat16)
+        assert config.pick_matmul_config(torch.bfloat16) == tile
+        assert config.pick_matmul_config(torch.float16) == tile
+        assert config.pick_matmul_config(torch.float32) == rule_fp32
+    assert config.pick_matmul_config(torch.bfloat16) == rule_bf16
+    monkeypatch.setenv(baselines_hidden.MATMUL_CONFIG_ENV, str(tmp_path / "none.json"))
+    assert baselines_hidden.swept_matmul_config() is None
+    assert baselines_hidden.swept_matmul_label().startswith("the default")

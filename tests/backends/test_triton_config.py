@@ -58,7 +58,8 @@ def test_the_interpreter_runs_the_fused_matmul_so_the_cpu_tests_cover_it(monkeyp
 
 def test_matmul_tiles(on_gpu_rules):
     """The tutorial's Hopper tile for 16-bit inputs, half as wide for fp32; an override must be
-    powers of two with blocks of at least 16 (``tl.dot``'s smallest)."""
+    powers of two with blocks of at least 16 (``tl.dot``'s smallest), and may be limited to some
+    input dtypes."""
     cfg = config.pick_matmul_config(torch.bfloat16)
     assert (cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages) == (128, 256, 64, 8, 3)
     assert config.pick_matmul_config(torch.float32).block_n == 128
@@ -71,5 +72,8 @@ def test_matmul_tiles(on_gpu_rules):
         with pytest.raises(ValueError, match="MatmulConfig"):
             config.set_matmul_config_override(bad)
     assert config.pick_matmul_config(torch.bfloat16) == forced  # a refused override changes nothing
+    config.set_matmul_config_override(forced, dtypes=(torch.bfloat16, torch.float16))
+    assert config.pick_matmul_config(torch.float16) == forced
+    assert config.pick_matmul_config(torch.float32).block_n == 128  # the rule's fp32 tile
     config.set_matmul_config_override(None)
     assert config.pick_matmul_config(torch.bfloat16) == cfg

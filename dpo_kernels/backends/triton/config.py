@@ -125,13 +125,16 @@ _MATMUL_16BIT = MatmulConfig(block_m=128, block_n=256, block_k=64, group_m=8, nu
 _MATMUL_FP32 = MatmulConfig(block_m=128, block_n=128, block_k=32, group_m=8, num_warps=8, num_stages=3)
 _MATMUL_INTERPRETER = MatmulConfig(block_m=16, block_n=32, block_k=16, group_m=2, num_warps=1, num_stages=1)
 _matmul_override: MatmulConfig | None = None
+_matmul_override_dtypes: frozenset[torch.dtype] | None = None  # None: every dtype
 _logits_grad_override: bool | None = None
 
 
-def set_matmul_config_override(cfg: MatmulConfig | None) -> None:
+def set_matmul_config_override(cfg: MatmulConfig | None, dtypes: tuple[torch.dtype, ...] | None = None) -> None:
     """Force the tiles of the fused logits-gradient matmul (tests, the sweep), or restore the rule
-    with None. Block sizes must be powers of two, at least 16 (``tl.dot``'s smallest tile)."""
-    global _matmul_override
+    with None. Block sizes must be powers of two, at least 16 (``tl.dot``'s smallest tile).
+    ``dtypes``: the input dtypes the tiles are forced for (default: all); the others keep the
+    rule's (a 16-bit tile may need more shared memory than a GPU has in fp32)."""
+    global _matmul_override, _matmul_override_dtypes
     if cfg is not None:
         for name in ("block_m", "block_n", "block_k", "group_m", "num_warps"):
             value = getattr(cfg, name)
@@ -141,11 +144,12 @@ def set_matmul_config_override(cfg: MatmulConfig | None) -> None:
         if cfg.num_stages < 1:
             raise ValueError(f"MatmulConfig.num_stages must be >= 1, got {cfg.num_stages}")
     _matmul_override = cfg
+    _matmul_override_dtypes = None if dtypes is None else frozenset(dtypes)
 
 
 def pick_matmul_config(dtype: torch.dtype) -> MatmulConfig:
     """Tiles, warps and pipeline stages of the fused logits-gradient matmul."""
-    if _matmul_override is not None:
+    if _matmul_override is not None and (_matmul_override_dtypes is None or dtype in _matmul_override_dtypes):
         return _matmul_override
     if interpreting():
         return _MATMUL_INTERPRETER
