@@ -32,6 +32,9 @@ missing, wrong device, ours not built yet), so that suites and reports skip it c
 - ``ours_one_pass`` / ``ours_two_phase`` / ``ours_split``: ``dpo_kernels.fused_linear_dpo_loss(..., mode=...)``;
   ``ours_split_fused_mm``: split with its backward slices' logits gradient forced into the fused
   Triton matmul (``logits_grad_matmul.py``; CUDA only);
+  ``ours_split_tuned`` / ``ours_one_pass_tuned``: split / one_pass with everything
+  ``token_kernel_sweep.py`` found faster than the rules applied (:func:`tuned_rules`; CUDA only,
+  and only where ``DPO_BENCH_TUNED`` names its ``tuned.json``);
   ``ours_one_pass_160mib``: one_pass with chunks of 160 MiB of logits (low memory: pairs larger
   than a chunk are cut into pieces)
   (``validate=False``); unavailable while ``dpo_kernels`` has no ``fused_linear_dpo_loss``.
@@ -391,46 +394,77 @@ def ours(mode: str, chunk_bytes: int | None = None) -> HiddenLossFn:
     return fn
 
 
-# A JSON file naming the fused matmul's tile to use in place of the default (the fields of
-# ``config.MatmulConfig``): ``token_kernel_sweep.py`` writes the fastest it timed at split's slice,
-# and ``gpu_checks.sh`` points this at it, so that one device call times the whole step at that
-# tile. It is forced for 16-bit inputs only (the sweep timed it in bf16). Unset (or no such
-# file): the default tile.
-MATMUL_CONFIG_ENV = "DPO_BENCH_MATMUL_CONFIG"
+# The token sweep's timings, applied to whole steps. ``token_kernel_sweep.py`` writes
+# ``tuned.json``: the fastest fused-matmul tile at split's slice (and whether it beat cuBLAS + the
+# backward kernel), each token kernel's configuration that beat pick_config's at a row length the
+# hidden path launches it on, and per row length whether the one-kernel forward-and-gradient beat
+# the two kernels. ``gpu_checks.sh`` names that file in this variable, so that the scripts after
+# the sweep, in the same device call, time the whole step with what it found: the fused variants
+# at its tile, the tuned variants with all of it. Unset, or no such file: the library's rules.
+TUNED_ENV = "DPO_BENCH_TUNED"
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """The contents of the token sweep's ``tuned.json`` (see :data:`TUNED_ENV`)."""
+
+    matmul: object | None  # config.MatmulConfig: the fastest fused tile at split's slice
+    matmul_note: str  # where and how fast, in words
+    fused_beats_unfused: bool
+    kernels: tuple  # (kernel, vocab_size, block_v, num_warps) that beat the rule
+    forward_and_grad: tuple  # (vocab_size, one kernel?, block_v or None, num_warps or None)
+
+    @classmethod
+    def load(cls) -> "Tuning | None":
+        import json
+
+        path = os.environ.get(TUNED_ENV)
+        if not path or not os.path.exists(path):
+            return None
+        from dpo_kernels.backends.triton.config import MatmulConfig
+
+        with open(path) as f:
+            found = json.load(f)
+        mm = found.get("matmul")
+        note = "" if mm is None else (f"{mm['label']}: the token sweep's fastest at {mm['slice']} "
+                                      f"({mm['fused_us']:.1f} us, unfused {mm['unfused_us']:.1f} us)")
+        return cls(
+            matmul=None if mm is None else MatmulConfig(**mm["config"]), matmul_note=note,
+            fused_beats_unfused=mm is not None and mm["fused_us"] < mm["unfused_us"],
+            kernels=tuple((k["kernel"], k["vocab_size"], k["block_v"], k["num_warps"]) for k in found.get("kernels", [])),
+            forward_and_grad=tuple((f["vocab_size"], f["one_kernel"], f.get("block_v"), f.get("num_warps"))
+                                   for f in found.get("forward_and_grad", [])),
+        )
+
+    def describe(self) -> str:
+        """What the tuned variants apply, in words (for the reports)."""
+        parts = [f"fused matmul {'on, at ' + self.matmul_note if self.fused_beats_unfused else 'off (not faster)'}"
+                 if self.matmul is not None else "fused matmul: not timed (rule)"]
+        parts += [f"{k} at V={v}: block {b}, {w} warps" for k, v, b, w in self.kernels]
+        parts += [f"forward-and-gradient at V={v}: {'one kernel' + (f', block {b}, {w} warps' if b else '') if one else 'two kernels'}"
+                  for v, one, b, w in self.forward_and_grad]
+        return "; ".join(parts) if parts else "nothing"
 
 
 def swept_matmul_config():
-    """The tile named by :data:`MATMUL_CONFIG_ENV`'s file (``config.MatmulConfig``), or None."""
-    import json
-
-    path = os.environ.get(MATMUL_CONFIG_ENV)
-    if not path or not os.path.exists(path):
-        return None
-    from dpo_kernels.backends.triton.config import MatmulConfig
-
-    with open(path) as f:
-        fields = json.load(f)["config"]
-    return MatmulConfig(**fields)
+    """The fastest fused tile the token sweep found (``config.MatmulConfig``), or None."""
+    tuning = Tuning.load()
+    return None if tuning is None else tuning.matmul
 
 
 def swept_matmul_label() -> str:
     """Which tile the fused variants run at, in words (for the reports)."""
-    import json
-
-    path = os.environ.get(MATMUL_CONFIG_ENV)
-    if not path or not os.path.exists(path):
+    tuning = Tuning.load()
+    if tuning is None or tuning.matmul is None:
         return "the default (pick_matmul_config; no swept tile given)"
-    with open(path) as f:
-        found = json.load(f)
-    return (f"{found['label']}: the token sweep's fastest at {found['slice']} ({found['fused_us']:.1f} us, "
-            f"unfused {found['unfused_us']:.1f} us)")
+    return tuning.matmul_note
 
 
 @contextlib.contextmanager
 def fused_logits_grad_matmul():
     """The Triton backend's fused logits-gradient matmul forced on for the backward of split and
     two_phase (``config.fuse_logits_grad`` keeps the unfused path on a GPU until it is timed), at
-    the tile :func:`swept_matmul_config` names if any."""
+    the tile :func:`swept_matmul_config` names if any (for 16-bit inputs: the sweep timed bf16)."""
     from dpo_kernels.backends.triton.config import set_logits_grad_fusion, set_matmul_config_override
 
     set_logits_grad_fusion(True)
@@ -440,6 +474,36 @@ def fused_logits_grad_matmul():
     finally:
         set_logits_grad_fusion(None)
         set_matmul_config_override(None)
+
+
+@contextlib.contextmanager
+def tuned_rules():
+    """Everything the token sweep found faster than the library's rules, applied at once (see
+    :class:`Tuning`): the fused matmul at its tile where it beat the unfused path, the token
+    kernels' configurations, and the forward-and-gradient's way per row length. Raises
+    :class:`Unavailable` without a tuning file."""
+    from dpo_kernels.backends.triton import config
+
+    tuning = Tuning.load()
+    if tuning is None:
+        raise Unavailable(f"no token-sweep tuning ({TUNED_ENV} names no file): run gpu_checks.sh")
+    try:
+        if tuning.fused_beats_unfused:
+            config.set_logits_grad_fusion(True)
+            config.set_matmul_config_override(tuning.matmul, dtypes=(torch.bfloat16, torch.float16))
+        for kernel, vocab, block, warps in tuning.kernels:
+            config.set_kernel_override(kernel, vocab, block, warps)
+        for vocab, one, block, warps in tuning.forward_and_grad:
+            config.set_forward_and_grad_fusion(one, vocab_size=vocab)
+            if one and block:
+                config.set_kernel_override("forward_and_grad", vocab, block, warps)
+        yield tuning
+    finally:
+        config.set_logits_grad_fusion(None)
+        config.set_matmul_config_override(None)
+        config.clear_kernel_overrides()
+        for vocab, *_ in tuning.forward_and_grad:
+            config.set_forward_and_grad_fusion(None, vocab_size=vocab)
 
 
 # --------------------------------------------------------------------------------------------
@@ -456,12 +520,16 @@ class HiddenVariant:
     ours: bool = False
     # Held around the whole step (forward and backward): library rules the variant forces.
     rules: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    needs_tuning: bool = False  # runs only with the token sweep's tuning (tuned_rules)
 
     def check(self, device) -> None:
         """Raise :class:`Unavailable` if this variant cannot run on ``device``."""
         device = torch.device(device)
         if self.cuda_only and device.type != "cuda":
             raise Unavailable(f"{self.id} is a Triton GPU kernel: needs a CUDA device (got {device.type})")
+        if self.needs_tuning and Tuning.load() is None:
+            raise Unavailable(f"{self.id} applies the token sweep's tuning, and {TUNED_ENV} names no file "
+                              "(gpu_checks.sh runs the sweep first)")
         if self.ours:
             _load_ours()
         elif self.id == "liger":
@@ -493,6 +561,13 @@ HIDDEN_VARIANTS: list[HiddenVariant] = [
                   "ours: mode='split', the backward slices' logits gradient in the fused Triton matmul "
                   "(forced: the rule keeps cuBLAS + kernel until this is timed)", ours("split"), cuda_only=True,
                   floor_matmuls=4, ours=True, rules=fused_logits_grad_matmul),
+    HiddenVariant("ours_split_tuned",
+                  "ours: mode='split' with everything the token sweep found faster (the fused matmul where it beat "
+                  "cuBLAS + kernel, token-kernel blocks, the forward-and-gradient's way)", ours("split"),
+                  cuda_only=True, floor_matmuls=4, ours=True, rules=tuned_rules, needs_tuning=True),
+    HiddenVariant("ours_one_pass_tuned",
+                  "ours: mode='one_pass' with the token sweep's faster token-kernel blocks", ours("one_pass"),
+                  cuda_only=True, floor_matmuls=3, ours=True, rules=tuned_rules, needs_tuning=True),
     HiddenVariant("ours_one_pass_160mib",
                   "ours: mode='one_pass', chunk_tokens of 160 MiB of logits (pairs cut into pieces, earlier "
                   "pieces' logits formed again: 3 to 4 matmuls, low memory)",

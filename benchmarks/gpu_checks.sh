@@ -8,8 +8,10 @@
 # 2. token_kernel_sweep.py first (its answers decide defaults): the backward's slice logits
 #    gradient unfused (cuBLAS + backward kernel) against the fused Triton matmul, then the token
 #    kernels' blocks and warps and split's forward-and-gradient at the hidden path's shapes;
-#    It writes the fastest fused tile at split's slice to tokens/best_matmul.json, and the
-#    scripts below force that tile wherever they force the fused matmul (DPO_BENCH_MATMUL_CONFIG);
+#    It writes what beat the rules to tokens/tuned.json (the fastest fused tile at split's slice,
+#    the token kernels' faster blocks, the faster forward-and-gradient); the scripts below force
+#    that tile wherever they force the fused matmul, and time ours_split_tuned and
+#    ours_one_pass_tuned with all of it (DPO_BENCH_TUNED);
 # 3. hidden_path_sweep.py: the knobs (the fused matmul forced on, for split and two_phase,
 #    included), the kernel profile and the phases of a step;
 # 4. gpu_report.py --sections hidden: correctness against float64 and time / memory of ours
@@ -37,8 +39,9 @@ fi
 if compgen -G ".whl/*.whl" > /dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl
 fi
-# The token sweep's fastest fused-matmul tile (if it wrote one) is the one the later scripts force.
-export DPO_BENCH_MATMUL_CONFIG="$OUT_DIR/tokens/best_matmul.json"
+# What the token sweep found faster than the rules (tokens/tuned.json, if it wrote one): the later
+# scripts' fused variants take its tile, and their tuned variants all of it.
+export DPO_BENCH_TUNED="$OUT_DIR/tokens/tuned.json"
 python3 benchmarks/token_kernel_sweep.py ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"} --budget-s "${TOKENS_BUDGET_S:-100}" --out "$OUT_DIR/tokens"
 tokens=$?
 python3 benchmarks/hidden_path_sweep.py ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"} --pythonpath "$SITE" --budget-s "${SWEEP_BUDGET_S:-110}" --out "$OUT_DIR/sweep"

@@ -259,6 +259,9 @@ def environment(device: torch.device, args) -> dict:
         env["fused_linear_dpo_loss"] = ("present" if baselines_hidden.has_ours()
                                         else "not available (dpo_kernels has no fused_linear_dpo_loss)")
         env["ours_split_fused_mm's tile"] = baselines_hidden.swept_matmul_label()
+        tuning = baselines_hidden.Tuning.load()
+        env["the tuned variants apply"] = ("nothing: no token-sweep tuning given" if tuning is None
+                                           else tuning.describe())
     return env
 
 
@@ -506,8 +509,8 @@ def timing_row(r: dict) -> list[str]:
 # 5. The hidden-state path: fused lm_head + DPO
 
 
-HIDDEN_CHECK_VARIANTS = ("ours_one_pass", "ours_two_phase", "ours_split", "ours_split_fused_mm", "ours_one_pass_160mib",
-                         "eager")
+HIDDEN_CHECK_VARIANTS = ("ours_one_pass", "ours_two_phase", "ours_split", "ours_split_fused_mm", "ours_split_tuned",
+                         "ours_one_pass_tuned", "ours_one_pass_160mib", "eager")
 # Base tolerances of the hidden-path check per dtype: (loss abs, gradient rows rel to the row's
 # largest entry). Ours passes when each error is within max(base, 2 x eager's error in the same
 # dtype): no worse than materializing the logits in that dtype.

@@ -35,7 +35,10 @@ itself (``WRITE_GRAD``, one kernel, at its default and five other blocks and war
 3072-token chunks of 32000-, 128256- and 152064-wide rows. ``config.fuse_forward_and_grad`` picks one kernel for rows up to
 64 KB from an L2 model (see there), untimed until this runs. Every way is checked bit for bit
 against the two kernels at the same blocks (a block changes the order of the online sums,
-hence the lse's last bit). Writes ``token_kernel_sweep.md``.
+hence the lse's last bit). Writes ``token_kernel_sweep.md``, and ``tuned.json``: what beat the
+rules (the fastest fused tile, the token kernels' faster configurations, the faster
+forward-and-gradient per row length), which ``gpu_checks.sh`` hands to the whole-step timings
+after it (``baselines_hidden.Tuning``).
 """
 from __future__ import annotations
 
@@ -130,7 +133,7 @@ def run_case(kernel, rows, columns, device, iters):
     dst = torch.empty_like(src)
     copy_us = timed(lambda: dst.copy_(src), device, iters)
     copy_rate = 2 * src.numel() / (copy_us * 1e-6)
-    rows_out, reference = [], None
+    rows_out, reference, default_us, best = [], None, None, None
     for cfg in configs(device.type != "cuda", columns):
         config.set_block_override(*cfg) if cfg else config.set_block_override(None)
         try:
@@ -152,7 +155,11 @@ def run_case(kernel, rows, columns, device, iters):
             agree = "bit for bit" if torch.equal(out, reference) else "DIFFERS"
         rate = moved / (us * 1e-6)
         rows_out.append([label(cfg), f"{us:.1f}", f"{rate / 1e12:.2f}", f"{rate / copy_rate:.0%}", agree])
-    return rows_out, copy_us, copy_rate
+        if cfg is None:
+            default_us = us
+        elif agree != "DIFFERS" and default_us is not None and us < (best or (None, default_us))[1]:
+            best = (cfg, us)
+    return rows_out, copy_us, copy_rate, (None if best is None else (*best, default_us))
 
 
 def forward_and_grad_cases(smoke: bool):
@@ -180,7 +187,7 @@ def run_forward_and_grad_case(rows, columns, device, iters):
 
     # Timed in place, call after call (each on the previous call's output: the same bytes and work);
     # each way's result is checked on a fresh copy of the logits first.
-    reference, rows_out = None, []
+    reference, rows_out, times = None, [], []
     ways = [("two kernels (forward, then backward with coef 1), default blocks", two_kernels, None)]
     ways += [("one kernel, default block", one_kernel, None)]
     if device.type == "cuda":
@@ -212,7 +219,16 @@ def run_forward_and_grad_case(rows, columns, device, iters):
             agree = "bit for bit" if torch.equal(out, same_blocks) else "DIFFERS"
         # The least traffic of the step is one read and one write of the logits.
         rows_out.append([name, f"{us:.1f}", f"{2 * size / (us * 1e-6) / 1e12:.2f}", agree])
-    return rows_out
+        if agree != "DIFFERS":
+            times.append((us, call is one_kernel, cfg))
+    # The faster way, for tuned.json: the two kernels' row first, then each one-kernel row.
+    decision = None
+    if times and not times[0][1]:
+        two_us = times[0][0]
+        us, one, cfg = min(times, key=lambda t: t[0])
+        decision = {"vocab_size": columns, "one_kernel": one, "us": us, "two_kernels_us": two_us,
+                    "block_v": cfg[0] if one and cfg else None, "num_warps": cfg[1] if one and cfg else None}
+    return rows_out, decision
 
 
 def logits_grad_cases(smoke: bool):
@@ -304,21 +320,35 @@ def run_logits_grad_case(M, N, K, device, iters):
     return rows_out, best
 
 
-# What the later scripts of gpu_checks.sh read (baselines_hidden.MATMUL_CONFIG_ENV): the fastest
-# fused tile at the first slice (split's at 8 x 1024), whether or not it beats the unfused path.
-BEST_MATMUL_FILE = "best_matmul.json"
+# What the later scripts of gpu_checks.sh read (baselines_hidden.TUNED_ENV, baselines_hidden.Tuning):
+# - "matmul": the fastest fused tile at the first slice (split's at 8 x 1024), whether or not it
+#   beats the unfused path (its time and the unfused time say which);
+# - "kernels": each token kernel's configuration that beat pick_config's default, per row length;
+# - "forward_and_grad": per row length, the faster way (one kernel, at which block, or two).
+# Rewritten after each section, so a budget cut leaves what was found so far.
+TUNED_FILE = "tuned.json"
 
 
-def write_best_matmul(out_dir: str, description: str, best) -> str:
-    """``best_matmul.json``: the tile's ``MatmulConfig`` fields, where it was timed and its time."""
+def matmul_entry(description: str, best) -> dict:
     import dataclasses
-    import json
 
     cfg, us, unfused_us = best
-    path = os.path.join(out_dir, BEST_MATMUL_FILE)
+    return {"config": dataclasses.asdict(cfg), "slice": description, "fused_us": us, "unfused_us": unfused_us,
+            "label": matmul_label(cfg)}
+
+
+def kernel_entry(kernel: str, columns: int, best) -> dict:
+    (block_v, num_warps), us, default_us = best
+    return {"kernel": kernel, "vocab_size": columns, "block_v": block_v, "num_warps": num_warps, "us": us,
+            "default_us": default_us}
+
+
+def write_tuned(out_dir: str, tuned: dict) -> str:
+    import json
+
+    path = os.path.join(out_dir, TUNED_FILE)
     with open(path, "w") as f:
-        json.dump({"config": dataclasses.asdict(cfg), "slice": description, "fused_us": us,
-                   "unfused_us": unfused_us, "label": matmul_label(cfg)}, f, indent=1)
+        json.dump(tuned, f, indent=1)
     return path
 
 
@@ -354,9 +384,10 @@ def main() -> int:
             "backward: one read + one write) over its time; '% copy' = that over a device copy's rate "
             "in the same process. The default is pick_config's rule.\n"]
     failures = 0
-    stale = os.path.join(out_dir, BEST_MATMUL_FILE)
-    if os.path.exists(stale):  # an earlier run's: only this run's tile may reach the later scripts
+    stale = os.path.join(out_dir, TUNED_FILE)
+    if os.path.exists(stale):  # an earlier run's: only this run's findings may reach the later scripts
         os.remove(stale)
+    tuned = {"matmul": None, "kernels": [], "forward_and_grad": []}
     budget = ARGS.budget_s
     skipped = []
 
@@ -378,10 +409,11 @@ def main() -> int:
                     "on a sample of rows (float64 oracle).\n\n"
                     + markdown_table(["way", "us", "TFLOP/s", "error", "verdict"], table) + "\n")
         if i == 0 and best is not None:
-            best_path = write_best_matmul(out_dir, description, best)
-            text.append(f"Fastest fused tile here (written to `{os.path.basename(best_path)}`, which "
-                        f"gpu_checks.sh passes to the whole-step timings): {matmul_label(best[0])}, "
-                        f"{best[1]:.1f} us against the unfused {best[2]:.1f} us.\n")
+            tuned["matmul"] = matmul_entry(description, best)
+            write_tuned(out_dir, tuned)
+            text.append(f"Fastest fused tile here (written to `{TUNED_FILE}`, which gpu_checks.sh passes to the "
+                        f"whole-step timings): {matmul_label(best[0])}, {best[1]:.1f} us against the unfused "
+                        f"{best[2]:.1f} us.\n")
         with open(path, "w") as f:
             f.write("\n".join(text))
     for kernel, description, rows, columns in cases(smoke):
@@ -389,8 +421,14 @@ def main() -> int:
             continue
         default = config.pick_config(columns, torch.bfloat16, frozenset({"logits_sum"}) if kernel == "forward"
                                      else frozenset())
-        table, copy_us, copy_rate = run_case(kernel, rows, columns, device, iters)
+        table, copy_us, copy_rate, best = run_case(kernel, rows, columns, device, iters)
         failures += sum("DIFFERS" in row[-1] for row in table)
+        # A configuration enters tuned.json where it beat the default by more than timing noise
+        # (2%), once per (kernel, row length): the first case of a length is the one kept.
+        if (best is not None and best[1] < 0.98 * best[2]
+                and not any(k["kernel"] == kernel and k["vocab_size"] == columns for k in tuned["kernels"])):
+            tuned["kernels"].append(kernel_entry(kernel, columns, best))
+            write_tuned(out_dir, tuned)
         table[0][0] = f"default (block {default.block_v}, {default.num_warps} warps)"
         text.append(f"## {kernel}, {description} (bf16, {rows} x {columns})\n\n"
                     f"Copy ceiling: {copy_rate / 1e12:.2f} TB/s.\n\n"
@@ -400,8 +438,11 @@ def main() -> int:
     for rows, columns in forward_and_grad_cases(smoke):
         if over_budget(f"split's forward and gradient, {rows} x {columns}"):
             continue
-        table = run_forward_and_grad_case(rows, columns, device, iters)
+        table, decision = run_forward_and_grad_case(rows, columns, device, iters)
         failures += sum("DIFFERS" in row[-1] for row in table)
+        if decision is not None:
+            tuned["forward_and_grad"].append(decision)
+            write_tuned(out_dir, tuned)
         rule = "one kernel" if config.fuse_forward_and_grad(columns, torch.bfloat16) else "two kernels"
         text.append(f"## split's forward and gradient (bf16, {rows} x {columns}; the rule picks {rule})\n\n"
                     "TB/s = one read + one write of the logits (the least this step moves) over the time.\n\n"

@@ -97,9 +97,12 @@ def test_gpu_report_smoke(tmp_path):
         assert f"| ours_{mode} |" in hidden and f"fused_linear_dpo_loss(mode='{mode}')" in hidden
     checks = hidden[:hidden.index("## Hidden-state path: forward + backward")]
     check_rows = [line for line in checks.splitlines() if "| ours_" in line]
-    # The fused logits-gradient matmul is a Triton GPU kernel: its variant is skipped cleanly here.
-    gpu_only = [line for line in check_rows if "| ours_split_fused_mm |" in line]
-    assert gpu_only and all("unavailable: ours_split_fused_mm is a Triton GPU kernel" in line for line in gpu_only)
+    # The fused logits-gradient matmul and the token sweep's tuning are for Triton on a GPU: their
+    # variants are skipped cleanly here.
+    gpu_ids = ("ours_split_fused_mm", "ours_split_tuned", "ours_one_pass_tuned")
+    gpu_only = [line for line in check_rows if any(f"| {v} |" in line for v in gpu_ids)]
+    assert len(gpu_only) >= len(gpu_ids) and all(
+        any(f"unavailable: {v} is a Triton GPU kernel" in line for v in gpu_ids) for line in gpu_only)
     check_rows = [line for line in check_rows if line not in gpu_only]
     assert check_rows and all(line.rstrip().endswith("| PASS |") for line in check_rows), check_rows
     assert "| variant | target | median ms | extra peak memory | vs TRL | verdict |" in hidden
@@ -173,37 +176,91 @@ def test_token_kernel_sweep_smoke(tmp_path):
     assert report.count("bit for bit") == 4 + 2 * 2 and report.count("| agrees |") == 2 and "DIFFERS" not in report
     assert report.count("| way | us | TFLOP/s | error | verdict |") == 1
     assert report.count("x the unfused |") == 3 and "Not run" not in report
+    # What beat the rules, for the whole-step timings after it (gpu_checks.sh): every entry
+    # well-formed and consistent with its own timings.
     import json
 
-    best = json.loads((tmp_path / "best_matmul.json").read_text())
-    assert best["fused_us"] > 0 and best["slice"] == "tiny slice" and "Fastest fused tile here" in report
+    tuned = json.loads((tmp_path / "tuned.json").read_text())
+    assert tuned["matmul"]["fused_us"] > 0 and tuned["matmul"]["slice"] == "tiny slice"
+    assert "Fastest fused tile here" in report
+    for k in tuned["kernels"]:
+        assert k["kernel"] in ("forward", "backward") and k["us"] < 0.98 * k["default_us"]
+    assert [f["vocab_size"] for f in tuned["forward_and_grad"]] == [3000, 700]
+    for f in tuned["forward_and_grad"]:
+        assert (f["us"] < f["two_kernels_us"]) == f["one_kernel"] or f["us"] == f["two_kernels_us"]
 
 
-def test_swept_matmul_tile_reaches_the_fused_variants(tmp_path, monkeypatch):
-    """The token sweep's fastest fused tile (its ``best_matmul.json``, which gpu_checks.sh names in
-    ``DPO_BENCH_MATMUL_CONFIG``) is the tile the benchmarks' fused variants force, for 16-bit
-    inputs only, and the rule's tile is back after them; without the file, the default."""
+def _write_tuning(path, tile, fused_us, unfused_us):
     import dataclasses
     import json
 
+    path.write_text(json.dumps({
+        "matmul": {"config": dataclasses.asdict(tile), "slice": "a slice", "fused_us": fused_us,
+                   "unfused_us": unfused_us, "label": "64x64x32"},
+        "kernels": [{"kernel": "backward", "vocab_size": 8192, "block_v": 4096, "num_warps": 16, "us": 1.0,
+                     "default_us": 2.0}],
+        "forward_and_grad": [{"vocab_size": 128256, "one_kernel": True, "block_v": 8192, "num_warps": 32,
+                              "us": 1.0, "two_kernels_us": 2.0},
+                             {"vocab_size": 32000, "one_kernel": False, "block_v": None, "num_warps": None,
+                              "us": 1.0, "two_kernels_us": 1.0}],
+    }))
+
+
+def test_the_sweeps_tuning_reaches_the_whole_step_variants(tmp_path, monkeypatch):
+    """The token sweep's ``tuned.json`` (which gpu_checks.sh names in ``DPO_BENCH_TUNED``): the
+    fused variants force its tile (16-bit inputs only), the tuned variants apply all of it (the
+    fused matmul only where it beat the unfused path), and the rules are back after each; without
+    the file the fused variants take the default tile and the tuned ones are unavailable."""
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the GPU's rules (config reads it on each call)
     import baselines_hidden
+    from baselines import Unavailable
     from dpo_kernels.backends.triton import config
 
+    rules = {"bf16": config.pick_matmul_config(torch.bfloat16), "fp32": config.pick_matmul_config(torch.float32),
+             "backward": config.pick_config(8192, torch.bfloat16, kernel="backward"),
+             "fwd_grad": config.pick_config(128256, torch.bfloat16, kernel="forward_and_grad")}
+    assert not config.fuse_logits_grad(torch.bfloat16) and not config.fuse_forward_and_grad(128256, torch.bfloat16)
     tile = config.MatmulConfig(64, 64, 32, 4, 4, 2, use_tma=True)
-    path = tmp_path / "best_matmul.json"
-    path.write_text(json.dumps({"config": dataclasses.asdict(tile), "slice": "a slice", "fused_us": 1.5,
-                                "unfused_us": 2.5, "label": "64x64x32"}))
-    monkeypatch.setenv(baselines_hidden.MATMUL_CONFIG_ENV, str(path))
+    path = tmp_path / "tuned.json"
+    _write_tuning(path, tile, fused_us=1.5, unfused_us=2.5)
+    monkeypatch.setenv(baselines_hidden.TUNED_ENV, str(path))
     assert baselines_hidden.swept_matmul_config() == tile
     assert baselines_hidden.swept_matmul_label().startswith("64x64x32: the token sweep's fastest at a slice")
-    rule_bf16, rule_fp32 = config.pick_matmul_config(torch.bfloat16), config.pick_matmul_config(torch.float32)
+
+    def restored():
+        assert not config.fuse_logits_grad(torch.bfloat16) and not config.fuse_forward_and_grad(128256, torch.bfloat16)
+        assert config.pick_matmul_config(torch.bfloat16) == rules["bf16"]
+        assert config.pick_config(8192, torch.bfloat16, kernel="backward") == rules["backward"]
+        assert config.pick_config(128256, torch.bfloat16, kernel="forward_and_grad") == rules["fwd_grad"]
+        assert config.fuse_forward_and_grad(32000, torch.bfloat16)  # the rule's (64 KB rows)
+
     with baselines_hidden.fused_logits_grad_matmul():
         assert config.fuse_logits_grad(torch.bfloat16)
-        assert config.pick_matmul_config(torch.bfloat16) == tile
-        assert config.pick_matmul_config(torch.float16) == tile
-        assert config.pick_matmul_config(torch.float32) == rule_fp32
-    assert config.pick_matmul_config(torch.bfloat16) == rule_bf16
-    monkeypatch.setenv(baselines_hidden.MATMUL_CONFIG_ENV, str(tmp_path / "none.json"))
+        assert config.pick_matmul_config(torch.bfloat16) == tile == config.pick_matmul_config(torch.float16)
+        assert config.pick_matmul_config(torch.float32) == rules["fp32"]
+    restored()
+    with baselines_hidden.tuned_rules() as tuning:
+        assert "fused matmul on" in tuning.describe()
+        assert config.fuse_logits_grad(torch.bfloat16) and config.pick_matmul_config(torch.bfloat16) == tile
+        assert config.pick_config(8192, torch.bfloat16, kernel="backward") == config.LaunchConfig(4096, 16)
+        assert config.fuse_forward_and_grad(128256, torch.bfloat16)
+        assert config.pick_config(128256, torch.bfloat16, kernel="forward_and_grad") == config.LaunchConfig(8192, 32)
+        assert not config.fuse_forward_and_grad(32000, torch.bfloat16)  # two kernels were as fast
+    restored()
+    baselines_hidden.HIDDEN_BY_ID["ours_split_tuned"].check("cuda")
+
+    _write_tuning(path, tile, fused_us=3.0, unfused_us=2.5)  # the fused tile lost: not forced
+    with baselines_hidden.tuned_rules() as tuning:
+        assert "fused matmul off" in tuning.describe() and not config.fuse_logits_grad(torch.bfloat16)
+    restored()
+
+    monkeypatch.setenv(baselines_hidden.TUNED_ENV, str(tmp_path / "none.json"))
     assert baselines_hidden.swept_matmul_config() is None
     assert baselines_hidden.swept_matmul_label().startswith("the default")
+    with pytest.raises(Unavailable, match="no token-sweep tuning"):
+        with baselines_hidden.tuned_rules():
+            pass
+    with pytest.raises(Unavailable, match="token sweep's tuning"):
+        baselines_hidden.HIDDEN_BY_ID["ours_one_pass_tuned"].check("cuda")
+    restored()

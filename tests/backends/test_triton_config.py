@@ -32,6 +32,17 @@ def test_forward_and_grad_override_wins_and_none_restores_the_rule(on_gpu_rules)
     assert not config.fuse_forward_and_grad(1000, torch.bfloat16)
     config.set_forward_and_grad_fusion(None)
     assert not config.fuse_forward_and_grad(128256, torch.bfloat16)
+    # Per row length: only there, and the override of every length wins over it.
+    config.set_forward_and_grad_fusion(True, vocab_size=128256)
+    assert config.fuse_forward_and_grad(128256, torch.bfloat16) and not config.fuse_forward_and_grad(152064, torch.bfloat16)
+    config.set_forward_and_grad_fusion(False)
+    assert not config.fuse_forward_and_grad(128256, torch.bfloat16)
+    config.set_forward_and_grad_fusion(None)
+    config.set_forward_and_grad_fusion(False, vocab_size=32000)
+    assert not config.fuse_forward_and_grad(32000, torch.bfloat16)
+    config.set_forward_and_grad_fusion(None, vocab_size=32000)
+    config.set_forward_and_grad_fusion(None, vocab_size=128256)
+    assert config.fuse_forward_and_grad(32000, torch.bfloat16) and not config.fuse_forward_and_grad(128256, torch.bfloat16)
 
 
 def test_the_interpreter_runs_the_one_kernel_so_the_cpu_tests_cover_it(monkeypatch):
@@ -77,3 +88,51 @@ def test_matmul_tiles(on_gpu_rules):
     assert config.pick_matmul_config(torch.float32).block_n == 128  # the rule's fp32 tile
     config.set_matmul_config_override(None)
     assert config.pick_matmul_config(torch.bfloat16) == cfg
+
+
+def test_kernel_overrides_force_one_kernel_at_one_vocabulary_size(on_gpu_rules):
+    """A kernel override (the benchmarks' tuned variants) applies to that kernel at that
+    vocabulary size only; the override of every launch wins over it; bad values are refused."""
+    rule = {k: config.pick_config(128256, torch.bfloat16, kernel=k) for k in config.KERNELS}
+    try:
+        config.set_kernel_override("backward", 128256, 4096, 16)
+        assert config.pick_config(128256, torch.bfloat16, kernel="backward") == config.LaunchConfig(4096, 16)
+        assert config.pick_config(128256, torch.bfloat16, kernel="forward") == rule["forward"]
+        assert config.pick_config(8192, torch.bfloat16, kernel="backward") == config.pick_config(8192, torch.bfloat16)
+        config.set_block_override(256, 2)
+        assert config.pick_config(128256, torch.bfloat16, kernel="backward") == config.LaunchConfig(256, 2)
+        config.set_block_override(None)
+        for args, match in [(("sideways", 1000, 256), "kernel must be one of"), (("forward", 1000, 100), "block_v"),
+                            (("forward", 1000, 256, 3), "num_warps")]:
+            with pytest.raises(ValueError, match=match):
+                config.set_kernel_override(*args)
+        config.set_kernel_override("backward", 128256, None)
+        assert config.pick_config(128256, torch.bfloat16, kernel="backward") == rule["backward"]
+        config.set_kernel_override("forward_and_grad", 128256, 8192, 32)
+        config.clear_kernel_overrides()
+        assert {k: config.pick_config(128256, torch.bfloat16, kernel=k) for k in config.KERNELS} == rule
+    finally:
+        config.set_block_override(None)
+        config.clear_kernel_overrides()
+
+
+def test_each_launch_names_its_kernel(monkeypatch):
+    """The forward, the one-kernel forward-and-gradient and the backward each ask for their own
+    configuration (what a kernel override keys on), with the row length they run on."""
+    from dpo_kernels.backends.triton import token_logprobs_bwd, token_logprobs_fwd
+
+    asked = []
+
+    def recording(vocab_size, dtype, extras=frozenset(), kernel="forward"):
+        asked.append((kernel, vocab_size))
+        return config.pick_config(vocab_size, dtype, extras, kernel)
+
+    monkeypatch.setattr(token_logprobs_fwd, "pick_config", recording)
+    monkeypatch.setattr(token_logprobs_bwd, "pick_config", recording)
+    torch.manual_seed(0)
+    logits = torch.randn(1, 3, 300)
+    labels = torch.tensor([[1, 299, -100]])
+    _, lse, _ = token_logprobs_fwd.launch_forward(logits, labels, -100, 0)
+    token_logprobs_bwd.launch_backward(logits, labels, lse, torch.ones_like(lse), -100, torch.empty_like(logits))
+    token_logprobs_fwd.launch_forward(logits.clone(), labels, -100, 0, write_grad=True)
+    assert asked == [("forward", 300), ("backward", 300), ("forward_and_grad", 300)]

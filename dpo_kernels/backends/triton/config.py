@@ -34,16 +34,45 @@ _INTERPRETER_BLOCK = 1024  # the interpreter runs programs one by one: small blo
 # benchmarks/token_kernel_sweep.py times other blocks and warps on a GPU.
 _override: LaunchConfig | None = None
 
+# The token kernels, as pick_config's callers name them: the forward, the forward that also
+# writes the gradient (WRITE_GRAD), the backward.
+KERNELS = ("forward", "forward_and_grad", "backward")
+# Configurations forced for one kernel at one vocabulary size (the hidden path's full rows or
+# slices): what the benchmarks' tuned variants apply from the token sweep's timings, so that a
+# whole step can be timed with them before any becomes the rule.
+_kernel_overrides: dict[tuple[str, int], LaunchConfig] = {}
+
+
+def _checked_launch(block_v: int, num_warps: int) -> LaunchConfig:
+    if block_v < 16 or block_v & (block_v - 1):
+        raise ValueError(f"block_v must be a power of two >= 16, got {block_v}")
+    if num_warps < 1 or num_warps & (num_warps - 1):
+        raise ValueError(f"num_warps must be a power of two >= 1, got {num_warps}")
+    return LaunchConfig(block_v=block_v, num_warps=num_warps)
+
 
 def set_block_override(block_v: int | None, num_warps: int = 4) -> None:
     """Force the vocabulary block size (a power of two) and the warps of every launch, or restore
     the automatic rule with None."""
     global _override
-    if block_v is not None and (block_v < 16 or block_v & (block_v - 1)):
-        raise ValueError(f"block_v must be a power of two >= 16, got {block_v}")
-    if num_warps < 1 or num_warps & (num_warps - 1):
-        raise ValueError(f"num_warps must be a power of two >= 1, got {num_warps}")
-    _override = None if block_v is None else LaunchConfig(block_v=block_v, num_warps=num_warps)
+    _override = None if block_v is None else _checked_launch(block_v, num_warps)
+
+
+def set_kernel_override(kernel: str, vocab_size: int, block_v: int | None, num_warps: int = 4) -> None:
+    """Force the block and warps of one kernel (:data:`KERNELS`) at one vocabulary size (the
+    length of the rows it is launched on), or restore the rule there with ``block_v=None``.
+    :func:`set_block_override`, which forces every launch, takes precedence."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if block_v is None:
+        _kernel_overrides.pop((kernel, int(vocab_size)), None)
+    else:
+        _kernel_overrides[kernel, int(vocab_size)] = _checked_launch(block_v, num_warps)
+
+
+def clear_kernel_overrides() -> None:
+    """Every :func:`set_kernel_override` undone."""
+    _kernel_overrides.clear()
 
 
 # Extras that keep a second per-lane value live through the block's reductions (entropy: e * z;
@@ -55,10 +84,15 @@ _REGISTER_HEAVY_EXTRAS = frozenset({"entropy", "accuracy"})
 _HEAVY_BYTES_PER_STEP = 4096
 
 
-def pick_config(vocab_size: int, dtype: torch.dtype, extras: frozenset[str] = frozenset()) -> LaunchConfig:
-    """Block of the vocabulary one program handles per step, and the warps behind it."""
+def pick_config(vocab_size: int, dtype: torch.dtype, extras: frozenset[str] = frozenset(),
+                kernel: str = "forward") -> LaunchConfig:
+    """Block of the vocabulary one program handles per step, and the warps behind it, for
+    ``kernel`` (:data:`KERNELS`) on rows of ``vocab_size``."""
     if _override is not None:
         return _override
+    forced = _kernel_overrides.get((kernel, vocab_size))
+    if forced is not None:
+        return forced
     if interpreting():
         return LaunchConfig(block_v=min(_INTERPRETER_BLOCK, triton.next_power_of_2(vocab_size)), num_warps=1)
     elem = dtype.itemsize
@@ -82,19 +116,28 @@ def pick_config(vocab_size: int, dtype: torch.dtype, extras: frozenset[str] = fr
 # times both. Under the interpreter the one kernel runs, so the CPU tests cover it.
 _FUSE_MAX_ROW_BYTES = 64 << 10
 _fusion_override: bool | None = None
+_fusion_by_vocab: dict[int, bool] = {}
 
 
-def set_forward_and_grad_fusion(fuse: bool | None) -> None:
+def set_forward_and_grad_fusion(fuse: bool | None, vocab_size: int | None = None) -> None:
     """Force the one-kernel forward-and-gradient (True), the forward then the backward (False), or
-    restore the rule of :func:`fuse_forward_and_grad` (None)."""
+    restore the rule of :func:`fuse_forward_and_grad` (None): for every row length, or only for
+    rows of ``vocab_size`` (the override for every length takes precedence)."""
     global _fusion_override
-    _fusion_override = fuse
+    if vocab_size is None:
+        _fusion_override = fuse
+    elif fuse is None:
+        _fusion_by_vocab.pop(int(vocab_size), None)
+    else:
+        _fusion_by_vocab[int(vocab_size)] = bool(fuse)
 
 
 def fuse_forward_and_grad(vocab_size: int, dtype: torch.dtype) -> bool:
     """Whether ``token_logprobs_forward_and_grad_`` runs as one kernel (see above)."""
     if _fusion_override is not None:
         return _fusion_override
+    if vocab_size in _fusion_by_vocab:
+        return _fusion_by_vocab[vocab_size]
     if interpreting():
         return True
     return vocab_size * dtype.itemsize <= _FUSE_MAX_ROW_BYTES

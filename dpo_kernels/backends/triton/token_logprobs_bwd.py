@@ -86,7 +86,7 @@ def launch_backward(logits, labels, lse, grad_logp, ignore_index, grad) -> None:
     B, T, V = logits.shape
     if grad.numel() == 0:
         return
-    cfg = pick_config(V, logits.dtype)
+    cfg = pick_config(V, logits.dtype, kernel="backward")
     grid = (B * T, triton.cdiv(V, cfg.block_v))
     _token_logprobs_bwd_kernel[grid](
         logits, labels, lse, grad_logp.contiguous(), grad,

@@ -197,7 +197,7 @@ def launch_forward(
     if B * T == 0:
         return logp, lse, stacked
     extras = dict(zip(extras_names(extras_mask), stacked.unbind(0)))
-    cfg = pick_config(V, logits.dtype, frozenset(extras))
+    cfg = pick_config(V, logits.dtype, frozenset(extras), "forward_and_grad" if write_grad else "forward")
     _token_logprobs_fwd_kernel[(B * T,)](
         logits, labels, logp, lse,
         extras.get("logits_sum", logp), extras.get("entropy", logp), extras.get("accuracy", logp),
