@@ -411,8 +411,8 @@ class Tuning:
     matmul: object | None  # config.MatmulConfig: the fastest fused tile at split's slice
     matmul_note: str  # where and how fast, in words
     fused_beats_unfused: bool
-    kernels: tuple  # (kernel, vocab_size, block_v, num_warps) that beat the rule
-    forward_and_grad: tuple  # (vocab_size, one kernel?, block_v or None, num_warps or None)
+    kernels: tuple  # (kernel, vocab_size, block_v, num_warps, lane_stats) that beat the rule
+    forward_and_grad: tuple  # (vocab_size, one kernel?, block_v, num_warps, lane_stats; None: the rule's)
 
     @classmethod
     def load(cls) -> "Tuning | None":
@@ -431,18 +431,21 @@ class Tuning:
         return cls(
             matmul=None if mm is None else MatmulConfig(**mm["config"]), matmul_note=note,
             fused_beats_unfused=mm is not None and mm["fused_us"] < mm["unfused_us"],
-            kernels=tuple((k["kernel"], k["vocab_size"], k["block_v"], k["num_warps"]) for k in found.get("kernels", [])),
-            forward_and_grad=tuple((f["vocab_size"], f["one_kernel"], f.get("block_v"), f.get("num_warps"))
-                                   for f in found.get("forward_and_grad", [])),
+            kernels=tuple((k["kernel"], k["vocab_size"], k["block_v"], k["num_warps"], k.get("lane_stats"))
+                          for k in found.get("kernels", [])),
+            forward_and_grad=tuple((f["vocab_size"], f["one_kernel"], f.get("block_v"), f.get("num_warps"),
+                                    f.get("lane_stats")) for f in found.get("forward_and_grad", [])),
         )
 
     def describe(self) -> str:
         """What the tuned variants apply, in words (for the reports)."""
         parts = [f"fused matmul {'on, at ' + self.matmul_note if self.fused_beats_unfused else 'off (not faster)'}"
                  if self.matmul is not None else "fused matmul: not timed (rule)"]
-        parts += [f"{k} at V={v}: block {b}, {w} warps" for k, v, b, w in self.kernels]
-        parts += [f"forward-and-gradient at V={v}: {'one kernel' + (f', block {b}, {w} warps' if b else '') if one else 'two kernels'}"
-                  for v, one, b, w in self.forward_and_grad]
+        lanes = {True: ", lane statistics", False: "", None: ""}
+        parts += [f"{k} at V={v}: block {b}, {w} warps{lanes[ls]}" for k, v, b, w, ls in self.kernels]
+        parts += [f"forward-and-gradient at V={v}: "
+                  + (("one kernel" + (f", block {b}, {w} warps{lanes[ls]}" if b else "")) if one else "two kernels")
+                  for v, one, b, w, ls in self.forward_and_grad]
         return "; ".join(parts) if parts else "nothing"
 
 
@@ -491,12 +494,12 @@ def tuned_rules():
         if tuning.fused_beats_unfused:
             config.set_logits_grad_fusion(True)
             config.set_matmul_config_override(tuning.matmul, dtypes=(torch.bfloat16, torch.float16))
-        for kernel, vocab, block, warps in tuning.kernels:
-            config.set_kernel_override(kernel, vocab, block, warps)
-        for vocab, one, block, warps in tuning.forward_and_grad:
+        for kernel, vocab, block, warps, lanes in tuning.kernels:
+            config.set_kernel_override(kernel, vocab, block, warps, lanes)
+        for vocab, one, block, warps, lanes in tuning.forward_and_grad:
             config.set_forward_and_grad_fusion(one, vocab_size=vocab)
             if one and block:
-                config.set_kernel_override("forward_and_grad", vocab, block, warps)
+                config.set_kernel_override("forward_and_grad", vocab, block, warps, lanes)
         yield tuning
     finally:
         config.set_logits_grad_fusion(None)

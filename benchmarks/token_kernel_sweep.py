@@ -92,12 +92,17 @@ def cases(smoke: bool):
             ("backward", "two_phase backward slice: 6144 tokens x 4096 rows", 6144, 4096)]
 
 
-def configs(smoke: bool, columns: int):
-    """``(block_v, num_warps)`` to time; ``None`` is pick_config's default."""
+def configs(kernel: str, smoke: bool, columns: int):
+    """``(block_v, num_warps, lane_stats)`` to time; ``None`` is pick_config's default. The
+    forward's loop both ways (``lane_stats``: per-lane statistics, or block-wide reductions)."""
     if smoke:
-        return [None, (256, 1), (1024, 1)]
-    cap = 1 << (columns - 1).bit_length()
-    return [None] + [(b, w) for b in (2048, 4096, 8192, 16384) for w in (4, 8, 16) if b <= max(cap, 2048)]
+        return [None, (256, 1, False), (1024, 1, False)] + ([(256, 1, True)] if kernel == "forward" else [])
+    cap = max(1 << (columns - 1).bit_length(), 2048)
+    if kernel == "backward":
+        return [None] + [(b, w, False) for b in (2048, 4096, 8192, 16384) for w in (4, 8, 16) if b <= cap]
+    blocks = [(4096, 4), (4096, 8), (8192, 16), (16384, 8), (16384, 16)]
+    lanes = [(2048, 4), (4096, 4), (4096, 8), (8192, 4), (8192, 8), (8192, 16), (16384, 8), (16384, 16)]
+    return [None] + [(b, w, False) for b, w in blocks if b <= cap] + [(b, w, True) for b, w in lanes if b <= cap]
 
 
 def timed(fn, device, iters: int) -> float:
@@ -134,7 +139,7 @@ def run_case(kernel, rows, columns, device, iters):
     copy_us = timed(lambda: dst.copy_(src), device, iters)
     copy_rate = 2 * src.numel() / (copy_us * 1e-6)
     rows_out, reference, default_us, best = [], None, None, None
-    for cfg in configs(device.type != "cuda", columns):
+    for cfg in configs(kernel, device.type != "cuda", columns):
         config.set_block_override(*cfg) if cfg else config.set_block_override(None)
         try:
             out = call()
@@ -193,9 +198,10 @@ def run_forward_and_grad_case(rows, columns, device, iters):
     if device.type == "cuda":
         # Fewer programs per SM (more warps each) keep fewer rows in flight, so more of them in L2.
         ways += [(f"one kernel, {label(cfg)}", one_kernel, cfg)
-                 for cfg in [(4096, 8), (8192, 16), (8192, 32), (16384, 16), (16384, 32)]]
+                 for cfg in [(4096, 8, False), (8192, 16, False), (8192, 32, False), (16384, 16, False),
+                             (16384, 32, False), (8192, 8, True), (8192, 16, True), (16384, 32, True)]]
     else:
-        ways += [(f"one kernel, {label(cfg)}", one_kernel, cfg) for cfg in [(256, 1)]]
+        ways += [(f"one kernel, {label(cfg)}", one_kernel, cfg) for cfg in [(256, 1, False), (256, 1, True)]]
     for name, call, cfg in ways:
         config.set_block_override(*cfg) if cfg else config.set_block_override(None)
         try:
@@ -227,7 +233,8 @@ def run_forward_and_grad_case(rows, columns, device, iters):
         two_us = times[0][0]
         us, one, cfg = min(times, key=lambda t: t[0])
         decision = {"vocab_size": columns, "one_kernel": one, "us": us, "two_kernels_us": two_us,
-                    "block_v": cfg[0] if one and cfg else None, "num_warps": cfg[1] if one and cfg else None}
+                    "block_v": cfg[0] if one and cfg else None, "num_warps": cfg[1] if one and cfg else None,
+                    "lane_stats": cfg[2] if one and cfg else None}
     return rows_out, decision
 
 
@@ -338,9 +345,9 @@ def matmul_entry(description: str, best) -> dict:
 
 
 def kernel_entry(kernel: str, columns: int, best) -> dict:
-    (block_v, num_warps), us, default_us = best
-    return {"kernel": kernel, "vocab_size": columns, "block_v": block_v, "num_warps": num_warps, "us": us,
-            "default_us": default_us}
+    (block_v, num_warps, lane_stats), us, default_us = best
+    return {"kernel": kernel, "vocab_size": columns, "block_v": block_v, "num_warps": num_warps,
+            "lane_stats": lane_stats, "us": us, "default_us": default_us}
 
 
 def write_tuned(out_dir: str, tuned: dict) -> str:
@@ -364,7 +371,9 @@ def matmul_label(cfg) -> str:
 
 
 def label(cfg) -> str:
-    return "default" if cfg is None else f"block {cfg[0]}, {cfg[1]} warps"
+    if cfg is None:
+        return "default"
+    return f"block {cfg[0]}, {cfg[1]} warps" + (", lane statistics" if len(cfg) > 2 and cfg[2] else "")
 
 
 def main() -> int:
@@ -420,7 +429,7 @@ def main() -> int:
         if over_budget(f"{kernel}, {description}"):
             continue
         default = config.pick_config(columns, torch.bfloat16, frozenset({"logits_sum"}) if kernel == "forward"
-                                     else frozenset())
+                                     else frozenset(), kernel)
         table, copy_us, copy_rate, best = run_case(kernel, rows, columns, device, iters)
         failures += sum("DIFFERS" in row[-1] for row in table)
         # A configuration enters tuned.json where it beat the default by more than timing noise
@@ -429,7 +438,7 @@ def main() -> int:
                 and not any(k["kernel"] == kernel and k["vocab_size"] == columns for k in tuned["kernels"])):
             tuned["kernels"].append(kernel_entry(kernel, columns, best))
             write_tuned(out_dir, tuned)
-        table[0][0] = f"default (block {default.block_v}, {default.num_warps} warps)"
+        table[0][0] = f"default ({label((default.block_v, default.num_warps, default.lane_stats))})"
         text.append(f"## {kernel}, {description} (bf16, {rows} x {columns})\n\n"
                     f"Copy ceiling: {copy_rate / 1e12:.2f} TB/s.\n\n"
                     + markdown_table(["configuration", "us", "TB/s", "% copy", "vs the default"], table) + "\n")

@@ -133,6 +133,12 @@ def analyse(kernel) -> dict:
         "tma_loads": len(re.findall(r"\bcp\.async\.bulk\.tensor", ptx)),
         "local_in_ptx": len(re.findall(r"\bld\.local|\bst\.local", ptx)),
     }
+    # The first loop's body (the forward's vocabulary loop): the cross-thread traffic each trip
+    # waits on. A block-wide reduction is warp shuffles plus barriers; per-lane statistics none.
+    start = ptx.find("Inner Loop Header")
+    if start >= 0:
+        body = ptx[start:ptx.find("bra", start)]
+        report.update(loop_shuffles=body.count("shfl.sync"), loop_barriers=body.count("bar.sync"))
     if "cubin" in kernel.asm:
         report.update(_resource_usage(kernel.asm["cubin"]))
     return report
@@ -146,23 +152,33 @@ def report(arch: int = 90) -> list[dict]:
             logits = torch.empty(rows_b, T, V, dtype=dtype, device="meta")
             labels = torch.empty(rows_b, T, dtype=torch.long, device="meta")
             lse = torch.empty(rows_b, T, dtype=torch.float32, device="meta")
-            with capture(fwd_module, "_token_logprobs_fwd_kernel") as fwd:
-                fwd_module.launch_forward(logits, labels, -100, extras_mask(extras))
-            with capture(bwd_module, "_token_logprobs_bwd_kernel") as bwd:
-                bwd_module.launch_backward(logits, labels, lse, lse, -100, torch.empty_like(logits))
-            launches = [("forward", fwd), ("backward", bwd)]
-            if extras != ALL_EXTRAS:
-                # split's forward: the same kernel also writing the row's gradient of logp
-                with capture(fwd_module, "_token_logprobs_fwd_kernel") as fwd_grad:
-                    fwd_module.launch_forward(logits, labels, -100, 0, write_grad=True)
-                launches.append(("forward+grad", fwd_grad))
+            launches = []
+            # The forward's vocabulary loop both ways: block-wide reductions (the rule on a GPU)
+            # and per-lane statistics (config.lane_stats), named "... lanes".
+            for lanes in (False, True):
+                suffix = " lanes" if lanes else ""
+                config_module.set_lane_stats(lanes)
+                try:
+                    with capture(fwd_module, "_token_logprobs_fwd_kernel") as fwd:
+                        fwd_module.launch_forward(logits, labels, -100, extras_mask(extras))
+                    launches.append(("forward" + suffix if extras != ALL_EXTRAS else "forward+all extras" + suffix,
+                                     fwd))
+                    if extras != ALL_EXTRAS:
+                        # split's forward: the same kernel also writing the row's gradient of logp
+                        with capture(fwd_module, "_token_logprobs_fwd_kernel") as fwd_grad:
+                            fwd_module.launch_forward(logits, labels, -100, 0, write_grad=True)
+                        launches.append(("forward+grad" + suffix, fwd_grad))
+                finally:
+                    config_module.set_lane_stats(None)
+            if extras != ALL_EXTRAS:  # the backward has no extras: once per dtype
+                with capture(bwd_module, "_token_logprobs_bwd_kernel") as bwd:
+                    bwd_module.launch_backward(logits, labels, lse, lse, -100, torch.empty_like(logits))
+                launches.append(("backward", bwd))
             for name, captured in launches:
                 grid, args, kwargs = captured.launches[0]
                 kernel = compile_launch(captured.fn, args, kwargs, target)
-                if name == "backward" and extras == ALL_EXTRAS:
-                    continue  # the backward has no extras: already compiled
                 rows.append({
-                    "kernel": name if extras != ALL_EXTRAS else "forward+all extras",
+                    "kernel": name,
                     "shape": [rows_b, T, V], "dtype": str(dtype).replace("torch.", ""),
                     "grid": list(grid), "block_v": kwargs["BLOCK_V"], "num_warps": kwargs["num_warps"],
                     **analyse(kernel),
@@ -222,12 +238,13 @@ def main(argv=None) -> int:
         print()
         return 0
     print(f"triton {triton.__version__}, sm_{args.arch}\n")
-    print("| kernel | shape | dtype | block | warps | regs | local B | loads (16 B) | stores (16 B) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| kernel | shape | dtype | block | warps | regs | local B | loads (16 B) | stores (16 B) | loop shuffles / barriers |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['kernel']} | {'x'.join(map(str, r['shape']))} | {r['dtype']} | {r['block_v']} | {r['num_warps']} "
               f"| {r.get('registers', '?')} | {r.get('local_bytes', '?')} | {r['global_loads']} ({r['global_loads_16B']}) "
-              f"| {r['global_stores']} ({r['global_stores_16B']}) |")
+              f"| {r['global_stores']} ({r['global_stores_16B']}) "
+              f"| {r.get('loop_shuffles', '')}{' / ' if 'loop_barriers' in r else ''}{r.get('loop_barriers', '')} |")
     return 0
 
 

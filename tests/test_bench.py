@@ -173,7 +173,7 @@ def test_token_kernel_sweep_smoke(tmp_path):
     report = (tmp_path / "token_kernel_sweep.md").read_text()
     assert report.count("| configuration | us | TB/s | % copy | vs the default |") == 3
     assert report.count("| way | us | TB/s | vs two kernels |") == 2
-    assert report.count("bit for bit") == 4 + 2 * 2 and report.count("| agrees |") == 2 and "DIFFERS" not in report
+    assert report.count("bit for bit") == 4 + 2 * 3 and report.count("| agrees |") == 3 and "DIFFERS" not in report
     assert report.count("| way | us | TFLOP/s | error | verdict |") == 1
     assert report.count("x the unfused |") == 3 and "Not run" not in report
     # What beat the rules, for the whole-step timings after it (gpu_checks.sh): every entry
@@ -185,6 +185,8 @@ def test_token_kernel_sweep_smoke(tmp_path):
     assert "Fastest fused tile here" in report
     for k in tuned["kernels"]:
         assert k["kernel"] in ("forward", "backward") and k["us"] < 0.98 * k["default_us"]
+        assert k["lane_stats"] in (True, False) and (k["kernel"] == "forward" or not k["lane_stats"])
+    assert "lane statistics" in report  # the forward's other loop is timed too
     assert [f["vocab_size"] for f in tuned["forward_and_grad"]] == [3000, 700]
     for f in tuned["forward_and_grad"]:
         assert (f["us"] < f["two_kernels_us"]) == f["one_kernel"] or f["us"] == f["two_kernels_us"]
@@ -197,10 +199,12 @@ def _write_tuning(path, tile, fused_us, unfused_us):
     path.write_text(json.dumps({
         "matmul": {"config": dataclasses.asdict(tile), "slice": "a slice", "fused_us": fused_us,
                    "unfused_us": unfused_us, "label": "64x64x32"},
-        "kernels": [{"kernel": "backward", "vocab_size": 8192, "block_v": 4096, "num_warps": 16, "us": 1.0,
-                     "default_us": 2.0}],
+        "kernels": [{"kernel": "backward", "vocab_size": 8192, "block_v": 4096, "num_warps": 16, "lane_stats": False,
+                     "us": 1.0, "default_us": 2.0},
+                    {"kernel": "forward", "vocab_size": 128256, "block_v": 8192, "num_warps": 8, "lane_stats": True,
+                     "us": 1.0, "default_us": 2.0}],
         "forward_and_grad": [{"vocab_size": 128256, "one_kernel": True, "block_v": 8192, "num_warps": 32,
-                              "us": 1.0, "two_kernels_us": 2.0},
+                              "lane_stats": True, "us": 1.0, "two_kernels_us": 2.0},
                              {"vocab_size": 32000, "one_kernel": False, "block_v": None, "num_warps": None,
                               "us": 1.0, "two_kernels_us": 1.0}],
     }))
@@ -219,6 +223,7 @@ def test_the_sweeps_tuning_reaches_the_whole_step_variants(tmp_path, monkeypatch
 
     rules = {"bf16": config.pick_matmul_config(torch.bfloat16), "fp32": config.pick_matmul_config(torch.float32),
              "backward": config.pick_config(8192, torch.bfloat16, kernel="backward"),
+             "forward": config.pick_config(128256, torch.bfloat16),
              "fwd_grad": config.pick_config(128256, torch.bfloat16, kernel="forward_and_grad")}
     assert not config.fuse_logits_grad(torch.bfloat16) and not config.fuse_forward_and_grad(128256, torch.bfloat16)
     tile = config.MatmulConfig(64, 64, 32, 4, 4, 2, use_tma=True)
@@ -233,6 +238,7 @@ def test_the_sweeps_tuning_reaches_the_whole_step_variants(tmp_path, monkeypatch
         assert config.pick_matmul_config(torch.bfloat16) == rules["bf16"]
         assert config.pick_config(8192, torch.bfloat16, kernel="backward") == rules["backward"]
         assert config.pick_config(128256, torch.bfloat16, kernel="forward_and_grad") == rules["fwd_grad"]
+        assert config.pick_config(128256, torch.bfloat16) == rules["forward"] and not rules["forward"].lane_stats
         assert config.fuse_forward_and_grad(32000, torch.bfloat16)  # the rule's (64 KB rows)
 
     with baselines_hidden.fused_logits_grad_matmul():
@@ -245,7 +251,9 @@ def test_the_sweeps_tuning_reaches_the_whole_step_variants(tmp_path, monkeypatch
         assert config.fuse_logits_grad(torch.bfloat16) and config.pick_matmul_config(torch.bfloat16) == tile
         assert config.pick_config(8192, torch.bfloat16, kernel="backward") == config.LaunchConfig(4096, 16)
         assert config.fuse_forward_and_grad(128256, torch.bfloat16)
-        assert config.pick_config(128256, torch.bfloat16, kernel="forward_and_grad") == config.LaunchConfig(8192, 32)
+        assert config.pick_config(128256, torch.bfloat16, kernel="forward_and_grad") == config.LaunchConfig(8192, 32, True)
+        assert config.pick_config(128256, torch.bfloat16) == config.LaunchConfig(8192, 8, True)
+        assert "forward at V=128256: block 8192, 8 warps, lane statistics" in tuning.describe()
         assert not config.fuse_forward_and_grad(32000, torch.bfloat16)  # two kernels were as fast
     restored()
     baselines_hidden.HIDDEN_BY_ID["ours_split_tuned"].check("cuda")

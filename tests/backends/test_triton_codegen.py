@@ -61,6 +61,23 @@ def test_forward_and_grad_reads_and_writes_16_byte_vectors(codegen):
         assert row["global_stores_16B"] >= 4 and row["global_stores"] - row["global_stores_16B"] <= 3, row
 
 
+def test_forward_lane_loop_has_no_cross_thread_traffic(codegen):
+    """The forward's per-lane loop (``config.lane_stats``): each trip's reductions stay inside a
+    thread (no warp shuffle, no barrier; the block loop has both, per statistic per block), with
+    the same 16-byte loads and no more registers than the block loop, plus one allocation unit."""
+    for kind in ("forward", "forward+grad", "forward+all extras"):
+        blocks = {(tuple(r["shape"]), r["dtype"]): r for r in codegen if r["kernel"] == kind}
+        lanes = [r for r in codegen if r["kernel"] == kind + " lanes"]
+        assert len(lanes) == len(blocks) > 0, kind
+        for row in lanes:
+            block_row = blocks[tuple(row["shape"]), row["dtype"]]
+            assert row["loop_shuffles"] == 0 and row["loop_barriers"] == 0, row
+            assert block_row["loop_barriers"] > 0, block_row
+            assert row["global_loads_16B"] == block_row["global_loads_16B"], row
+            if "registers" in row:
+                assert row["registers"] <= block_row["registers"] + 8, (row, block_row)
+
+
 def test_exp_is_the_fast_hardware_exp(codegen):
     for row in _rows(codegen, "forward") + _rows(codegen, "backward") + _rows(codegen, "forward+grad"):
         assert row["ex2_approx"] > 0, row

@@ -23,6 +23,10 @@ def interpreting() -> bool:
 class LaunchConfig:
     block_v: int
     num_warps: int
+    # The forward kernels' loop keeps per-lane running statistics, merged once per row
+    # (token_logprobs_fwd._fold_lanes), instead of block-wide reductions per block. The backward
+    # has no such loop and ignores it.
+    lane_stats: bool = False
 
 
 # Bytes of logits one program reads per loop step. 16 KB keeps a Hopper SM's load pipeline full
@@ -31,8 +35,37 @@ _GPU_BYTES_PER_STEP = 16384
 _INTERPRETER_BLOCK = 1024  # the interpreter runs programs one by one: small blocks, many of them
 
 # Tests shrink the block to exercise V above one block with small vocabularies;
-# benchmarks/token_kernel_sweep.py times other blocks and warps on a GPU.
-_override: LaunchConfig | None = None
+# benchmarks/token_kernel_sweep.py times other blocks and warps on a GPU. Overrides are kept as
+# (block_v, num_warps, lane_stats or None: the rule's).
+_override: tuple[int, int, bool | None] | None = None
+
+# The forward's vocabulary loop either reduces each block across the whole program (max, sum and
+# each extra: a cross-warp reduction with its barriers per statistic per block, the next block's
+# loads waiting behind them) or keeps running statistics per lane (one thread's 16-byte vector)
+# and reduces once per row. Compiled for sm_90 (benchmarks/triton_codegen.py, triton 3.9) the
+# lane loop has no shuffle and no barrier, 16-byte loads, and needs 40 registers at 8192 bf16
+# per step and 8 warps against the block loop's 64 (so 8 programs per SM instead of 4: twice the
+# bytes in flight); it costs one more exp per lane per block (1/8 of an exp per bf16 element).
+# Not yet timed on a GPU: the rule keeps the measured block loop there (run D: 2.5 TB/s), and
+# token_kernel_sweep.py times both. Under the interpreter the lane loop runs, so the CPU tests
+# cover it; tests force the block loop where they test it.
+_lane_stats_override: bool | None = None
+
+
+def set_lane_stats(enabled: bool | None) -> None:
+    """Force the forward's per-lane statistics (True), its block reductions (False), or restore
+    the rule of :func:`lane_stats` (None). An override with its own ``lane_stats`` wins."""
+    global _lane_stats_override
+    _lane_stats_override = enabled
+
+
+def lane_stats(kernel: str) -> bool:
+    """Whether ``kernel``'s launches use the per-lane loop (see above; never the backward)."""
+    if kernel == "backward":
+        return False
+    if _lane_stats_override is not None:
+        return _lane_stats_override
+    return interpreting()
 
 # The token kernels, as pick_config's callers name them: the forward, the forward that also
 # writes the gradient (WRITE_GRAD), the backward.
@@ -40,34 +73,37 @@ KERNELS = ("forward", "forward_and_grad", "backward")
 # Configurations forced for one kernel at one vocabulary size (the hidden path's full rows or
 # slices): what the benchmarks' tuned variants apply from the token sweep's timings, so that a
 # whole step can be timed with them before any becomes the rule.
-_kernel_overrides: dict[tuple[str, int], LaunchConfig] = {}
+_kernel_overrides: dict[tuple[str, int], tuple[int, int, bool | None]] = {}
 
 
-def _checked_launch(block_v: int, num_warps: int) -> LaunchConfig:
+def _checked_launch(block_v: int, num_warps: int, lane_stats: bool | None) -> tuple[int, int, bool | None]:
     if block_v < 16 or block_v & (block_v - 1):
         raise ValueError(f"block_v must be a power of two >= 16, got {block_v}")
     if num_warps < 1 or num_warps & (num_warps - 1):
         raise ValueError(f"num_warps must be a power of two >= 1, got {num_warps}")
-    return LaunchConfig(block_v=block_v, num_warps=num_warps)
+    return int(block_v), int(num_warps), None if lane_stats is None else bool(lane_stats)
 
 
-def set_block_override(block_v: int | None, num_warps: int = 4) -> None:
+def set_block_override(block_v: int | None, num_warps: int = 4, lane_stats: bool | None = None) -> None:
     """Force the vocabulary block size (a power of two) and the warps of every launch, or restore
-    the automatic rule with None."""
+    the automatic rule with None; ``lane_stats`` forces the forward's loop too (None: the rule's,
+    :func:`lane_stats`)."""
     global _override
-    _override = None if block_v is None else _checked_launch(block_v, num_warps)
+    _override = None if block_v is None else _checked_launch(block_v, num_warps, lane_stats)
 
 
-def set_kernel_override(kernel: str, vocab_size: int, block_v: int | None, num_warps: int = 4) -> None:
-    """Force the block and warps of one kernel (:data:`KERNELS`) at one vocabulary size (the
-    length of the rows it is launched on), or restore the rule there with ``block_v=None``.
-    :func:`set_block_override`, which forces every launch, takes precedence."""
+def set_kernel_override(kernel: str, vocab_size: int, block_v: int | None, num_warps: int = 4,
+                        lane_stats: bool | None = None) -> None:
+    """Force the block and warps (and, for a forward, the loop: ``lane_stats``, None for the
+    rule's) of one kernel (:data:`KERNELS`) at one vocabulary size (the length of the rows it is
+    launched on), or restore the rule there with ``block_v=None``. :func:`set_block_override`,
+    which forces every launch, takes precedence."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     if block_v is None:
         _kernel_overrides.pop((kernel, int(vocab_size)), None)
     else:
-        _kernel_overrides[kernel, int(vocab_size)] = _checked_launch(block_v, num_warps)
+        _kernel_overrides[kernel, int(vocab_size)] = _checked_launch(block_v, num_warps, lane_stats)
 
 
 def clear_kernel_overrides() -> None:
@@ -88,21 +124,23 @@ def pick_config(vocab_size: int, dtype: torch.dtype, extras: frozenset[str] = fr
                 kernel: str = "forward") -> LaunchConfig:
     """Block of the vocabulary one program handles per step, and the warps behind it, for
     ``kernel`` (:data:`KERNELS`) on rows of ``vocab_size``."""
-    if _override is not None:
-        return _override
-    forced = _kernel_overrides.get((kernel, vocab_size))
+    lanes = lane_stats(kernel)
+    forced = _override if _override is not None else _kernel_overrides.get((kernel, vocab_size))
     if forced is not None:
-        return forced
+        block_v, num_warps, forced_lanes = forced
+        return LaunchConfig(block_v, num_warps, lanes if forced_lanes is None or kernel == "backward"
+                            else forced_lanes)
     if interpreting():
-        return LaunchConfig(block_v=min(_INTERPRETER_BLOCK, triton.next_power_of_2(vocab_size)), num_warps=1)
+        return LaunchConfig(block_v=min(_INTERPRETER_BLOCK, triton.next_power_of_2(vocab_size)), num_warps=1,
+                            lane_stats=lanes)
     elem = dtype.itemsize
     if extras & _REGISTER_HEAVY_EXTRAS:
         block_v = max(min(_HEAVY_BYTES_PER_STEP // elem, triton.next_power_of_2(vocab_size)), 128)
-        return LaunchConfig(block_v=block_v, num_warps=4)
+        return LaunchConfig(block_v=block_v, num_warps=4, lane_stats=lanes)
     block_v = min(_GPU_BYTES_PER_STEP // elem, triton.next_power_of_2(vocab_size))
     block_v = max(block_v, 128)
     num_warps = 8 if block_v >= 4096 else 4
-    return LaunchConfig(block_v=block_v, num_warps=num_warps)
+    return LaunchConfig(block_v=block_v, num_warps=num_warps, lane_stats=lanes)
 
 
 # split's forward needs each row's gradient of logp right after its forward. One kernel can do

@@ -81,6 +81,67 @@ def _fold_block(z, offs, real, running_max, running_sum, logits_sum, z_dot_e, su
 
 
 @triton.jit
+def _fold_lanes(z, offs, real, lane_max, lane_sum, lane_logits_sum, lane_z_dot_e, lane_sum_e2, lane_best_z,
+                lane_best_idx, V, WITH_LOGITS_SUM: tl.constexpr, WITH_ENTROPY: tl.constexpr,
+                WITH_ACCURACY: tl.constexpr, WITH_LSE_2Z: tl.constexpr):
+    """:func:`_fold_block` for a block shaped ``[R, LANE]`` into per-lane statistics ``[R]``.
+
+    Each lane (one row of the block: one 16-byte vector, which one thread loads) keeps its own
+    running max and sums across the blocks of the vocabulary loop, so every reduction here runs
+    inside one thread: no shuffle and no barrier in the loop (the block-wide version needs a
+    cross-warp reduction, with its barriers, per statistic per block, and the next block's loads
+    wait behind them). The price is one more exp per lane per block (the lane's rescale), 1/LANE
+    of an exp per element. The same formulas and the same infinity rules as :func:`_fold_block`."""
+    block_max = tl.max(z, 1)
+    new_max = tl.maximum(lane_max, block_max)
+    shift = tl.where(tl.abs(new_max) == float("inf"), 0.0, new_max)
+    alpha = tl.exp(lane_max - shift)
+    e = tl.exp(z - shift[:, None])
+    lane_sum = lane_sum * alpha + tl.sum(e, 1)
+    if WITH_LOGITS_SUM:
+        lane_logits_sum += tl.sum(tl.where(real, z, 0.0), 1)
+    if WITH_ENTROPY:
+        lane_z_dot_e = lane_z_dot_e * alpha + tl.sum(tl.where(e > 0, e * z, 0.0), 1)
+    if WITH_LSE_2Z:
+        lane_sum_e2 = lane_sum_e2 * (alpha * alpha) + tl.sum(e * e, 1)
+    if WITH_ACCURACY:
+        block_idx = tl.min(tl.where(real & (z == block_max[:, None]), offs, V), 1)
+        take = (block_max > lane_best_z) | ((block_max == lane_best_z) & (block_idx < lane_best_idx))
+        lane_best_idx = tl.where(take, block_idx, lane_best_idx)
+        lane_best_z = tl.maximum(lane_best_z, block_max)
+    return new_max, lane_sum, lane_logits_sum, lane_z_dot_e, lane_sum_e2, lane_best_z, lane_best_idx
+
+
+@triton.jit
+def _merge_lanes(lane_max, lane_sum, lane_logits_sum, lane_z_dot_e, lane_sum_e2, lane_best_z, lane_best_idx,
+                 running_max, running_sum, logits_sum, z_dot_e, sum_e2, best_z, best_idx, V,
+                 WITH_LOGITS_SUM: tl.constexpr, WITH_ENTROPY: tl.constexpr, WITH_ACCURACY: tl.constexpr,
+                 WITH_LSE_2Z: tl.constexpr):
+    """The lanes' statistics ``[R]`` and the scalar ones of the row's head and tail, merged into the
+    row's: once per row, after the vocabulary loop. Each sum is rescaled from its own max to the
+    row's (``exp(max - shift)``, 0 for a lane that saw nothing), as the loop rescales per block."""
+    lanes_top = tl.max(lane_max, 0)
+    new_max = tl.maximum(running_max, lanes_top)
+    shift = tl.where(tl.abs(new_max) == float("inf"), 0.0, new_max)
+    alpha = tl.exp(running_max - shift)
+    weight = tl.exp(lane_max - shift)
+    running_sum = running_sum * alpha + tl.sum(lane_sum * weight, 0)
+    if WITH_LOGITS_SUM:
+        logits_sum += tl.sum(lane_logits_sum, 0)
+    if WITH_ENTROPY:
+        z_dot_e = z_dot_e * alpha + tl.sum(tl.where(weight > 0, lane_z_dot_e * weight, 0.0), 0)
+    if WITH_LSE_2Z:
+        sum_e2 = sum_e2 * (alpha * alpha) + tl.sum(lane_sum_e2 * (weight * weight), 0)
+    if WITH_ACCURACY:
+        lanes_best = tl.max(lane_best_z, 0)
+        lanes_idx = tl.min(tl.where(lane_best_z == lanes_best, lane_best_idx, V), 0)
+        take = (lanes_best > best_z) | ((lanes_best == best_z) & (lanes_idx < best_idx))
+        best_idx = tl.where(take, lanes_idx, best_idx)
+        best_z = tl.maximum(best_z, lanes_best)
+    return new_max, running_sum, logits_sum, z_dot_e, sum_e2, best_z, best_idx
+
+
+@triton.jit
 def _token_logprobs_fwd_kernel(
     logits_ptr, labels_ptr, logp_ptr, lse_ptr,
     logits_sum_ptr, entropy_ptr, accuracy_ptr, lse_2z_ptr,
@@ -97,6 +158,8 @@ def _token_logprobs_fwd_kernel(
     WITH_LSE_2Z: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
     ROUND_BY_BITS: tl.constexpr,  # the interpreter's bf16 cast truncates: round on the bits (_common.round_to)
+    LANE_STATS: tl.constexpr,  # per-lane running statistics in the loop (_fold_lanes), merged once per row
+    LANE: tl.constexpr,  # elements per lane with LANE_STATS: the 16-byte vector (8 when loads are scalar)
 ):
     row = tl.program_id(0).to(tl.int64)
     b = row // T
@@ -128,14 +191,38 @@ def _token_logprobs_fwd_kernel(
     # The body: whole 16-byte vectors from a 16-byte boundary (true by construction of head).
     body_ptr = logits_ptr + tl.multiple_of(row_start + head * stride_zv, VEC)
     body = tl.multiple_of(body, VEC)
-    for v_start in range(0, body, BLOCK_V):
-        offs = v_start + tl.arange(0, BLOCK_V)
-        in_body = offs < body
-        z = tl.load(body_ptr + offs.to(tl.int64) * stride_zv, mask=in_body, other=float("-inf"))
-        # upcast right after the load: all arithmetic in fp32
-        running_max, running_sum, logits_sum, z_dot_e, sum_e2, best_z, best_idx = _fold_block(
-            z.to(ACC_DTYPE), head + offs, in_body, running_max, running_sum, logits_sum, z_dot_e, sum_e2,
-            best_z, best_idx, V, WITH_LOGITS_SUM, WITH_ENTROPY, WITH_ACCURACY, WITH_LSE_2Z)
+    if LANE_STATS:
+        # The block as [R, LANE]: a row of it is one thread's vector (see _fold_lanes).
+        R: tl.constexpr = BLOCK_V // LANE
+        lanes = tl.arange(0, R)[:, None] * LANE + tl.arange(0, LANE)[None, :]
+        lane_max = tl.full([R], float("-inf"), ACC_DTYPE)
+        lane_sum = tl.zeros([R], ACC_DTYPE)
+        lane_logits_sum = tl.zeros([R], ACC_DTYPE)
+        lane_z_dot_e = tl.zeros([R], ACC_DTYPE)
+        lane_sum_e2 = tl.zeros([R], ACC_DTYPE)
+        lane_best_z = tl.full([R], float("-inf"), ACC_DTYPE)
+        lane_best_idx = tl.zeros([R], tl.int32)
+        for v_start in range(0, body, BLOCK_V):
+            offs = v_start + lanes
+            in_body = offs < body
+            z = tl.load(body_ptr + offs.to(tl.int64) * stride_zv, mask=in_body, other=float("-inf"))
+            lane_max, lane_sum, lane_logits_sum, lane_z_dot_e, lane_sum_e2, lane_best_z, lane_best_idx = _fold_lanes(
+                z.to(ACC_DTYPE), head + offs, in_body, lane_max, lane_sum, lane_logits_sum, lane_z_dot_e,
+                lane_sum_e2, lane_best_z, lane_best_idx, V, WITH_LOGITS_SUM, WITH_ENTROPY, WITH_ACCURACY,
+                WITH_LSE_2Z)
+        running_max, running_sum, logits_sum, z_dot_e, sum_e2, best_z, best_idx = _merge_lanes(
+            lane_max, lane_sum, lane_logits_sum, lane_z_dot_e, lane_sum_e2, lane_best_z, lane_best_idx,
+            running_max, running_sum, logits_sum, z_dot_e, sum_e2, best_z, best_idx, V,
+            WITH_LOGITS_SUM, WITH_ENTROPY, WITH_ACCURACY, WITH_LSE_2Z)
+    else:
+        for v_start in range(0, body, BLOCK_V):
+            offs = v_start + tl.arange(0, BLOCK_V)
+            in_body = offs < body
+            z = tl.load(body_ptr + offs.to(tl.int64) * stride_zv, mask=in_body, other=float("-inf"))
+            # upcast right after the load: all arithmetic in fp32
+            running_max, running_sum, logits_sum, z_dot_e, sum_e2, best_z, best_idx = _fold_block(
+                z.to(ACC_DTYPE), head + offs, in_body, running_max, running_sum, logits_sum, z_dot_e, sum_e2,
+                best_z, best_idx, V, WITH_LOGITS_SUM, WITH_ENTROPY, WITH_ACCURACY, WITH_LSE_2Z)
 
     # An ignored row (and a row of -inf) has running_sum == 0: log(1) keeps lse = running_max.
     shift = tl.where(tl.abs(running_max) == float("inf"), 0.0, running_max)
@@ -187,6 +274,13 @@ def _token_logprobs_fwd_kernel(
         tl.store(peel_ptr, cast_rounded(grad_peel, logits_ptr.dtype.element_ty, ROUND_BY_BITS), mask=peel_real)
 
 
+def lane_width(vec: int) -> int:
+    """Elements per lane of the LANE_STATS loop: one 16-byte vector, so a lane is one thread's load
+    and its reductions stay in that thread; 8 where loads are scalar (an unaligned or strided row:
+    then a lane spans threads, whose reductions are shuffles within a warp, still no barrier)."""
+    return vec if vec > 1 else 8
+
+
 def launch_forward(
     logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, extras_mask: int, write_grad: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -215,6 +309,8 @@ def launch_forward(
         WITH_LSE_2Z="lse_2z" in extras,
         WRITE_GRAD=write_grad,
         ROUND_BY_BITS=interpreting(),
+        LANE_STATS=cfg.lane_stats,
+        LANE=min(lane_width(vector_width(logits)), cfg.block_v),
         num_warps=cfg.num_warps,
     )
     return logp, lse, stacked
