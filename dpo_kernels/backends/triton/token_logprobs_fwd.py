@@ -15,6 +15,11 @@ independent strides, so ``logits[:, :-1]`` and any other strided view are read i
 offsets are 64-bit (``B * T * V`` passes 2^31 at realistic shapes). Each row is split into an
 unaligned head and tail (read in one small masked step) and a body that starts on a 16-byte
 boundary, so the vocabulary loop uses 16-byte vector loads whatever V is (see ``row_split``).
+The vocabulary loop takes one of two forms (``LANE_STATS``, chosen by ``config.lane_stats``): each
+block reduced across the whole program into running row statistics (:func:`_fold_block`: a
+cross-warp reduction per statistic per block), or per-lane running statistics, a lane being one
+thread's vector, merged once per row after the loop (:func:`_fold_lanes`, :func:`_merge_lanes`:
+no cross-thread reduction inside the loop). The same formulas; the sums differ only in order.
 An ignored row makes no vocabulary pass at all, and all its outputs are 0. A label outside
 ``[0, V)`` that is not ``ignore_index`` is never used as an address: its row reports
 ``logp = NaN`` so the error cannot pass silently.
