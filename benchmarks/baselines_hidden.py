@@ -423,8 +423,12 @@ class Tuning:
             return None
         from dpo_kernels.backends.triton.config import MatmulConfig
 
-        with open(path) as f:
-            found = json.load(f)
+        try:
+            with open(path) as f:
+                found = json.load(f)
+        except (OSError, ValueError) as exc:  # unreadable: the rules, and say why
+            print(f"baselines_hidden: ignoring {path}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return None
         mm = found.get("matmul")
         note = "" if mm is None else (f"{mm['label']}: the token sweep's fastest at {mm['slice']} "
                                       f"({mm['fused_us']:.1f} us, unfused {mm['unfused_us']:.1f} us)")

@@ -354,8 +354,9 @@ def write_tuned(out_dir: str, tuned: dict) -> str:
     import json
 
     path = os.path.join(out_dir, TUNED_FILE)
-    with open(path, "w") as f:
+    with open(path + ".tmp", "w") as f:
         json.dump(tuned, f, indent=1)
+    os.replace(path + ".tmp", path)  # whole or not at all, should the call be cut mid-write
     return path
 
 

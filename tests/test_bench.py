@@ -263,6 +263,8 @@ def test_the_sweeps_tuning_reaches_the_whole_step_variants(tmp_path, monkeypatch
         assert "fused matmul off" in tuning.describe() and not config.fuse_logits_grad(torch.bfloat16)
     restored()
 
+    path.write_text('{"matmul": {"config"')  # cut mid-write: ignored, as no file
+    assert baselines_hidden.Tuning.load() is None
     monkeypatch.setenv(baselines_hidden.TUNED_ENV, str(tmp_path / "none.json"))
     assert baselines_hidden.swept_matmul_config() is None
     assert baselines_hidden.swept_matmul_label().startswith("the default")
