@@ -43,9 +43,10 @@ _override: tuple[int, int, bool | None] | None = None
 # each extra: a cross-warp reduction with its barriers per statistic per block, the next block's
 # loads waiting behind them) or keeps running statistics per lane (one thread's 16-byte vector)
 # and reduces once per row. Compiled for sm_90 (benchmarks/triton_codegen.py, triton 3.9) the
-# lane loop has no shuffle and no barrier, 16-byte loads, and needs 40 registers at 8192 bf16
-# per step and 8 warps against the block loop's 64 (so 8 programs per SM instead of 4: twice the
-# bytes in flight); it costs one more exp per lane per block (1/8 of an exp per bf16 element).
+# lane loop has no shuffle and no barrier, the same 16-byte loads, and 59 registers at 8192 bf16
+# per step and 8 warps against the block loop's 64 (both 4 programs per SM): what it changes is
+# that a warp's next loads no longer wait for the whole program at a barrier. It costs one more
+# exp per lane per block (1/8 of an exp per bf16 element).
 # Not yet timed on a GPU: the rule keeps the measured block loop there (run D: 2.5 TB/s), and
 # token_kernel_sweep.py times both. Under the interpreter the lane loop runs, so the CPU tests
 # cover it; tests force the block loop where they test it.
@@ -66,6 +67,7 @@ def lane_stats(kernel: str) -> bool:
     if _lane_stats_override is not None:
         return _lane_stats_override
     return interpreting()
+
 
 # The token kernels, as pick_config's callers name them: the forward, the forward that also
 # writes the gradient (WRITE_GRAD), the backward.
