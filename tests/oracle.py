@@ -36,6 +36,22 @@ def token_logprobs(logits, labels, ignore_index=IGNORE):
     return logp, torch.where(scored, lse, torch.zeros_like(lse))
 
 
+def token_extras(logits, labels, ignore_index=IGNORE):
+    """The kernel contract's same-pass extras in float64, 0 on ignored tokens: the logits sum, the
+    entropy, argmax == label (first index on ties) and logsumexp(2 z)."""
+    z = logits.double()
+    scored = labels != ignore_index
+    lse = torch.logsumexp(z, -1)
+    p = torch.softmax(z, -1)
+    want = {
+        "logits_sum": z.sum(-1),
+        "entropy": lse - torch.where(p > 0, p * z, 0.0).sum(-1),
+        "accuracy": (z.argmax(-1) == labels).double(),
+        "lse_2z": torch.logsumexp(2 * z, -1),
+    }
+    return {k: torch.where(scored, v, 0.0) for k, v in want.items()}
+
+
 def sequence_logps(token_logp, labels, average, ignore_index=IGNORE):
     total = token_logp.sum(-1)
     if average:

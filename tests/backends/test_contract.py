@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dpo_kernels.backends import forward_and_grad_, load_backend
-from oracle import IGNORE, assert_close_grad, token_logprobs
+from oracle import IGNORE, assert_close_grad, token_extras, token_logprobs
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 VOCABS = [1, 7, 255, 1000, 3001]  # 1000 and 3001 span several 256-wide blocks
@@ -242,20 +242,6 @@ def test_empty_batch(backend):
 ALL_EXTRAS = frozenset({"logits_sum", "entropy", "accuracy", "lse_2z"})
 
 
-def _oracle_extras(logits, labels):
-    z = logits.double()
-    scored = labels != IGNORE
-    lse = torch.logsumexp(z, -1)
-    p = torch.softmax(z, -1)
-    want = {
-        "logits_sum": z.sum(-1),
-        "entropy": lse - torch.where(p > 0, p * z, 0.0).sum(-1),
-        "accuracy": (z.argmax(-1) == labels).double(),
-        "lse_2z": torch.logsumexp(2 * z, -1),
-    }
-    return {k: torch.where(scored, v, 0.0) for k, v in want.items()}
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("V", [7, 301, 1030])
 def test_same_pass_extras_match_oracle(backend, small_block, dtype, V):
@@ -269,7 +255,7 @@ def test_same_pass_extras_match_oracle(backend, small_block, dtype, V):
     labels = torch.where(take, argmax, labels)
     logp, lse, extras = ops.token_logprobs_forward(logits, labels, IGNORE, ALL_EXTRAS)
     assert set(extras) == ALL_EXTRAS
-    want = _oracle_extras(logits, labels)
+    want = token_extras(logits, labels)
     tol = 1e-10 if dtype == torch.float64 else 2e-5
     for name in ALL_EXTRAS:
         assert extras[name].dtype == logp.dtype and extras[name].shape == (3, 5)
@@ -302,7 +288,7 @@ def test_extras_of_masked_vocabulary_and_ignored_rows(backend):
     logits[0, 1] = float("nan")  # ignored: never read, extras 0
     labels = torch.tensor([[7, IGNORE, 9]])
     _, _, extras = ops.token_logprobs_forward(logits, labels, IGNORE, ALL_EXTRAS)
-    want = _oracle_extras(torch.where(torch.isnan(logits), 0.0, logits), labels)
+    want = token_extras(torch.where(torch.isnan(logits), 0.0, logits), labels)
     for name in ("entropy", "accuracy", "lse_2z"):
         torch.testing.assert_close(extras[name].double(), want[name], rtol=1e-5, atol=1e-5, msg=name)
     assert extras["logits_sum"][0, 0] == float("-inf")

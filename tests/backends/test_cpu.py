@@ -15,7 +15,7 @@ import warnings
 import pytest
 import torch
 
-from oracle import IGNORE, assert_close_grad, token_logprobs
+from oracle import IGNORE, assert_close_grad, token_extras, token_logprobs
 
 cpu = pytest.importorskip("dpo_kernels.backends.cpu", reason="C++ extension dpo_kernels._C not built")
 
@@ -52,20 +52,6 @@ def _oracle_grad(logits, labels, coef):
     return z.grad
 
 
-def _oracle_extras(logits, labels):
-    """The extras in float64 (the definitions of backends/reference.py); 0 on ignored rows."""
-    z = logits.double()
-    lse = torch.logsumexp(z, -1)
-    p = torch.exp(z - lse.unsqueeze(-1))
-    want = {
-        "logits_sum": z.sum(-1),
-        "entropy": lse - torch.where(p > 0, p * z, 0.0).sum(-1),
-        "accuracy": (z.argmax(-1) == labels).double(),
-        "lse_2z": torch.logsumexp(2 * z, -1),
-    }
-    return {k: torch.where(labels == IGNORE, 0.0, v) for k, v in want.items()}
-
-
 def _check_forward(logits, labels, logp, lse, extras=None, equal_nan=False):
     dtype = logits.dtype
     tol = _tol(dtype)
@@ -76,7 +62,7 @@ def _check_forward(logits, labels, logp, lse, extras=None, equal_nan=False):
     torch.testing.assert_close(lse.double(), want_lse, rtol=tol, atol=tol * 10, equal_nan=equal_nan)
     ignored = labels == IGNORE
     assert (logp[ignored] == 0).all() and (lse[ignored] == 0).all()
-    want = _oracle_extras(logits, labels)
+    want = token_extras(logits, labels)
     V = logits.shape[-1]
     for name, value in (extras or {}).items():
         assert value.dtype == logp.dtype and value.shape == labels.shape and value.is_contiguous(), name
@@ -166,7 +152,7 @@ def test_out_of_range_labels_give_nan_and_no_out_of_bounds_read(label_dtype):
     torch.testing.assert_close(lse.double(), want_lse, rtol=2e-5, atol=2e-4)
     assert torch.isfinite(lse).all() and all(torch.isfinite(v).all() for v in extras.values())
     assert (extras["accuracy"][bad] == 0).all()  # a label outside the row is never the argmax
-    want = _oracle_extras(logits, labels)
+    want = token_extras(logits, labels)
     for name in ("logits_sum", "entropy", "lse_2z"):
         torch.testing.assert_close(extras[name].double(), want[name], rtol=2e-5, atol=2e-3, msg=name)
     coef = torch.randn(3, 4)
@@ -262,7 +248,7 @@ def test_non_finite_logits_across_chunks():
     assert lse[0, 1] == float("-inf") and lse[0, 2] == float("inf") and torch.isnan(lse[0, 3])
     assert torch.isnan(lse[0, 6]) and lse[0, 7] == float("inf") and torch.isnan(lse[0, 8])
     assert torch.isfinite(logp[0, [0, 4, 5, 9]]).all()
-    want = _oracle_extras(logits, labels)
+    want = token_extras(logits, labels)
     for name in ("entropy", "lse_2z"):
         torch.testing.assert_close(extras[name].double(), want[name], rtol=2e-5, atol=2e-4, equal_nan=True,
                                    msg=name)
@@ -387,7 +373,7 @@ def test_compiles_with_torch_compile():
     want_logp, want_lse = token_logprobs(logits, labels)
     torch.testing.assert_close(total.double(), want_logp.sum(), rtol=2e-5, atol=2e-4)
     torch.testing.assert_close(lse.double(), want_lse, rtol=2e-5, atol=2e-4)
-    torch.testing.assert_close(entropy.double(), _oracle_extras(logits, labels)["entropy"], rtol=2e-5, atol=2e-4)
+    torch.testing.assert_close(entropy.double(), token_extras(logits, labels)["entropy"], rtol=2e-5, atol=2e-4)
 
 
 @pytest.mark.parametrize(

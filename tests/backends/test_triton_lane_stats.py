@@ -16,7 +16,7 @@ pytest.importorskip("triton")
 from dpo_kernels.backends import load_backend  # noqa: E402
 from dpo_kernels.backends.triton import config  # noqa: E402
 from dpo_kernels.backends.triton.token_logprobs_fwd import lane_width  # noqa: E402
-from oracle import IGNORE, token_logprobs  # noqa: E402
+from oracle import IGNORE, token_extras, token_logprobs  # noqa: E402
 
 ALL_EXTRAS = frozenset({"logits_sum", "entropy", "accuracy", "lse_2z"})
 LOOPS = {"lanes": True, "blocks": False}
@@ -38,17 +38,8 @@ def forward(logits, labels, extras=ALL_EXTRAS, *, lanes: bool, block: int = 256)
 
 
 def oracle(logits, labels):
-    z = logits.double()
-    scored = labels != IGNORE
     logp, lse = token_logprobs(logits, labels)
-    p = torch.softmax(z, -1)
-    extras = {
-        "logits_sum": z.sum(-1),
-        "entropy": lse - torch.where(p > 0, p * z, 0.0).sum(-1),
-        "accuracy": (z.argmax(-1) == labels).double(),
-        "lse_2z": torch.logsumexp(2 * z, -1),
-    }
-    return logp, lse, {k: torch.where(scored, v, 0.0) for k, v in extras.items()}
+    return logp, lse, token_extras(logits, labels)
 
 
 def same_specials(a, b):
