@@ -408,6 +408,20 @@ MEMORY_CASES = [
 ]
 
 
+def _memory_case(case):
+    """A MEMORY_CASES row's inputs: ``(mode, P, hidden, weight, bias, labels, inputs needing a
+    gradient, the size options)``, with the gradients the case asks for."""
+    mode, P, T, H, V, chunk, vocab_chunk, softcap, bias, frozen, metrics = case
+    hidden, weight, b, labels = make_inputs(P, T, H, V, bias=bias, prompt=T // 4, seed=3)
+    hidden.requires_grad_(True)
+    weight.requires_grad_(not frozen)
+    if b is not None:
+        b.requires_grad_(True)
+    inputs = [t for t in (hidden, weight, b) if t is not None and t.requires_grad]
+    options = dict(chunk_tokens=chunk, vocab_chunk=vocab_chunk, logit_softcap=softcap, token_metrics=metrics)
+    return mode, P, hidden, weight, b, labels, inputs, options
+
+
 @pytest.mark.parametrize("case", MEMORY_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_peak_estimate_matches_the_allocator(case):
     """``estimate_linear_memory`` (auto's memory check) against the CPU allocator's peak over a
@@ -418,14 +432,7 @@ def test_peak_estimate_matches_the_allocator(case):
     from dpo_kernels import estimate_linear_memory
     from dpo_kernels.bench import peak_extra_bytes
 
-    mode, P, T, H, V, chunk, vocab_chunk, softcap, bias, frozen, metrics = case
-    hidden, weight, b, labels = make_inputs(P, T, H, V, bias=bias, prompt=T // 4, seed=3)
-    hidden.requires_grad_(True)
-    weight.requires_grad_(not frozen)
-    if b is not None:
-        b.requires_grad_(True)
-    inputs = [t for t in (hidden, weight, b) if t is not None and t.requires_grad]
-    options = dict(chunk_tokens=chunk, vocab_chunk=vocab_chunk, logit_softcap=softcap, token_metrics=metrics)
+    mode, P, hidden, weight, b, labels, inputs, options = _memory_case(case)
 
     def step():
         out = fused_linear_dpo_loss(hidden, weight, labels, b, ref_logps=torch.randn(2 * P) - 30, mode=mode,
@@ -464,14 +471,7 @@ def test_peak_estimate_of_fused_slices_matches_the_allocator(case, monkeypatch):
     from dpo_kernels import api, estimate_linear_memory
     from dpo_kernels.bench import peak_extra_bytes
 
-    mode, P, T, H, V, chunk, vocab_chunk, softcap, bias, frozen, metrics = case
-    hidden, weight, b, labels = make_inputs(P, T, H, V, bias=bias, prompt=T // 4, seed=3)
-    hidden.requires_grad_(True)
-    weight.requires_grad_(not frozen)
-    if b is not None:
-        b.requires_grad_(True)
-    inputs = [t for t in (hidden, weight, b) if t is not None and t.requires_grad]
-    options = dict(chunk_tokens=chunk, vocab_chunk=vocab_chunk, logit_softcap=softcap, token_metrics=metrics)
+    mode, P, hidden, weight, b, labels, inputs, options = _memory_case(case)
     ref = torch.randn(2 * P) - 30
 
     def step():
@@ -490,7 +490,7 @@ def test_peak_estimate_of_fused_slices_matches_the_allocator(case, monkeypatch):
     if peak is None:
         pytest.skip("the CPU allocator's events are not observable here")
     estimate = estimate_linear_memory(hidden, weight, labels, b, backend="cpu", **options)[mode]
-    if frozen and not bias:  # no weight or bias gradient: the backward forms no slices
+    if not weight.requires_grad and b is None:  # no weight or bias gradient: the backward forms no slices
         assert estimate == unfused_estimate
     else:
         assert estimate < unfused_estimate
