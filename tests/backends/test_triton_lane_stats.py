@@ -1,5 +1,5 @@
 """The Triton forward's two vocabulary loops, side by side: per-lane running statistics merged once
-per row (``LANE_STATS``, ``token_logprobs_fwd._fold_lanes``) and block-wide reductions per block.
+per row (``LANE_STATS``, ``token_logprobs_fwd._fold_block`` with ``AXIS = 1``) and block-wide reductions per block.
 
 The contract tests run whichever loop the rule takes (the lanes under the interpreter); here both
 run on the same inputs and each is held to the float64 oracle, and to the other: the special

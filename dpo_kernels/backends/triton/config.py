@@ -24,7 +24,7 @@ class LaunchConfig:
     block_v: int
     num_warps: int
     # The forward kernels' loop keeps per-lane running statistics, merged once per row
-    # (token_logprobs_fwd._fold_lanes), instead of block-wide reductions per block. The backward
+    # (token_logprobs_fwd._fold_block on [R, LANE] blocks), instead of block-wide reductions per block. The backward
     # has no such loop and ignores it.
     lane_stats: bool = False
 

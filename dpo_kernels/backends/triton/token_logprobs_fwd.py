@@ -18,8 +18,9 @@ boundary, so the vocabulary loop uses 16-byte vector loads whatever V is (see ``
 The vocabulary loop takes one of two forms (``LANE_STATS``, chosen by ``config.lane_stats``): each
 block reduced across the whole program into running row statistics (:func:`_fold_block`: a
 cross-warp reduction per statistic per block), or per-lane running statistics, a lane being one
-thread's vector, merged once per row after the loop (:func:`_fold_lanes`, :func:`_merge_lanes`:
-no cross-thread reduction inside the loop). The same formulas; the sums differ only in order.
+thread's vector, merged once per row after the loop (the same :func:`_fold_block` on ``[R, LANE]``
+blocks, then :func:`_merge_lanes`: no cross-thread reduction inside the loop). The same formulas;
+the sums differ only in order.
 An ignored row makes no vocabulary pass at all, and all its outputs are 0. A label outside
 ``[0, V)`` that is not ``ignore_index`` is never used as an address: its row reports
 ``logp = NaN`` so the error cannot pass silently.
@@ -53,68 +54,48 @@ from .token_logprobs_bwd import token_logprobs_backward
 @triton.jit
 def _fold_block(z, offs, real, running_max, running_sum, logits_sum, z_dot_e, sum_e2, best_z, best_idx,
                 V, WITH_LOGITS_SUM: tl.constexpr, WITH_ENTROPY: tl.constexpr, WITH_ACCURACY: tl.constexpr,
-                WITH_LSE_2Z: tl.constexpr):
+                WITH_LSE_2Z: tl.constexpr, AXIS: tl.constexpr):
     """Fold one block of a row (``real`` lanes; others are -inf) into the running statistics.
 
     All sums are relative to the running max M: S = sum e, e = exp(z - M); entropy needs
     sum e * z, and logsumexp(2z) = 2M + log(sum e^2), so the extras cost no further exp.
+
+    ``AXIS = 0``: ``z`` is the block ``[BLOCK_V]`` and the statistics are the row's scalars (each
+    reduction spans the whole program). ``AXIS = 1`` (``LANE_STATS``): ``z`` is ``[R, LANE]`` and
+    the statistics are per lane ``[R]``, a lane being one thread's vector: every reduction stays
+    inside a thread, so the loop has no shuffle and no barrier (the lanes are merged once per row,
+    :func:`_merge_lanes`), for one more exp per lane per block (its rescale).
     """
-    block_max = tl.max(z, 0)
+    block_max = tl.max(z, AXIS)
     new_max = tl.maximum(running_max, block_max)
     # An infinite max is not a usable shift: with -inf (a block or row of masked vocabulary)
     # exp(-inf - -inf) would make a NaN of a legitimate row, and with +inf the sum must become
     # +inf (as torch.logsumexp gives), not inf - inf. Shift by 0 in both cases.
     shift = tl.where(tl.abs(new_max) == float("inf"), 0.0, new_max)
     alpha = tl.exp(running_max - shift)
-    e = tl.exp(z - shift)
-    running_sum = running_sum * alpha + tl.sum(e, 0)
+    if AXIS == 1:  # the lanes' values against each element of their lane
+        shift_z = shift[:, None]
+        max_z = block_max[:, None]
+    else:
+        shift_z = shift
+        max_z = block_max
+    e = tl.exp(z - shift_z)
+    running_sum = running_sum * alpha + tl.sum(e, AXIS)
     if WITH_LOGITS_SUM:
-        logits_sum += tl.sum(tl.where(real, z, 0.0), 0)
+        logits_sum += tl.sum(tl.where(real, z, 0.0), AXIS)
     if WITH_ENTROPY:
         # e == 0 where z == -inf: p * z -> 0 there, and 0 * -inf must not make a NaN.
-        z_dot_e = z_dot_e * alpha + tl.sum(tl.where(e > 0, e * z, 0.0), 0)
+        z_dot_e = z_dot_e * alpha + tl.sum(tl.where(e > 0, e * z, 0.0), AXIS)
     if WITH_LSE_2Z:
-        sum_e2 = sum_e2 * (alpha * alpha) + tl.sum(e * e, 0)
+        sum_e2 = sum_e2 * (alpha * alpha) + tl.sum(e * e, AXIS)
     if WITH_ACCURACY:
         # First index of the row's max, as torch.argmax breaks ties; blocks arrive out of index
         # order (head and tail first), so ties are settled by index, not by arrival.
-        block_idx = tl.min(tl.where(real & (z == block_max), offs, V), 0)
+        block_idx = tl.min(tl.where(real & (z == max_z), offs, V), AXIS)
         take = (block_max > best_z) | ((block_max == best_z) & (block_idx < best_idx))
         best_idx = tl.where(take, block_idx, best_idx)
         best_z = tl.maximum(best_z, block_max)
     return new_max, running_sum, logits_sum, z_dot_e, sum_e2, best_z, best_idx
-
-
-@triton.jit
-def _fold_lanes(z, offs, real, lane_max, lane_sum, lane_logits_sum, lane_z_dot_e, lane_sum_e2, lane_best_z,
-                lane_best_idx, V, WITH_LOGITS_SUM: tl.constexpr, WITH_ENTROPY: tl.constexpr,
-                WITH_ACCURACY: tl.constexpr, WITH_LSE_2Z: tl.constexpr):
-    """:func:`_fold_block` for a block shaped ``[R, LANE]`` into per-lane statistics ``[R]``.
-
-    Each lane (one row of the block: one 16-byte vector, which one thread loads) keeps its own
-    running max and sums across the blocks of the vocabulary loop, so every reduction here runs
-    inside one thread: no shuffle and no barrier in the loop (the block-wide version needs a
-    cross-warp reduction, with its barriers, per statistic per block, and the next block's loads
-    wait behind them). The price is one more exp per lane per block (the lane's rescale), 1/LANE
-    of an exp per element. The same formulas and the same infinity rules as :func:`_fold_block`."""
-    block_max = tl.max(z, 1)
-    new_max = tl.maximum(lane_max, block_max)
-    shift = tl.where(tl.abs(new_max) == float("inf"), 0.0, new_max)
-    alpha = tl.exp(lane_max - shift)
-    e = tl.exp(z - shift[:, None])
-    lane_sum = lane_sum * alpha + tl.sum(e, 1)
-    if WITH_LOGITS_SUM:
-        lane_logits_sum += tl.sum(tl.where(real, z, 0.0), 1)
-    if WITH_ENTROPY:
-        lane_z_dot_e = lane_z_dot_e * alpha + tl.sum(tl.where(e > 0, e * z, 0.0), 1)
-    if WITH_LSE_2Z:
-        lane_sum_e2 = lane_sum_e2 * (alpha * alpha) + tl.sum(e * e, 1)
-    if WITH_ACCURACY:
-        block_idx = tl.min(tl.where(real & (z == block_max[:, None]), offs, V), 1)
-        take = (block_max > lane_best_z) | ((block_max == lane_best_z) & (block_idx < lane_best_idx))
-        lane_best_idx = tl.where(take, block_idx, lane_best_idx)
-        lane_best_z = tl.maximum(lane_best_z, block_max)
-    return new_max, lane_sum, lane_logits_sum, lane_z_dot_e, lane_sum_e2, lane_best_z, lane_best_idx
 
 
 @triton.jit
@@ -163,7 +144,7 @@ def _token_logprobs_fwd_kernel(
     WITH_LSE_2Z: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
     ROUND_BY_BITS: tl.constexpr,  # the interpreter's bf16 cast truncates: round on the bits (_common.round_to)
-    LANE_STATS: tl.constexpr,  # per-lane running statistics in the loop (_fold_lanes), merged once per row
+    LANE_STATS: tl.constexpr,  # per-lane running statistics in the loop (_fold_block's AXIS 1), merged once per row
     LANE: tl.constexpr,  # elements per lane with LANE_STATS: the 16-byte vector (8 when loads are scalar)
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -191,13 +172,13 @@ def _token_logprobs_fwd_kernel(
     z_peel = tl.load(logits_ptr + row_start + peel.to(tl.int64) * stride_zv, mask=peel_real, other=float("-inf"))
     running_max, running_sum, logits_sum, z_dot_e, sum_e2, best_z, best_idx = _fold_block(
         z_peel.to(ACC_DTYPE), peel, peel_real, running_max, running_sum, logits_sum, z_dot_e, sum_e2,
-        best_z, best_idx, V, WITH_LOGITS_SUM, WITH_ENTROPY, WITH_ACCURACY, WITH_LSE_2Z)
+        best_z, best_idx, V, WITH_LOGITS_SUM, WITH_ENTROPY, WITH_ACCURACY, WITH_LSE_2Z, 0)
 
     # The body: whole 16-byte vectors from a 16-byte boundary (true by construction of head).
     body_ptr = logits_ptr + tl.multiple_of(row_start + head * stride_zv, VEC)
     body = tl.multiple_of(body, VEC)
     if LANE_STATS:
-        # The block as [R, LANE]: a row of it is one thread's vector (see _fold_lanes).
+        # The block as [R, LANE]: a row of it is one thread's vector (see _fold_block, AXIS = 1).
         R: tl.constexpr = BLOCK_V // LANE
         lanes = tl.arange(0, R)[:, None] * LANE + tl.arange(0, LANE)[None, :]
         lane_max = tl.full([R], float("-inf"), ACC_DTYPE)
@@ -211,10 +192,10 @@ def _token_logprobs_fwd_kernel(
             offs = v_start + lanes
             in_body = offs < body
             z = tl.load(body_ptr + offs.to(tl.int64) * stride_zv, mask=in_body, other=float("-inf"))
-            lane_max, lane_sum, lane_logits_sum, lane_z_dot_e, lane_sum_e2, lane_best_z, lane_best_idx = _fold_lanes(
+            lane_max, lane_sum, lane_logits_sum, lane_z_dot_e, lane_sum_e2, lane_best_z, lane_best_idx = _fold_block(
                 z.to(ACC_DTYPE), head + offs, in_body, lane_max, lane_sum, lane_logits_sum, lane_z_dot_e,
                 lane_sum_e2, lane_best_z, lane_best_idx, V, WITH_LOGITS_SUM, WITH_ENTROPY, WITH_ACCURACY,
-                WITH_LSE_2Z)
+                WITH_LSE_2Z, 1)
         running_max, running_sum, logits_sum, z_dot_e, sum_e2, best_z, best_idx = _merge_lanes(
             lane_max, lane_sum, lane_logits_sum, lane_z_dot_e, lane_sum_e2, lane_best_z, lane_best_idx,
             running_max, running_sum, logits_sum, z_dot_e, sum_e2, best_z, best_idx, V,
@@ -227,7 +208,7 @@ def _token_logprobs_fwd_kernel(
             # upcast right after the load: all arithmetic in fp32
             running_max, running_sum, logits_sum, z_dot_e, sum_e2, best_z, best_idx = _fold_block(
                 z.to(ACC_DTYPE), head + offs, in_body, running_max, running_sum, logits_sum, z_dot_e, sum_e2,
-                best_z, best_idx, V, WITH_LOGITS_SUM, WITH_ENTROPY, WITH_ACCURACY, WITH_LSE_2Z)
+                best_z, best_idx, V, WITH_LOGITS_SUM, WITH_ENTROPY, WITH_ACCURACY, WITH_LSE_2Z, 0)
 
     # An ignored row (and a row of -inf) has running_sum == 0: log(1) keeps lse = running_max.
     shift = tl.where(tl.abs(running_max) == float("inf"), 0.0, running_max)
