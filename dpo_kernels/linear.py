@@ -819,7 +819,9 @@ def backward_plan(head: Head, hidden_size: int, dtype: torch.dtype, chunk_tokens
     """``(vocabulary rows per slice, tokens per chunk)`` of the ``two_phase`` backward (and of
     ``split``'s, for the weight and bias). Tokens: ``chunk_tokens`` if given, else what keeps one
     slice's logits (plus the softcap's fp32 temporaries) within :data:`DEFAULT_CHUNK_BYTES`, as
-    :func:`chunk_size` does for full rows.
+    :func:`chunk_size` does for full rows. Where the slices take the fused matmul
+    (``backends.fused_logits_grad_matmul``, under the rules in force now) a slice is its gradient
+    alone, with no softcap temporaries (:meth:`Footprint.slice_grad_bytes`): only its elements count.
 
     ``valid_tokens`` is passed by ``split``, which knows them before it plans its backward.
     ``two_phase`` does not pass them: inside torch.compile it plans before they are known, and
@@ -832,11 +834,13 @@ def backward_plan(head: Head, hidden_size: int, dtype: torch.dtype, chunk_tokens
     24576 valid tokens) the wider slice would need several token chunks and an fp32
     ``[rows, H]`` buffer for its weight gradient, which no run has measured."""
     step = vocab_slice_size(head.vocab_size, hidden_size, vocab_chunk)
+    fused = fused_logits_grad_matmul(load_backend(head.backend_name), dtype) is not None
+    softcap = None if fused else head.softcap  # fused: tanh stays in the epilogue's registers
     if valid_tokens is not None and vocab_chunk is None and chunk_tokens is None:
         wide = min(head.vocab_size, 2 * step)
-        if wide > step and chunk_size(wide, dtype, head.softcap, None) >= valid_tokens:
+        if wide > step and chunk_size(wide, dtype, softcap, None) >= valid_tokens:
             step = wide
-    return step, chunk_size(step, dtype, head.softcap, chunk_tokens)
+    return step, chunk_size(step, dtype, softcap, chunk_tokens)
 
 
 def linear_token_logprobs(hidden, head: Head, aligned, extras=(), *, chunk_tokens: int, positions=None,
