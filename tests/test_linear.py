@@ -1518,6 +1518,57 @@ def test_row_gather_and_scatter_equal_advanced_indexing(dtype, layout):
         assert linear._row_words(x).dtype == torch.int64  # 12 bf16/fp32 values: whole 8-byte words
 
 
+def _view_in_nan(values: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(buffer, view)``: ``view`` equals ``values`` and is a non-contiguous view of ``buffer``,
+    a NaN-filled leaf (so a read outside the view poisons the result) whose ``.grad`` holds the
+    view's gradient. ``kind``: "rows" (every other row and column of a wider buffer), "transposed"
+    (the storage of ``values.T``: the tied-embedding layout of a weight) or "strided" (every third
+    element, from an offset)."""
+    if kind == "transposed":
+        buf = values.detach().t().contiguous().requires_grad_(True)
+        return buf, buf.t()
+    if kind == "strided":
+        buf = torch.full((3 * values.numel() + 2,), float("nan"), dtype=values.dtype)
+        buf[1:3 * values.numel() + 1:3] = values.reshape(-1)
+        buf.requires_grad_(True)
+        return buf, buf[1:3 * values.numel() + 1:3].view(values.shape)
+    *lead, R, C = values.shape
+    buf = torch.full((*lead, 2 * R + 1, 2 * C + 3), float("nan"), dtype=values.dtype)
+    buf[..., 1::2, 3::2][..., :R, :C] = values
+    buf.requires_grad_(True)
+    return buf, buf[..., 1::2, 3::2][..., :R, :C]
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("mode", ["one_pass", "split", "two_phase"])
+def test_views_of_every_input(backend, dtype, mode):
+    """hidden every other row and column of a NaN buffer, the weight the transpose of its storage
+    (tied embeddings), the bias every third element of a NaN buffer, the labels a strided view:
+    the loss and the gradients (read from the buffers, zero outside the views) are the float64
+    oracle's, in every mode, with several token chunks and vocabulary slices, softcap and
+    temperature (the fused backward matmul, where the backend takes it)."""
+    hidden, weight, b, labels = make_inputs(2, 9, 24, 301, dtype, bias=True, seed=21)
+    ref = torch.randn(4) - 8
+    hbuf, h = _view_in_nan(hidden, "rows")
+    wbuf, w = _view_in_nan(weight, "transposed")
+    bbuf, bb = _view_in_nan(b, "strided")
+    lbuf = torch.full((labels.shape[0], 2 * labels.shape[1]), 7)
+    lbuf[:, ::2] = labels
+    y = lbuf[:, ::2]
+    assert not any(t.is_contiguous() for t in (h, w, bb, y))
+    out = fused_linear_dpo_loss(h, w, y, bb, ref_logps=ref, mode=mode, backend=backend, chunk_tokens=5,
+                                vocab_chunk=128, logit_softcap=6.0, temperature=0.8)
+    out.loss.backward()
+    grads = []
+    for buf, view in ((hbuf, h), (wbuf, w), (bbuf, bb)):
+        inside = torch.zeros_like(buf, dtype=torch.bool)
+        inside.as_strided(view.shape, view.stride(), view.storage_offset()).fill_(True)
+        assert torch.all(buf.grad[~inside] == 0)
+        grads.append(buf.grad.as_strided(view.shape, view.stride(), view.storage_offset()))
+    want = oracle.linear_dpo(hidden, weight, labels, b, ref_logps=ref, softcap=6.0, temperature=0.8)
+    check(out, want, grads, dtype)
+
+
 @pytest.mark.parametrize("trainable", [(True, False, False), (False, True, False), (False, False, True),
                                        (True, False, True), (False, True, True), (True, True, True)])
 def test_split_serves_any_subset_of_trainable_inputs(trainable):

@@ -124,9 +124,10 @@ def test_same_roundings_as_the_unfused_path(dtype, temperature, bias):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_strided_views_inside_nan_buffers(dtype):
     """Hidden rows with a row stride and a column stride of 2, the weight slice a block of a wider
-    buffer: every element around and between them is NaN, so a read outside the operands (a
-    clamped row or column, a K tail) would poison the result. It must equal the contiguous
-    operands' result bit for bit."""
+    buffer, the bias every third element of one: every element around and between them is NaN,
+    so a read outside the operands (a clamped row or column, a K tail, a bias read as if
+    contiguous) would poison the result. It must equal the contiguous operands' result bit for
+    bit."""
     M, N, K = 37, 301, 70
     h, weight, b, labels, coef, v0 = _problem(M, N, K, dtype, bias=True)
     want, lse, *_ = _oracle(h, weight, b, labels, coef, v0, N, 4.0, 0.7)
@@ -136,9 +137,12 @@ def test_strided_views_inside_nan_buffers(dtype):
     wbuf = torch.full((weight.shape[0] + 9, K + 11), float("nan"), dtype=dtype)
     wbuf[4:4 + weight.shape[0], 6:6 + K] = weight
     w_view = wbuf[4:4 + weight.shape[0], 6:6 + K]
-    assert not h_view.is_contiguous() and not w_view.is_contiguous()
+    bbuf = torch.full((3 * b.shape[0] + 2,), float("nan"), dtype=dtype)
+    bbuf[1:3 * b.shape[0] + 1:3] = b
+    b_view = bbuf[1:3 * b.shape[0] + 1:3]
+    assert not h_view.is_contiguous() and not w_view.is_contiguous() and not b_view.is_contiguous()
     args = (_shifted(labels, v0), lse.float(), coef, IGNORE, 4.0, 0.7)
-    got = logits_grad_matmul(h_view, w_view[v0:v0 + N], b[v0:v0 + N], *args)
+    got = logits_grad_matmul(h_view, w_view[v0:v0 + N], b_view[v0:v0 + N], *args)
     assert torch.isfinite(got).all()
     assert torch.equal(got, logits_grad_matmul(h, weight[v0:v0 + N], b[v0:v0 + N], *args))
 

@@ -100,7 +100,7 @@ def _tile_product(h, w, pid_m, pid_n, M, N, K, stride_hm, stride_hk, stride_wn, 
 
 @triton.jit
 def _tile_gradient(acc, pid_m, pid_n, bias_ptr, labels_ptr, lse_ptr, coef_ptr, out_ptr, M, N,
-                   stride_om, stride_on, ignore_index, softcap, inv_temperature,
+                   stride_bn, stride_om, stride_on, ignore_index, softcap, inv_temperature,
                    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROUND_BY_BITS: tl.constexpr):
     """The epilogue: the tile's logits from the fp32 product, then their gradient, stored."""
@@ -115,7 +115,7 @@ def _tile_gradient(acc, pid_m, pid_n, bias_ptr, labels_ptr, lse_ptr, coef_ptr, o
     # The loss may hand a gradient to an ignored token; it must not leak.
     coef = tl.where(ignored, 0.0, tl.load(coef_ptr + offs_m, mask=row_in, other=0.0).to(tl.float32))
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=col_in, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + offs_n * stride_bn, mask=col_in, other=0.0).to(tl.float32)[None, :]
     z = round_to(acc, out_ty, ROUND_BY_BITS)  # the lm_head's output, rounded as torch.addmm rounds it
     if HAS_SOFTCAP:
         t = tanh(z / softcap)
@@ -139,6 +139,7 @@ def _logits_grad_matmul_kernel(
     M, N, K,
     stride_hm, stride_hk,
     stride_wn, stride_wk,
+    stride_bn,
     stride_om, stride_on,
     ignore_index, softcap, inv_temperature,
     HAS_BIAS: tl.constexpr,
@@ -163,14 +164,14 @@ def _logits_grad_matmul_kernel(
             acc = _tile_product(h, w, pid_m, pid_n, M, N, K, stride_hm, stride_hk, stride_wn, stride_wk,
                                 BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, INPUT_PRECISION, USE_TMA)
             _tile_gradient(acc, pid_m, pid_n, bias_ptr, labels_ptr, lse_ptr, coef_ptr, out_ptr, M, N,
-                           stride_om, stride_on, ignore_index, softcap, inv_temperature,
+                           stride_bn, stride_om, stride_on, ignore_index, softcap, inv_temperature,
                            HAS_BIAS, HAS_SOFTCAP, HAS_TEMPERATURE, BLOCK_M, BLOCK_N, ROUND_BY_BITS)
     else:
         pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
         acc = _tile_product(h, w, pid_m, pid_n, M, N, K, stride_hm, stride_hk, stride_wn, stride_wk,
                             BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, INPUT_PRECISION, USE_TMA)
         _tile_gradient(acc, pid_m, pid_n, bias_ptr, labels_ptr, lse_ptr, coef_ptr, out_ptr, M, N,
-                       stride_om, stride_on, ignore_index, softcap, inv_temperature,
+                       stride_bn, stride_om, stride_on, ignore_index, softcap, inv_temperature,
                        HAS_BIAS, HAS_SOFTCAP, HAS_TEMPERATURE, BLOCK_M, BLOCK_N, ROUND_BY_BITS)
 
 
@@ -203,8 +204,8 @@ def logits_grad_matmul(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.T
     """The gradient of ``sum_m coef[m] * logp[m]`` w.r.t. the raw logits ``hidden @ weight.T + bias``,
     ``[M, N]`` in the input dtype, without the logits ever being stored (see the module docstring).
 
-    ``hidden`` ``[M, K]`` and ``weight`` ``[N, K]`` (any strides: a slice of the lm_head's rows is
-    the intended use), ``bias`` ``[N]`` or None, all bf16, fp16 or fp32; ``labels`` ``[M]`` already
+    ``hidden`` ``[M, K]``, ``weight`` ``[N, K]`` and ``bias`` ``[N]`` or None (any strides: a slice
+    of the lm_head's rows is the intended use), all bf16, fp16 or fp32; ``labels`` ``[M]`` already
     shifted into the slice; ``lse`` (each row's over the full vocabulary) and ``coef`` ``[M]``.
     """
     _check(hidden, weight, bias, labels, lse, coef)
@@ -232,6 +233,7 @@ def logits_grad_matmul(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.T
         M, N, K,
         hidden.stride(0), hidden.stride(1),
         weight.stride(0), weight.stride(1),
+        bias.stride(0) if bias is not None else 0,
         out.stride(0), out.stride(1),
         int(ignore_index), float(softcap or 1.0), 1.0 / float(temperature),
         HAS_BIAS=bias is not None,
