@@ -17,6 +17,7 @@ from .logprobs import (
     align_labels,
     completion_lengths,
     fused_sigmoid_dpo,
+    label_ids,
     ld_token_weights,
     sequence_logprobs,
     token_logprobs,
@@ -90,7 +91,9 @@ def fused_dpo_loss(
     Args:
         logits: ``[2B, T, V]`` floating (fp32, bf16, fp16, fp64), any strides. Rows ``0..B-1``
             are the chosen completions, rows ``B..2B-1`` the rejected ones (TRL's layout).
-        labels: ``[2B, T]`` integer token ids; ``ignore_index`` marks prompt and padding.
+        labels: ``[2B, T]`` integer token ids (any integer dtype: one that cannot hold
+            ``ignore_index`` is read as int64, see ``logprobs.label_ids``); ``ignore_index`` marks
+            prompt and padding.
         ref_logps: reference per-sequence log-probs, ``[2B]`` or ``(chosen[B], rejected[B])``:
             SUMS over the completion tokens, as TRL's ``precompute_ref_log_probs`` stores them
             (averages when ``average_log_prob=True``; LD-weighted ``shared + ld_alpha * tail``
@@ -179,6 +182,7 @@ def fused_dpo_loss(
     _check_inplace(inplace_backward, logits)
     ref_given = _check_reference(logits, ref_logps, ref_logits, reference_free, num_pairs, specs)
     backend_name = resolve_backend(backend, logits.device)
+    labels = label_ids(labels, ignore_index)  # int64 where the dtype cannot hold ignore_index
 
     if packing is None:
         input_labels, token_labels, token_shift = labels, labels, shift
@@ -253,7 +257,8 @@ def fused_linear_dpo_loss(
     Args:
         hidden: ``[2B, T, H]`` floating: chosen sequences then rejected ones (TRL's layout).
         weight: the lm_head weight ``[V, H]``, same dtype and device as ``hidden``.
-        labels: ``[2B, T]`` integer token ids, ``ignore_index`` on prompt and padding.
+        labels: ``[2B, T]`` integer token ids (any integer dtype, as in ``fused_dpo_loss``), ``ignore_index`` on
+            prompt and padding.
         bias: optional lm_head bias ``[V]``.
         ref_logps: reference per-sequence log-probs as in :func:`fused_dpo_loss`.
         ref_hidden: the reference model's hidden states ``[2B, T, H_ref]`` instead; with
@@ -334,6 +339,7 @@ def fused_linear_dpo_loss(
     ref_given = _check_linear_reference(hidden, weight, bias, ref_logps, ref_hidden, ref_weight, ref_bias,
                                         reference_free, num_pairs, specs)
     backend_name = resolve_backend(backend, hidden.device)
+    labels = label_ids(labels, ignore_index)  # int64 where the dtype cannot hold ignore_index
     # aligned: [2B, T] labels of the padded layout; token_labels: those of hidden's own rows.
     if packing is None:
         input_labels, aligned = labels, align_labels(labels, ignore_index, shift)
@@ -877,9 +883,16 @@ def _check_logits_labels(logits, labels, ignore_index, *, logits_name="logits", 
         raise ValueError(f"{labels_name} are on {labels.device} but {logits_name} are on {logits.device}")
     if logits.shape[2] == 0:
         raise ValueError(f"{logits_name} has an empty vocabulary dimension (V = 0)")
+    _check_ignore_index(ignore_index)
+    return logits.shape[0], logits.shape[2]
+
+
+def _check_ignore_index(ignore_index) -> None:
+    """An int that int64 labels can hold (the labels are compared with it as int64 at most)."""
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    return logits.shape[0], logits.shape[2]
+    if not -(2 ** 63) <= ignore_index < 2 ** 63:
+        raise ValueError(f"ignore_index must fit in int64 (the labels' widest dtype), got {ignore_index}")
 
 
 def _check_inputs(logits, labels, ignore_index) -> tuple[int, int]:
@@ -1012,8 +1025,7 @@ def _check_linear_tensors(hidden, weight, labels, bias, ignore_index,
             "fused_linear_dpo_loss does not run on meta tensors: it reads the labels to gather the valid "
             "tokens before the matmuls (their number sizes every chunk), and meta tensors hold no values"
         )
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    _check_ignore_index(ignore_index)
     return vocab_size
 
 

@@ -24,12 +24,32 @@ class TokenLogprobs(NamedTuple):
     labels: torch.Tensor  # aligned with the logits rows (shifted when shift=True)
 
 
+_INT32_RANGE = range(-(2 ** 31), 2 ** 31)
+
+
+def label_ids(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """``labels`` as every mask and kernel reads them: int64, unless they already are, or are int32
+    with ``ignore_index`` in int32's range (then as given: no copy).
+
+    Why: torch compares an integer tensor with a Python int in the tensor's own dtype, wrapping
+    the int (``uint8_labels != -100`` compares with 156; int32 labels against ``2**32 + 1`` with
+    1). A narrower dtype would make a real token id look ignored to the masks (the sequence
+    lengths, the valid-token gathers) while the kernels score it, a silent wrong answer; and the
+    gathers index with int32 or int64 only. Widening keeps the meaning the user wrote: a uint8
+    tensor holds no -100, so none of its tokens is ignored. The copy is ``[rows, T]`` integers."""
+    if labels.dtype == torch.int64 or (labels.dtype == torch.int32 and ignore_index in _INT32_RANGE):
+        return labels
+    return labels.to(torch.int64)
+
+
 def align_labels(labels: torch.Tensor, ignore_index: int, shift: bool) -> torch.Tensor:
     """Labels aligned with the logits rows: with ``shift``, row t predicts ``labels[:, t + 1]``.
 
     The logits are never sliced or copied for the shift: the last row gets ``ignore_index``,
-    so the kernels skip it and its gradient row is written as zeros in the same pass.
+    so the kernels skip it and its gradient row is written as zeros in the same pass. The labels
+    are first read as :func:`label_ids` (int64 where their dtype cannot hold ``ignore_index``).
     """
+    labels = label_ids(labels, ignore_index)
     if not shift:
         return labels
     return F.pad(labels[:, 1:], (0, 1), value=ignore_index)
@@ -155,7 +175,7 @@ def token_logprobs(
 
 def completion_lengths(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
     """Number of scored (non-ignored) tokens per sequence, ``[B]`` int64."""
-    return (labels != ignore_index).sum(-1)
+    return (label_ids(labels, ignore_index) != ignore_index).sum(-1)
 
 
 def sequence_logprobs(

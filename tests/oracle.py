@@ -20,6 +20,41 @@ def make_batch(pairs, T, V, dtype, *, prompt=2, device="cpu", pad_last=True, sca
     return logits, labels
 
 
+# Labels of each integer dtype the front doors take, with an ignore_index the dtype wraps (torch
+# compares a tensor with a Python int in the tensor's dtype) or holds: (dtype, ignore_index, V,
+# the id a wrapped comparison would take for ignore_index: it is planted, and must be scored).
+LABEL_DTYPE_CASES = [
+    (torch.uint8, IGNORE, 200, 156),  # -100 wraps to 156; a uint8 tensor holds no -100: nothing ignored
+    (torch.int8, -1000, 120, 24),  # -1000 wraps to 24
+    (torch.int16, IGNORE, 300, None),  # holds -100: a prompt and padding ignored as usual
+    (torch.int32, 2 ** 32 + 24, 64, 24),  # wraps to 24
+    (torch.int32, IGNORE, 300, None),
+]
+
+
+def label_dtype_id(case) -> str:
+    dtype, ignore_index, _, _ = case
+    return f"{str(dtype).removeprefix('torch.')}-ignore{ignore_index}"
+
+
+def labels_of_dtype(case, rows, T, *, prompt=2, seed=0):
+    """``(labels, wide)``: ``[rows, T]`` labels of the case's dtype and the same values in int64
+    (what the oracle reads, with the case's ignore_index). Where the dtype holds ``IGNORE`` the
+    first ``prompt`` tokens of each row and the last of row 1 are ignored; the planted id sits in
+    rows 0 and -1, never at the very first position (a shift drops it)."""
+    dtype, ignore_index, V, planted = case
+    g = torch.Generator().manual_seed(seed)
+    wide = torch.randint(0, V, (rows, T), generator=g)
+    if planted is None:
+        wide[:, :prompt] = ignore_index
+        wide[1, -1] = ignore_index
+    else:
+        wide[0, 2] = wide[-1, T - 1] = planted
+    narrow = wide.to(dtype)
+    assert torch.equal(narrow.long(), wide)
+    return narrow, wide
+
+
 def aligned(labels, shift, ignore_index=IGNORE):
     if not shift:
         return labels
@@ -31,7 +66,7 @@ def token_logprobs(logits, labels, ignore_index=IGNORE):
     z = logits.double()
     scored = labels != ignore_index
     lse = torch.logsumexp(z, -1)
-    target = z.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    target = z.gather(-1, torch.where(scored, labels, 0).unsqueeze(-1)).squeeze(-1)
     logp = torch.where(scored, target - lse, torch.zeros_like(lse))
     return logp, torch.where(scored, lse, torch.zeros_like(lse))
 

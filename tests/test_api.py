@@ -153,3 +153,20 @@ def test_float64_logits(backend):
     ref = torch.randn(4, dtype=torch.float64)
     out, grad = _run(logits, labels, ref_logps=ref, backend=backend)
     _check(out, oracle.dpo(logits, labels, ref_logps=ref), grad, torch.float64)
+
+
+@pytest.mark.parametrize("case", oracle.LABEL_DTYPE_CASES, ids=oracle.label_dtype_id)
+@pytest.mark.parametrize("shift", [False, True])
+def test_labels_of_every_integer_dtype(backend, case, shift):
+    """uint8, int8, int16 and int32 labels score exactly what their values say: an ignore_index the
+    dtype cannot hold ignores nothing (torch would wrap it, -100 to 156 in uint8, and a real id
+    would drop out of the lengths while the kernel scores it), one it holds ignores as usual; the
+    shift pads with it either way. The float64 oracle reads the same values as int64."""
+    _, ignore_index, V, _ = case
+    labels, wide = oracle.labels_of_dtype(case, 4, 7)
+    logits = torch.randn(4, 7, V) * 3
+    ref = torch.randn(4) - 20
+    kwargs = dict(ref_logps=ref, shift=shift, average_log_prob=True, ignore_index=ignore_index)
+    out, grad = _run(logits, labels, backend=backend, **kwargs)
+    want = oracle.dpo(logits, wide, ref_logps=ref, shift=shift, average=True, ignore_index=ignore_index)
+    _check(out, want, grad, torch.float32)

@@ -47,6 +47,16 @@ def test_float_labels(batch):
         fused_dpo_loss(logits, labels.float(), ref_logps=ref)
 
 
+@pytest.mark.parametrize("ignore_index", [2 ** 63, -(2 ** 63) - 1])
+def test_ignore_index_beyond_int64(batch, ignore_index):
+    logits, labels, ref = batch
+    with pytest.raises(ValueError, match="ignore_index must fit in int64"):
+        fused_dpo_loss(logits, labels, ref_logps=ref, ignore_index=ignore_index)
+    with pytest.raises(ValueError, match="ignore_index must fit in int64"):
+        fused_linear_dpo_loss(torch.randn(*labels.shape, 8), torch.randn(logits.shape[-1], 8), labels, ref_logps=ref,
+                              ignore_index=ignore_index)
+
+
 def test_not_tensors(batch):
     logits, labels, ref = batch
     with pytest.raises(TypeError, match="logits must be a torch.Tensor"):

@@ -127,6 +127,26 @@ def unpaired_batch(B, T, V, dtype, *, kl_T=None):
 # values and gradients
 
 
+@pytest.mark.parametrize("case", [c for c in oracle.LABEL_DTYPE_CASES if c[1] == IGNORE], ids=oracle.label_dtype_id)
+def test_labels_of_every_integer_dtype(backend, case):
+    """uint8 labels (which hold no -100: every token scored, 156 included) and int16 labels
+    (which hold it) for the completions and the KL completions, shifted: the float64 oracle
+    reads the same values as int64."""
+    _, _, V, _ = case
+    labels, wide = oracle.labels_of_dtype(case, 3, 6)
+    kl_labels, kl_wide = oracle.labels_of_dtype(case, 3, 5, seed=1)
+    logits, kl_logits = torch.randn(3, 6, V) * 3, torch.randn(3, 5, V) * 3
+    desirable = torch.tensor([True, False, True])
+    ref = torch.randn(3) + seq_logps64(logits, wide, True).float()
+    kl_pol = seq_logps64(kl_logits, kl_wide, True)
+    ref_kl = (kl_pol - 2.0 + 0.3 * torch.randn(3, dtype=torch.float64)).float()
+    kl_raw = (kl_pol - ref_kl.double()).mean().item()
+    out, grad = run(logits, labels, desirable, ref_logps=ref, kl_logits=kl_logits, kl_labels=kl_labels,
+                    ref_kl_logps=ref_kl, backend=backend, shift=True)
+    check(out, kto_oracle(logits, wide, desirable, ref_seq=ref, kl_raw=kl_raw, shift=True), grad, torch.float32,
+          backend)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shift,kl_state", [(False, "active"), (True, "clamped"), (True, "active")])
 def test_kto_matches_oracle(backend, small_block, dtype, shift, kl_state):

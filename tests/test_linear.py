@@ -1588,3 +1588,19 @@ def test_split_serves_any_subset_of_trainable_inputs(trainable):
         assert (got is not None) == needed
         if needed:
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", oracle.LABEL_DTYPE_CASES, ids=oracle.label_dtype_id)
+@pytest.mark.parametrize("mode", ["one_pass", "split", "two_phase"])
+def test_labels_of_every_integer_dtype(backend, case, mode):
+    """As ``test_api``'s test of the same name, through the hidden-state path: the valid-token
+    gathers, the lengths and the backward's shifted slice labels read the values as int64, so a
+    wrapped ignore_index drops no token and every backend (the reference's gathers, the fused
+    backward matmul) takes the narrow dtypes. Several chunks and slices, with the shift."""
+    _, ignore_index, V, _ = case
+    labels, wide = oracle.labels_of_dtype(case, 4, 7)
+    hidden, weight, b, _ = make_inputs(2, 7, 16, V, bias=True, seed=4)
+    ref = torch.randn(4) - 20
+    kwargs = dict(ref_logps=ref, shift=True, average_log_prob=True, ignore_index=ignore_index)
+    out, grads = run(hidden, weight, labels, b, mode=mode, backend=backend, chunk_tokens=5, vocab_chunk=48, **kwargs)
+    check(out, oracle.linear_dpo(hidden, weight, wide, b, **oracle_kwargs(kwargs)), grads)

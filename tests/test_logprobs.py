@@ -73,6 +73,29 @@ def test_inplace_backward_invalidates_other_users_of_the_logits(backend):
         (lp + other).backward()
 
 
+def test_label_ids_widen_only_what_cannot_hold_ignore_index():
+    """int64, and int32 with ignore_index in its range, are read as given (no copy); narrower
+    dtypes and int32 with a wider ignore_index become int64 with the same values, so a comparison
+    with ignore_index does not wrap (uint8 != -100 would compare with 156). The lengths and the
+    shift read them so."""
+    from dpo_kernels.logprobs import label_ids
+
+    y64 = torch.tensor([[3, IGNORE, 156]])
+    assert label_ids(y64, IGNORE) is y64
+    y32 = y64.int()
+    assert label_ids(y32, IGNORE) is y32
+    assert label_ids(y32, 2 ** 31).dtype == torch.int64 and label_ids(y32, -(2 ** 31)) is y32
+    for dtype in (torch.uint8, torch.int8, torch.int16):
+        narrow = torch.tensor([[3, 100, 24]], dtype=dtype)
+        wide = label_ids(narrow, IGNORE)
+        assert wide.dtype == torch.int64 and torch.equal(wide, narrow.long())
+    u8 = torch.tensor([[156, 3, 156]], dtype=torch.uint8)
+    assert (u8 != IGNORE).sum() == 1  # what torch does: the reason for label_ids
+    logp = torch.tensor([[-1.0, -2.0, -3.0]])
+    torch.testing.assert_close(sequence_logprobs(logp, u8, IGNORE, True), torch.tensor([-2.0]))
+    assert torch.equal(align_labels(u8, IGNORE, True), torch.tensor([[3, 156, IGNORE]]))
+
+
 def test_sequence_logprobs_sum_and_average_with_empty_completion():
     logp = torch.tensor([[-1.0, -2.0, 0.0], [0.0, 0.0, 0.0]])
     labels = torch.tensor([[1, 2, IGNORE], [IGNORE, IGNORE, IGNORE]])
