@@ -64,7 +64,8 @@ def test_without_extras_returns_none(backend):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_strided_views_are_read_in_place(backend, small_block, dtype):
-    """A shifted view, a vocabulary slice of a wider buffer and a transposed batch layout."""
+    """A shifted view, a vocabulary slice of a wider buffer and a transposed batch layout; the
+    backward's ``lse`` and ``coef`` also as every other element of a NaN buffer."""
     ops = load_backend(backend)
     V = 600
     base = (torch.randn(5, 4, 9, V + 40) * 3).to(dtype)
@@ -80,6 +81,10 @@ def test_strided_views_are_read_in_place(backend, small_block, dtype):
         coef = torch.randn(view.shape[:2])
         grad = ops.token_logprobs_backward(view, labels, lse, coef, IGNORE, frozenset())
         assert_close_grad(grad, _expected_grad(view, labels, coef), dtype)
+        lse_view, coef_view = (torch.stack([x, torch.full_like(x, float("nan"))], -1)[..., 0] for x in (lse, coef))
+        assert not lse_view.is_contiguous() and not coef_view.is_contiguous()
+        again = ops.token_logprobs_backward(view, labels, lse_view, coef_view, IGNORE, frozenset())
+        assert torch.equal(again, grad)
 
 
 def test_strided_labels(backend):

@@ -89,7 +89,7 @@ def launch_backward(logits, labels, lse, grad_logp, ignore_index, grad) -> None:
     cfg = pick_config(V, logits.dtype, kernel="backward")
     grid = (B * T, triton.cdiv(V, cfg.block_v))
     _token_logprobs_bwd_kernel[grid](
-        logits, labels, lse, grad_logp.contiguous(), grad,
+        logits, labels, lse.contiguous(), grad_logp.contiguous(), grad,  # [B, T] rows read at b * T + t
         T, V,
         logits.stride(0), logits.stride(1), logits.stride(2),
         labels.stride(0), labels.stride(1),
