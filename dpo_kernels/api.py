@@ -543,7 +543,8 @@ def _chunk_plan(linear, head, hidden, softcap, chunk_tokens, vocab_chunk, needs)
     split_chunk = linear.split_chunk_size(V, H, hidden.dtype, softcap, chunk_tokens) if needs[1] else one_pass_chunk
 
     def split_plan(valid_tokens: int) -> tuple[int, int]:
-        return linear.backward_plan(head, H, hidden.dtype, chunk_tokens, vocab_chunk, valid_tokens)
+        return linear.backward_plan(head, H, hidden.dtype, chunk_tokens, vocab_chunk, valid_tokens,
+                                    fused_slices=linear.fused_slices(head, hidden.dtype))
 
     return one_pass_chunk, split_chunk, split_plan
 
@@ -606,11 +607,12 @@ def estimate_linear_memory(
     softcap, _ = _check_linear_options(logit_softcap, 1.0, "auto", chunk_tokens, vocab_chunk)
     aligned = align_labels(labels, ignore_index, shift)
     needs = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
-    head = linear.Head(weight, bias, 1.0, softcap, "reference", ignore_index)
+    backend_name = resolve_backend(backend, hidden.device)
+    head = linear.Head(weight, bias, 1.0, softcap, backend_name, ignore_index)
     one_pass_chunk, split_chunk, split_plan = _chunk_plan(linear, head, hidden, softcap, chunk_tokens, vocab_chunk,
                                                           needs)
     footprint = _footprint(linear, hidden, weight, bias, aligned, policy_extras(use_weighting, token_metrics),
-                           needs, softcap, resolve_backend(backend, hidden.device))
+                           needs, softcap, backend_name)
     census = linear.TokenCensus(aligned, ignore_index, num_pairs)
     return _mode_peaks(linear, footprint(census.total()), census.pair_counts(), one_pass_chunk, split_chunk,
                        split_plan)

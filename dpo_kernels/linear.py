@@ -815,13 +815,17 @@ def vocab_slice_size(vocab_size: int, hidden_size: int, vocab_chunk: int | None)
 
 
 def backward_plan(head: Head, hidden_size: int, dtype: torch.dtype, chunk_tokens: int | None,
-                  vocab_chunk: int | None, valid_tokens: int | None = None) -> tuple[int, int]:
+                  vocab_chunk: int | None, valid_tokens: int | None = None,
+                  fused_slices: bool = False) -> tuple[int, int]:
     """``(vocabulary rows per slice, tokens per chunk)`` of the ``two_phase`` backward (and of
     ``split``'s, for the weight and bias). Tokens: ``chunk_tokens`` if given, else what keeps one
     slice's logits (plus the softcap's fp32 temporaries) within :data:`DEFAULT_CHUNK_BYTES`, as
-    :func:`chunk_size` does for full rows. Where the slices take the fused matmul
-    (``backends.fused_logits_grad_matmul``, under the rules in force now) a slice is its gradient
-    alone, with no softcap temporaries (:meth:`Footprint.slice_grad_bytes`): only its elements count.
+    :func:`chunk_size` does for full rows. ``fused_slices``: the slices take the fused matmul
+    (``backends.fused_logits_grad_matmul``), so a slice is its gradient alone, with no softcap
+    temporaries (:meth:`Footprint.slice_grad_bytes`), and only its elements count. ``split``
+    passes the rule in force (:func:`fused_slices`); ``two_phase`` plans inside torch.compile's
+    trace, where a backend cannot be loaded, and budgets as if unfused (smaller chunks, never
+    more memory).
 
     ``valid_tokens`` is passed by ``split``, which knows them before it plans its backward.
     ``two_phase`` does not pass them: inside torch.compile it plans before they are known, and
@@ -834,13 +838,19 @@ def backward_plan(head: Head, hidden_size: int, dtype: torch.dtype, chunk_tokens
     24576 valid tokens) the wider slice would need several token chunks and an fp32
     ``[rows, H]`` buffer for its weight gradient, which no run has measured."""
     step = vocab_slice_size(head.vocab_size, hidden_size, vocab_chunk)
-    fused = fused_logits_grad_matmul(load_backend(head.backend_name), dtype) is not None
-    softcap = None if fused else head.softcap  # fused: tanh stays in the epilogue's registers
+    softcap = None if fused_slices else head.softcap  # fused: tanh stays in the epilogue's registers
     if valid_tokens is not None and vocab_chunk is None and chunk_tokens is None:
         wide = min(head.vocab_size, 2 * step)
         if wide > step and chunk_size(wide, dtype, softcap, None) >= valid_tokens:
             step = wide
     return step, chunk_size(step, dtype, softcap, chunk_tokens)
+
+
+def fused_slices(head: Head, dtype: torch.dtype) -> bool:
+    """Whether the backward's vocabulary slices take the fused logits-gradient matmul under the
+    rules in force now (``backends.fused_logits_grad_matmul``). Loads the backend: not inside a
+    torch.compile trace."""
+    return fused_logits_grad_matmul(load_backend(head.backend_name), dtype) is not None
 
 
 def linear_token_logprobs(hidden, head: Head, aligned, extras=(), *, chunk_tokens: int, positions=None,

@@ -1082,31 +1082,42 @@ def test_split_backward_slices_widen_when_every_valid_token_fits_one_chunk():
     assert linear.backward_plan(softcapped, 4096, BF16, None, None, valid_tokens=3201)[0] == 4096
 
 
-@pytest.mark.skipif("triton" not in BACKENDS, reason="needs triton")
 def test_backward_plan_counts_no_softcap_temporaries_when_the_slices_are_fused():
     """A slice whose gradient the fused matmul writes holds no fp32 softcap temporaries
-    (``Footprint.slice_grad_bytes``), so its plan budgets 2 bytes per element in bf16, not 10:
-    the wider slice and the larger token chunks of a head without a softcap. Unfused, the
-    temporaries count (the reference backend never fuses)."""
+    (``Footprint.slice_grad_bytes``), so its plan (``fused_slices=True``) budgets 2 bytes per
+    element in bf16, not 10: the wider slice and the larger token chunks of a head without a
+    softcap. Unfused (two_phase's plan, always), the temporaries count."""
+    weight = torch.empty(128256, 1, device="meta")
+    capped = linear.Head(weight, None, 1.0, 30.0, "reference", IGNORE)
+    plain = replace(capped, softcap=None)
+    for valid in (3201, 16384, 24576):
+        assert (linear.backward_plan(capped, 4096, BF16, None, None, valid, fused_slices=True)
+                == linear.backward_plan(plain, 4096, BF16, None, None, valid))
+    assert linear.backward_plan(capped, 4096, BF16, None, 4096, fused_slices=True) == (4096, 32768)
+    assert linear.backward_plan(capped, 4096, F32, None, None, 3201, fused_slices=True) == (8192, 8192)
+    assert linear.backward_plan(capped, 4096, BF16, None, None, 3201) == (4096, 6528)
+    assert linear.backward_plan(capped, 4096, BF16, None, 4096) == (4096, 6528)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs triton")
+def test_split_plans_its_backward_with_the_fusion_rule_in_force():
+    """``linear.fused_slices`` follows the backend's rule (the Triton one's override; never for
+    float64, never on a backend without the fused matmul), and split's plan follows it: with a
+    softcap its fused slices get the chunks of a head without one."""
+    from dpo_kernels import api
     from dpo_kernels.backends.triton.config import set_logits_grad_fusion
 
     weight = torch.empty(128256, 1, device="meta")
-    capped = {name: linear.Head(weight, None, 1.0, 30.0, name, IGNORE) for name in ("triton", "reference")}
-    plain = linear.Head(weight, None, 1.0, None, "reference", IGNORE)
+    triton_head = linear.Head(weight, None, 1.0, 30.0, "triton", IGNORE)
+    hidden = torch.empty(1, 1, 4096, dtype=BF16, device="meta")
     try:
-        set_logits_grad_fusion(True)
-        for valid in (3201, 16384, 24576):
-            assert (linear.backward_plan(capped["triton"], 4096, BF16, None, None, valid)
-                    == linear.backward_plan(plain, 4096, BF16, None, None, valid))
-        assert linear.backward_plan(capped["triton"], 4096, BF16, None, 4096) == (4096, 32768)
-        assert linear.backward_plan(capped["triton"], 4096, F32, None, None, 3201) == (8192, 8192)
-        assert linear.backward_plan(capped["reference"], 4096, BF16, None, None, 3201) == (4096, 6528)
-        set_logits_grad_fusion(False)
-        assert linear.backward_plan(capped["triton"], 4096, BF16, None, None, 3201) == (4096, 6528)
-        assert linear.backward_plan(capped["triton"], 4096, BF16, None, 4096) == (4096, 6528)
-        # float64 never takes the fused matmul, whatever the rule says.
-        set_logits_grad_fusion(True)
-        assert linear.backward_plan(capped["triton"], 64, torch.float64, None, 64) == (64, (256 << 20) // (64 * 16))
+        for fuse in (True, False):
+            set_logits_grad_fusion(fuse)
+            assert linear.fused_slices(triton_head, BF16) is fuse
+            assert linear.fused_slices(triton_head, torch.float64) is False
+            *_, split_plan = api._chunk_plan(linear, triton_head, hidden, 30.0, None, None, (True, True, False))
+            assert split_plan(3201) == ((8192, 16384) if fuse else (4096, 6528))
+        assert linear.fused_slices(replace(triton_head, backend_name="reference"), BF16) is False
     finally:
         set_logits_grad_fusion(None)
 
