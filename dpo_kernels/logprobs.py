@@ -50,7 +50,7 @@ def align_labels(labels: torch.Tensor, ignore_index: int, shift: bool) -> torch.
     are first read as :func:`label_ids` (int64 where their dtype cannot hold ``ignore_index``).
     """
     labels = label_ids(labels, ignore_index)
-    if not shift:
+    if not shift or labels.shape[-1] == 0:  # T = 0: nothing to shift (a pad would add a column)
         return labels
     return F.pad(labels[:, 1:], (0, 1), value=ignore_index)
 

@@ -170,3 +170,16 @@ def test_labels_of_every_integer_dtype(backend, case, shift):
     out, grad = _run(logits, labels, backend=backend, **kwargs)
     want = oracle.dpo(logits, wide, ref_logps=ref, shift=shift, average=True, ignore_index=ignore_index)
     _check(out, want, grad, torch.float32)
+
+
+@pytest.mark.parametrize("shift", [False, True])
+def test_sequences_of_no_tokens(backend, shift):
+    """T = 0 (nothing scored, shifted or not): every log-prob is 0, the loss the oracle's
+    -log sigmoid(-beta * ref margin), and the logits gradient an empty tensor."""
+    logits = torch.randn(4, 0, 50)
+    labels = torch.zeros(4, 0, dtype=torch.long)
+    ref = torch.randn(4)
+    out, grad = _run(logits, labels, ref_logps=ref, shift=shift, backend=backend)
+    want = oracle.dpo(logits, labels, ref_logps=ref, shift=shift)
+    torch.testing.assert_close(out.loss.double(), want["loss"], rtol=1e-6, atol=1e-7)
+    assert torch.equal(out.chosen_logps, torch.zeros(2)) and grad.shape == logits.shape

@@ -467,3 +467,17 @@ def test_parity_with_trl_kto_trainer(tmp_path, loss_type, ref_kind):
         grads = torch.autograd.grad(out.loss, params, retain_graph=True)
         for ours, theirs in zip(grads, trl_grads):
             torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5 * theirs.abs().max().item() + 1e-9)
+
+
+@pytest.mark.parametrize("shift", [False, True])
+def test_completions_of_no_tokens(backend, shift):
+    """T = 0, shifted or not: log-probs 0 and the oracle's loss of the reference alone."""
+    logits = torch.randn(3, 0, 40)
+    labels = torch.zeros(3, 0, dtype=torch.long)
+    desirable = torch.tensor([True, False, True])
+    ref = torch.randn(3)
+    out, grad = run(logits, labels, desirable, ref_logps=ref, kl_logps=torch.zeros(3), ref_kl_logps=torch.zeros(3),
+                    backend=backend, shift=shift)
+    want = kto_oracle(logits, labels, desirable, ref_seq=ref, kl_raw=0.0, shift=shift)
+    assert_close_values(out.loss, want["loss"], torch.float32, "loss")
+    assert torch.equal(out.logps, torch.zeros(3)) and grad.shape == logits.shape
