@@ -5,7 +5,7 @@
     trainer = transformers.Trainer(
         model=model, args=TrainingArguments(..., remove_unused_columns=False),
         train_dataset=dataset, data_collator=collate,
-        compute_loss_func=dpo_compute_loss_func(beta=0.1, gradient_accumulation_steps=args.gradient_accumulation_steps),
+        compute_loss_func=dpo_compute_loss_func(beta=0.1, training_args=args),
     )
 
 The Trainer pops ``batch["labels"]``, calls ``model(**batch)`` with everything else and hands the
@@ -29,17 +29,28 @@ temporary beyond the model's own output.
 
 Set ``remove_unused_columns=False`` when the dataset rows carry other columns the collator needs.
 
-**num_items_in_batch and gradient accumulation.** The Trainer passes ``num_items_in_batch``, the
-number of label tokens in the whole accumulated batch (``None`` when ``labels`` is a dict). A DPO
-loss is a mean over pairs, not over tokens, so the function does not normalize by it. The
-Trainer treats a ``compute_loss_func``'s loss as already scaled for gradient accumulation (it does
-not divide it), so the function divides the pair mean by ``gradient_accumulation_steps`` (pass
-``args.gradient_accumulation_steps``) whenever a gradient is being computed: summed over the
-accumulation steps, the gradient is that of the mean over all their pairs (equal micro-batch
-sizes). Evaluation losses (no gradient) are not divided. An epoch's last accumulation window with
-fewer micro-batches is still divided by ``gradient_accumulation_steps`` (the function cannot see
-how many there are): use ``dataloader_drop_last=True`` or a dataset size that divides evenly for
-exactly equal weighting.
+**num_items_in_batch, gradient accumulation and several processes.** The Trainer passes
+``num_items_in_batch``, the number of label tokens in the whole accumulated batch (``None`` when
+``labels`` is a dict: it cannot count them). A DPO loss is a mean over pairs, not over tokens, so
+the function does not normalize by it. Two things the Trainer does to a ``compute_loss_func``'s
+loss are undone here, with the Trainer's ``training_args``:
+
+- it does not divide it by the accumulation steps (it takes it as already scaled), so the
+  function divides the pair mean by ``gradient_accumulation_steps`` whenever a gradient is being
+  computed: summed over the steps, the gradient is that of the mean over all their pairs (equal
+  micro-batch sizes). Evaluation losses (no gradient) are not divided. An epoch's last window with
+  fewer micro-batches is still divided by the full count (the function cannot see how many there
+  are): use ``dataloader_drop_last=True`` or a dataset size that divides evenly;
+- when it counted tokens (``num_items_in_batch`` given) and ``average_tokens_across_devices`` is
+  on (its default), it multiplies the loss by the number of processes (by ``n_gpu`` under
+  DataParallel), as a token sum over the global count would need; for a per-process pair mean
+  averaged by DDP that makes every step ``world_size`` times too large, so the function divides
+  by the same factor (:func:`trainer_loss_multiplier`).
+
+Without ``training_args`` (``gradient_accumulation_steps`` alone, default 1) the function cannot
+know that factor: with several processes or GPUs and a token count it raises rather than return
+a loss the Trainer would scale. (Tensor parallelism, where the Trainer divides the factor by the
+TP size, is not covered.)
 
 The metrics of the last call (TRL's names, detached device scalars) are kept in
 ``loss_func.metrics`` for a callback to log.
@@ -49,6 +60,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from .. import fused_dpo_loss
 
@@ -57,10 +69,12 @@ class DPOComputeLoss:
     """The ``compute_loss_func`` made by :func:`dpo_compute_loss_func`: ``(outputs, labels,
     num_items_in_batch=None) -> loss``. ``metrics`` holds the last call's metrics."""
 
-    def __init__(self, gradient_accumulation_steps: int, inplace_backward: bool, loss_kwargs: dict):
+    def __init__(self, gradient_accumulation_steps: int, inplace_backward: bool, loss_kwargs: dict,
+                 training_args: Any = None):
         self.gradient_accumulation_steps = gradient_accumulation_steps
         self.inplace_backward = inplace_backward
         self.loss_kwargs = loss_kwargs
+        self.training_args = training_args
         self.metrics: dict[str, torch.Tensor] = {}
 
     def __call__(self, outputs: Any, labels: Any, num_items_in_batch: Any = None) -> torch.Tensor:
@@ -69,12 +83,39 @@ class DPOComputeLoss:
         kwargs = dict(self.loss_kwargs)
         if ref_logps is not None:
             kwargs["ref_logps"] = ref_logps.to(logits.device)
+        divisor = self._trainer_multiplier(logits.device) if num_items_in_batch is not None else 1
         out = fused_dpo_loss(logits, token_labels.to(logits.device), shift=True,
                              inplace_backward=self.inplace_backward and logits.requires_grad, **kwargs)
         self.metrics = out.metrics
         if logits.requires_grad:
-            return out.loss / self.gradient_accumulation_steps
-        return out.loss
+            divisor *= self.gradient_accumulation_steps
+        return out.loss / divisor if divisor != 1 else out.loss
+
+    def _trainer_multiplier(self, device: torch.device) -> int:
+        """What the Trainer multiplies this loss by, having counted tokens (see the module docstring)."""
+        if self.training_args is not None:
+            return trainer_loss_multiplier(self.training_args)
+        processes = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        gpus = torch.cuda.device_count() if device.type == "cuda" and processes == 1 else 1
+        if processes > 1 or gpus > 1:
+            raise ValueError(
+                f"dpo_compute_loss_func: the Trainer counted label tokens (num_items_in_batch) across {max(processes, gpus)} "
+                "processes or GPUs and, with average_tokens_across_devices, multiplies the loss by their number, which "
+                "a DPO pair mean must undo: pass training_args=args to dpo_compute_loss_func (or give labels as a "
+                "dict {'labels', 'ref_logps'}: the Trainer then counts nothing)"
+            )
+        return 1
+
+
+def trainer_loss_multiplier(training_args: Any) -> int:
+    """The factor ``transformers.Trainer.compute_loss`` multiplies a ``compute_loss_func``'s loss by
+    when it counted label tokens: the number of processes (``n_gpu`` under DataParallel) when
+    ``average_tokens_across_devices`` is on, else 1. (Its division by a tensor-parallel size is
+    not modelled.)"""
+    if not getattr(training_args, "average_tokens_across_devices", False):
+        return 1
+    n_gpu = int(getattr(training_args, "n_gpu", 1))
+    return n_gpu if n_gpu > 1 else max(1, int(getattr(training_args, "world_size", 1)))
 
 
 def _split_labels(labels) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -98,16 +139,22 @@ def _split_labels(labels) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 def dpo_compute_loss_func(
     *,
-    gradient_accumulation_steps: int = 1,
+    training_args: Any = None,
+    gradient_accumulation_steps: int | None = None,
     inplace_backward: bool = True,
     **loss_kwargs,
 ) -> DPOComputeLoss:
     """A ``compute_loss_func`` for ``transformers.Trainer`` computing ``fused_dpo_loss`` on the
-    model's logits (batch format and gradient accumulation: see the module docstring).
+    model's logits (batch format, gradient accumulation and several processes: see the module
+    docstring).
 
     Args:
-        gradient_accumulation_steps: the Trainer's ``args.gradient_accumulation_steps``; the
-            training loss is divided by it (the Trainer does not divide a compute_loss_func's loss).
+        training_args: the Trainer's ``TrainingArguments``: its ``gradient_accumulation_steps``,
+            and the factor the Trainer multiplies the loss by across processes
+            (:func:`trainer_loss_multiplier`), both undone here. Recommended.
+        gradient_accumulation_steps: without ``training_args``, the accumulation steps (default
+            1); the training loss is divided by it (the Trainer does not divide a
+            compute_loss_func's loss). With ``training_args`` it must be left out or agree.
         inplace_backward: the logits buffer becomes its own gradient (no logits-sized temporary);
             set False if something else needs the model's logits in backward.
         **loss_kwargs: every option of :func:`dpo_kernels.fused_dpo_loss` except those the batch
@@ -115,6 +162,17 @@ def dpo_compute_loss_func(
             ``loss_weights``, ``label_smoothing``, ``ld_alpha``, ``use_weighting``,
             ``reference_free``, ``token_metrics``, ``backend``, ...
     """
+    if training_args is not None:
+        from_args = getattr(training_args, "gradient_accumulation_steps", None)
+        if from_args is None or not hasattr(training_args, "average_tokens_across_devices"):
+            raise TypeError("training_args must be the Trainer's transformers.TrainingArguments, got "
+                            f"{type(training_args).__name__}")
+        if gradient_accumulation_steps is not None and gradient_accumulation_steps != from_args:
+            raise ValueError(f"gradient_accumulation_steps={gradient_accumulation_steps!r} disagrees with "
+                             f"training_args.gradient_accumulation_steps={from_args!r}: leave it out")
+        gradient_accumulation_steps = from_args
+    elif gradient_accumulation_steps is None:
+        gradient_accumulation_steps = 1
     if isinstance(gradient_accumulation_steps, bool) or not isinstance(gradient_accumulation_steps, int) \
             or gradient_accumulation_steps < 1:
         raise ValueError(f"gradient_accumulation_steps must be an int >= 1, got {gradient_accumulation_steps!r}")
@@ -124,7 +182,7 @@ def dpo_compute_loss_func(
     if given:
         raise ValueError(f"{given} come from the batch (see dpo_kernels.integrations.hf), not from dpo_compute_loss_func")
     _dry_run(loss_kwargs)
-    return DPOComputeLoss(gradient_accumulation_steps, inplace_backward, loss_kwargs)
+    return DPOComputeLoss(gradient_accumulation_steps, inplace_backward, loss_kwargs, training_args)
 
 
 def _dry_run(loss_kwargs: dict) -> None:

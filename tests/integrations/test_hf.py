@@ -4,8 +4,12 @@ batch, and clear errors for a malformed batch or bad options."""
 from __future__ import annotations
 
 import math
+import os
+import socket
 import tempfile
+import time
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,7 +18,7 @@ import torch.nn.functional as F
 transformers = pytest.importorskip("transformers")
 
 from dpo_kernels import fused_dpo_loss  # noqa: E402
-from dpo_kernels.integrations.hf import dpo_compute_loss_func  # noqa: E402
+from dpo_kernels.integrations.hf import dpo_compute_loss_func, trainer_loss_multiplier  # noqa: E402
 from tiny_world import make_models, make_rows, make_tokenizer, quiet_and_single_threaded  # noqa: E402,F401
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
@@ -160,6 +164,9 @@ def test_malformed_batches_raise():
 @pytest.mark.parametrize("kwargs, error, match", [
     ({"loss_type": "nope"}, ValueError, "loss_type"),
     ({"gradient_accumulation_steps": 0}, ValueError, "gradient_accumulation_steps"),
+    ({"training_args": {"gradient_accumulation_steps": 2}}, TypeError, "TrainingArguments"),
+    ({"training_args": SimpleNamespace(gradient_accumulation_steps=2, average_tokens_across_devices=True),
+      "gradient_accumulation_steps": 3}, ValueError, "disagrees"),
     ({"ref_logps": torch.zeros(2)}, ValueError, "from the batch"),
     ({"beta": -1.0}, ValueError, "beta"),
     ({"inplace_backward": "yes"}, TypeError, "inplace_backward"),
@@ -167,3 +174,114 @@ def test_malformed_batches_raise():
 def test_bad_options_raise_at_construction(kwargs, error, match):
     with pytest.raises(error, match=match):
         dpo_compute_loss_func(**kwargs)
+
+
+def _args(**kwargs):
+    """What the loss function reads of ``TrainingArguments`` (its world_size is a property of the
+    process group: a namespace stands in for other worlds)."""
+    base = dict(gradient_accumulation_steps=1, average_tokens_across_devices=True, n_gpu=0, world_size=1)
+    return SimpleNamespace(**{**base, **kwargs})
+
+
+@pytest.mark.parametrize("args, factor", [
+    (_args(world_size=4), 4), (_args(world_size=4, average_tokens_across_devices=False), 1),
+    (_args(n_gpu=2), 2), (_args(n_gpu=1, world_size=3), 3), (_args(), 1),
+])
+def test_the_trainers_multiplier_across_processes_is_undone(args, factor):
+    """``transformers.Trainer.compute_loss`` multiplies a compute_loss_func's loss by the number of
+    processes (``n_gpu`` under DataParallel) when it counted tokens and averages them across
+    devices: with ``training_args`` the function divides by the same factor, only when a count
+    was passed (a dict of labels gives none), and by the accumulation steps as before."""
+    assert trainer_loss_multiplier(args) == factor
+    policy, _ = make_models()
+    batch = collate(make_rows())
+    outputs = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    args.gradient_accumulation_steps = 2
+    loss_func = dpo_compute_loss_func(beta=0.5, reference_free=True, training_args=args)
+    counted = loss_func(outputs, batch["labels"], num_items_in_batch=torch.tensor(50))
+    uncounted = loss_func(outputs, batch["labels"])
+    plain = fused_dpo_loss(outputs.logits.detach(), batch["labels"], beta=0.5, reference_free=True, shift=True).loss
+    torch.testing.assert_close(counted * factor * 2, plain, rtol=1e-6, atol=0)
+    torch.testing.assert_close(uncounted * 2, plain, rtol=1e-6, atol=0)
+
+
+# The same step under DDP: two processes (gloo, CPU) launched as torchrun would, each a Trainer on
+# its half of the pairs, against one process on all of them.
+DDP_WORLD = 2
+DDP_TIMEOUT_S = 300
+
+
+def _ddp_rows():
+    g = torch.Generator().manual_seed(1)
+    return [{"p": torch.randint(3, 50, (3,), generator=g), "c": torch.randint(3, 50, (2 + i % 2,), generator=g),
+             "r": torch.randint(3, 50, (4,), generator=g)} for i in range(4)]
+
+
+def _ddp_collate(rows):
+    """Token-id rows (no tokenizer): [chosen; rejected], labels -100 on the prompt and padding."""
+    seqs = [torch.cat([r["p"], r[k]]) for k in ("c", "r") for r in rows]
+    T = max(map(len, seqs))
+    ids = torch.zeros(len(seqs), T, dtype=torch.long)
+    labels = torch.full_like(ids, -100)
+    for i, seq in enumerate(seqs):
+        ids[i, :len(seq)] = seq
+        labels[i, 3:len(seq)] = seq[3:]
+    return {"input_ids": ids, "attention_mask": (ids != 0).long(), "labels": labels}
+
+
+def _sgd_step_update(world: int, with_args: bool) -> torch.Tensor:
+    """The lm_head's change after one SGD step (lr 1, no clipping) of a reference-free sigmoid DPO
+    loss on plain tensor labels (so the Trainer counts tokens), 4 pairs over ``world`` processes."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, pad_token_id=0)
+    model = transformers.LlamaForCausalLM(config)
+    before = model.lm_head.weight.detach().clone()
+    args = trainer_args(per_device_train_batch_size=4 // world, optim="sgd", learning_rate=1.0, max_grad_norm=0.0,
+                        ddp_backend="gloo" if world > 1 else None)
+    loss_func = dpo_compute_loss_func(beta=0.5, reference_free=True, training_args=args if with_args else None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=_ddp_rows(), data_collator=_ddp_collate,
+                                       compute_loss_func=loss_func)
+    trainer.remove_callback(transformers.PrinterCallback)
+    trainer.train()
+    return model.lm_head.weight.detach() - before
+
+
+def _ddp_worker(rank, port, out_dir):
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(DDP_WORLD), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    result = {"update": _sgd_step_update(DDP_WORLD, with_args=True)}
+    try:
+        _sgd_step_update(DDP_WORLD, with_args=False)
+        result["error"] = None
+    except ValueError as exc:
+        result["error"] = str(exc)
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def test_ddp_step_equals_one_process_on_all_pairs(tmp_path):
+    """Two processes with the Trainer's token count (tensor labels): with ``training_args`` the
+    step is one process's step on all 4 pairs (the Trainer's x2 undone; before the fix it was
+    twice as large); without them the function raises instead of returning a loss the Trainer
+    would scale."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    context = mp.spawn(_ddp_worker, args=(port, str(tmp_path)), nprocs=DDP_WORLD, join=False)
+    deadline = time.monotonic() + DDP_TIMEOUT_S
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the {DDP_WORLD} ranks did not finish within {DDP_TIMEOUT_S} s")
+    want = _sgd_step_update(1, with_args=True)
+    assert want.abs().max() > 1e-4
+    for rank in range(DDP_WORLD):
+        result = torch.load(os.path.join(tmp_path, f"rank{rank}.pt"))
+        torch.testing.assert_close(result["update"], want, rtol=1e-4, atol=1e-6 * want.abs().max().item())
+        assert result["error"] is not None and "training_args=args" in result["error"]
