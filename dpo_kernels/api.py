@@ -544,7 +544,7 @@ def _chunk_plan(linear, head, hidden, softcap, chunk_tokens, vocab_chunk, needs)
 
     def split_plan(valid_tokens: int) -> tuple[int, int]:
         return linear.backward_plan(head, H, hidden.dtype, chunk_tokens, vocab_chunk, valid_tokens,
-                                    fused_slices=linear.fused_slices(head, hidden.dtype))
+                                    fused_slices=linear.slices_take_fused_matmul(head, hidden.dtype))
 
     return one_pass_chunk, split_chunk, split_plan
 

@@ -823,9 +823,9 @@ def backward_plan(head: Head, hidden_size: int, dtype: torch.dtype, chunk_tokens
     :func:`chunk_size` does for full rows. ``fused_slices``: the slices take the fused matmul
     (``backends.fused_logits_grad_matmul``), so a slice is its gradient alone, with no softcap
     temporaries (:meth:`Footprint.slice_grad_bytes`), and only its elements count. ``split``
-    passes the rule in force (:func:`fused_slices`); ``two_phase`` plans inside torch.compile's
-    trace, where a backend cannot be loaded, and budgets as if unfused (smaller chunks, never
-    more memory).
+    passes the rule in force (:func:`slices_take_fused_matmul`); ``two_phase`` plans inside
+    torch.compile's trace, where a backend cannot be loaded, and budgets as if unfused (smaller
+    chunks, never more memory).
 
     ``valid_tokens`` is passed by ``split``, which knows them before it plans its backward.
     ``two_phase`` does not pass them: inside torch.compile it plans before they are known, and
@@ -846,7 +846,7 @@ def backward_plan(head: Head, hidden_size: int, dtype: torch.dtype, chunk_tokens
     return step, chunk_size(step, dtype, softcap, chunk_tokens)
 
 
-def fused_slices(head: Head, dtype: torch.dtype) -> bool:
+def slices_take_fused_matmul(head: Head, dtype: torch.dtype) -> bool:
     """Whether the backward's vocabulary slices take the fused logits-gradient matmul under the
     rules in force now (``backends.fused_logits_grad_matmul``). Loads the backend: not inside a
     torch.compile trace."""

@@ -1101,9 +1101,9 @@ def test_backward_plan_counts_no_softcap_temporaries_when_the_slices_are_fused()
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="needs triton")
 def test_split_plans_its_backward_with_the_fusion_rule_in_force():
-    """``linear.fused_slices`` follows the backend's rule (the Triton one's override; never for
-    float64, never on a backend without the fused matmul), and split's plan follows it: with a
-    softcap its fused slices get the chunks of a head without one."""
+    """``linear.slices_take_fused_matmul`` follows the backend's rule (the Triton one's override;
+    never for float64, never on a backend without the fused matmul), and split's plan follows it:
+    with a softcap its fused slices get the chunks of a head without one."""
     from dpo_kernels import api
     from dpo_kernels.backends.triton.config import set_logits_grad_fusion
 
@@ -1113,11 +1113,11 @@ def test_split_plans_its_backward_with_the_fusion_rule_in_force():
     try:
         for fuse in (True, False):
             set_logits_grad_fusion(fuse)
-            assert linear.fused_slices(triton_head, BF16) is fuse
-            assert linear.fused_slices(triton_head, torch.float64) is False
+            assert linear.slices_take_fused_matmul(triton_head, BF16) is fuse
+            assert linear.slices_take_fused_matmul(triton_head, torch.float64) is False
             *_, split_plan = api._chunk_plan(linear, triton_head, hidden, 30.0, None, None, (True, True, False))
             assert split_plan(3201) == ((8192, 16384) if fuse else (4096, 6528))
-        assert linear.fused_slices(replace(triton_head, backend_name="reference"), BF16) is False
+        assert linear.slices_take_fused_matmul(replace(triton_head, backend_name="reference"), BF16) is False
     finally:
         set_logits_grad_fusion(None)
 
