@@ -1162,11 +1162,20 @@ def _validation_skipped(*tensors: torch.Tensor) -> bool:
     return torch.compiler.is_compiling() or any(t.device.type == "meta" for t in tensors)
 
 
+# The kernels keep each row's log-sum-exp as one fp32 number, lse = max + log(sum exp(z - max)),
+# and the backward forms exp(z - lse) from it: rounding lse costs |lse| * 2^-24 in every log-prob
+# and a relative |lse| * 2^-24 in every softmax probability. Past 2^15 that exceeds bf16's own
+# precision (2^-9), and at ~1e8 the log-sum is rounded away entirely (every probability 1): a
+# logit that large in a scored row is refused rather than scored imprecisely.
+LSE_PRECISION_LIMIT = 2.0 ** 15
+
+
 def _check_token_results(checks, ignore_index: int) -> None:
     """One host sync for all of ``checks`` (``(tokens, vocab_size, name)``, optionally with the
     name of their labels, default ``"labels"``: a policy's and its reference's token results):
-    bad labels, and non-finite log-probs of scored tokens; the first failure in ``checks``' order
-    raises. Not when compiling: :func:`_validation_skipped`."""
+    bad labels, non-finite log-probs of scored tokens, and scored rows whose log-sum-exp is past
+    :data:`LSE_PRECISION_LIMIT`; the first failure in ``checks``' order raises. Not when
+    compiling: :func:`_validation_skipped`."""
     checks = [(*check, "labels") if len(check) == 3 else tuple(check) for check in checks]
     if not checks or _validation_skipped(*(t for tokens, *_ in checks for t in (tokens.labels, tokens.logp))):
         return
@@ -1175,23 +1184,34 @@ def _check_token_results(checks, ignore_index: int) -> None:
         labels = tokens.labels
         scored = labels != ignore_index
         bad_label = scored & ((labels < 0) | (labels >= vocab_size))
-        non_finite = scored & ~bad_label & ~(torch.isfinite(tokens.lse) & torch.isfinite(tokens.logp.detach()))
-        found.append((labels, vocab_size, name, labels_name, bad_label, non_finite))
-        flags += [bad_label.any(), non_finite.any()]
+        finite = torch.isfinite(tokens.lse) & torch.isfinite(tokens.logp.detach())
+        non_finite = scored & ~bad_label & ~finite
+        imprecise = scored & ~bad_label & finite & (tokens.lse.abs() >= LSE_PRECISION_LIMIT)
+        found.append((labels, vocab_size, name, labels_name, bad_label, non_finite, imprecise, tokens.lse))
+        flags += [bad_label.any(), non_finite.any(), imprecise.any()]
     flags = torch.stack(flags).tolist()  # the one sync
-    for k, (labels, vocab_size, name, labels_name, bad_label, non_finite) in enumerate(found):
-        if flags[2 * k]:
+    for k, (labels, vocab_size, name, labels_name, bad_label, non_finite, imprecise, lse) in enumerate(found):
+        if flags[3 * k]:
             b, t = bad_label.nonzero()[0].tolist()
             raise ValueError(
                 f"{labels_name}[{b}, {t}] (as aligned with the logits rows) = {labels[b, t].item()} is outside "
                 f"[0, V={vocab_size}) and is not ignore_index={ignore_index}"
             )
-        if flags[2 * k + 1]:
+        if flags[3 * k + 1]:
             b, t = non_finite.nonzero()[0].tolist()
             raise ValueError(
                 f"{name}[{b}, {t}] gives a non-finite log-probability for its label (NaN or inf in the "
                 "logits, a row of -inf, or a label whose logit is -inf); pass validate=False to let it "
                 "propagate to the loss instead"
+            )
+        if flags[3 * k + 2]:
+            b, t = imprecise.nonzero()[0].tolist()
+            raise ValueError(
+                f"{name}[{b}, {t}]: the row's log-sum-exp is {lse[b, t].item():.6g}, past +-{LSE_PRECISION_LIMIT:g}: "
+                "the kernels keep it as one fp32 number, whose rounding (|lse| * 2^-24) then exceeds bf16's "
+                "precision in every log-probability and softmax probability of the row (logits of that size "
+                "usually mean a diverged model); subtract a per-row constant first (the log-softmax does not "
+                "change), or pass validate=False to score it anyway"
             )
 
 

@@ -1289,6 +1289,16 @@ def test_non_finite_logits_are_reported(where):
         fused_linear_dpo_loss(hidden, weight, labels, b, ref_hidden=ref_hidden)
 
 
+def test_logits_too_large_for_an_fp32_log_sum_exp_are_reported():
+    """As in ``test_api_errors``: a scored row of hidden @ weight.T whose log-sum-exp is past 2^15
+    raises with validate=True (every mode: one_pass and split check the same way)."""
+    hidden, weight, labels, b = _args()
+    hidden[1, 2] *= 1e6
+    for mode in ("one_pass", "split", "two_phase"):
+        with pytest.raises(ValueError, match=r"hidden @ weight.T\[1, 2\]: the row's log-sum-exp"):
+            fused_linear_dpo_loss(hidden, weight, labels, b, ref_logps=torch.randn(4), mode=mode)
+
+
 def test_device_mismatch_is_named():
     hidden, weight, labels, b = _args()
     meta_weight = torch.empty(weight.shape, device="meta")
