@@ -1179,41 +1179,32 @@ def _check_token_results(checks, ignore_index: int) -> None:
     checks = [(*check, "labels") if len(check) == 3 else tuple(check) for check in checks]
     if not checks or _validation_skipped(*(t for tokens, *_ in checks for t in (tokens.labels, tokens.logp))):
         return
-    found, flags = [], []
+    failures = []  # (mask of failing tokens, message of its first token), in the order they are reported
     for tokens, vocab_size, name, labels_name in checks:
-        labels = tokens.labels
+        labels, lse = tokens.labels, tokens.lse
         scored = labels != ignore_index
         bad_label = scored & ((labels < 0) | (labels >= vocab_size))
-        finite = torch.isfinite(tokens.lse) & torch.isfinite(tokens.logp.detach())
-        non_finite = scored & ~bad_label & ~finite
-        imprecise = scored & ~bad_label & finite & (tokens.lse.abs() >= LSE_PRECISION_LIMIT)
-        found.append((labels, vocab_size, name, labels_name, bad_label, non_finite, imprecise, tokens.lse))
-        flags += [bad_label.any(), non_finite.any(), imprecise.any()]
-    flags = torch.stack(flags).tolist()  # the one sync
-    for k, (labels, vocab_size, name, labels_name, bad_label, non_finite, imprecise, lse) in enumerate(found):
-        if flags[3 * k]:
-            b, t = bad_label.nonzero()[0].tolist()
-            raise ValueError(
+        finite = torch.isfinite(lse) & torch.isfinite(tokens.logp.detach())
+        failures += [
+            (bad_label, lambda b, t, labels=labels, vocab_size=vocab_size, labels_name=labels_name: (
                 f"{labels_name}[{b}, {t}] (as aligned with the logits rows) = {labels[b, t].item()} is outside "
-                f"[0, V={vocab_size}) and is not ignore_index={ignore_index}"
-            )
-        if flags[3 * k + 1]:
-            b, t = non_finite.nonzero()[0].tolist()
-            raise ValueError(
+                f"[0, V={vocab_size}) and is not ignore_index={ignore_index}")),
+            (scored & ~bad_label & ~finite, lambda b, t, name=name: (
                 f"{name}[{b}, {t}] gives a non-finite log-probability for its label (NaN or inf in the "
                 "logits, a row of -inf, or a label whose logit is -inf); pass validate=False to let it "
-                "propagate to the loss instead"
-            )
-        if flags[3 * k + 2]:
-            b, t = imprecise.nonzero()[0].tolist()
-            raise ValueError(
+                "propagate to the loss instead")),
+            (scored & ~bad_label & finite & (lse.abs() >= LSE_PRECISION_LIMIT), lambda b, t, name=name, lse=lse: (
                 f"{name}[{b}, {t}]: the row's log-sum-exp is {lse[b, t].item():.6g}, past +-{LSE_PRECISION_LIMIT:g}: "
                 "the kernels keep it as one fp32 number, whose rounding (|lse| * 2^-24) then exceeds bf16's "
                 "precision in every log-probability and softmax probability of the row (logits of that size "
                 "usually mean a diverged model); subtract a per-row constant first (the log-softmax does not "
-                "change), or pass validate=False to score it anyway"
-            )
-
+                "change), or pass validate=False to score it anyway")),
+        ]
+    flags = torch.stack([mask.any() for mask, _ in failures]).tolist()  # the one sync
+    for (mask, message), failed in zip(failures, flags):
+        if failed:
+            b, t = mask.nonzero()[0].tolist()
+            raise ValueError(message(b, t))
 
 def _metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, policy: TokenLogprobs,
              ignore_index, vocab_size, num_pairs, token_metrics) -> dict[str, torch.Tensor]:

@@ -13,18 +13,16 @@ with gloo in torch 2.13; its gradients are sharded DTensors, gathered with ``ful
 """
 import copy
 import os
-import socket
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import oracle
 from dpo_kernels import fused_dpo_loss
 from dpo_kernels.backends import available_backends
 from oracle import IGNORE
+from spawned_ranks import free_port, run_ranks
 
 WORLD = 2
 PAIRS, T, V = 4, 8, 45  # V odd, not a power of two
@@ -117,23 +115,11 @@ def _worker(rank, port, out_dir, backends):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory):
     """Spawn the two ranks once; every test reads their saved losses and gradients."""
     out_dir = str(tmp_path_factory.mktemp("distributed"))
-    context = mp.spawn(_worker, args=(_free_port(), out_dir, BACKENDS), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"the {WORLD} ranks did not finish within {SPAWN_TIMEOUT_S} s")
+    run_ranks(_worker, (free_port(), out_dir, BACKENDS), WORLD, SPAWN_TIMEOUT_S)
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
 
 

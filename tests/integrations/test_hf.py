@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import tempfile
-import time
 import warnings
 from types import SimpleNamespace
 
@@ -19,6 +17,7 @@ transformers = pytest.importorskip("transformers")
 
 from dpo_kernels import fused_dpo_loss  # noqa: E402
 from dpo_kernels.integrations.hf import dpo_compute_loss_func, trainer_loss_multiplier  # noqa: E402
+from spawned_ranks import free_port, run_ranks  # noqa: E402
 from tiny_world import make_models, make_rows, make_tokenizer, quiet_and_single_threaded  # noqa: E402,F401
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
@@ -267,18 +266,7 @@ def test_ddp_step_equals_one_process_on_all_pairs(tmp_path):
     step is one process's step on all 4 pairs (the Trainer's x2 undone; before the fix it was
     twice as large); without them the function raises instead of returning a loss the Trainer
     would scale."""
-    import torch.multiprocessing as mp
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    context = mp.spawn(_ddp_worker, args=(port, str(tmp_path)), nprocs=DDP_WORLD, join=False)
-    deadline = time.monotonic() + DDP_TIMEOUT_S
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"the {DDP_WORLD} ranks did not finish within {DDP_TIMEOUT_S} s")
+    run_ranks(_ddp_worker, (free_port(), str(tmp_path)), DDP_WORLD, DDP_TIMEOUT_S)
     want = _sgd_step_update(1, with_args=True)
     assert want.abs().max() > 1e-4
     for rank in range(DDP_WORLD):
