@@ -151,7 +151,7 @@ def report(arch: int = 90) -> list[dict]:
         for dtype, extras in [(d, frozenset({"logits_sum"})) for d in DTYPES] + [(torch.bfloat16, ALL_EXTRAS)]:
             logits = torch.empty(rows_b, T, V, dtype=dtype, device="meta")
             labels = torch.empty(rows_b, T, dtype=torch.long, device="meta")
-            lse = torch.empty(rows_b, T, dtype=torch.float32, device="meta")
+            lse = torch.empty(rows_b, T, dtype=torch.float64, device="meta")
             launches = []
             # The forward's vocabulary loop both ways: block-wide reductions (the rule on a GPU)
             # and per-lane statistics (config.lane_stats), named "... lanes".

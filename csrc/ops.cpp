@@ -6,9 +6,9 @@
 //
 // Schemas (fake / meta impls are registered in Python, dpo_kernels/backends/cpu.py):
 //   token_logprobs_fwd(Tensor logits, Tensor labels, int ignore_index, int extras_mask)
-//       -> (Tensor logp, Tensor lse, Tensor extras)         extras: [K, B, T], one slice per bit
+//       -> (Tensor logp, Tensor lse, Tensor extras)         lse in fp64; extras: [K, B, T], one slice per bit
 //          of extras_mask (K = its popcount), in bit order: 1 logits_sum, 2 entropy, 4 accuracy,
-//          8 lse_2z (the order of backends.EXTRAS); [0, B, T] when the mask is 0
+//          8 log_sum_p2 (the order of backends.EXTRAS); [0, B, T] when the mask is 0
 //   token_logprobs_bwd(Tensor logits, Tensor labels, Tensor lse, Tensor grad_logp, int ignore_index)
 //       -> Tensor                                           strides of empty_like(logits)
 //   token_logprobs_bwd_(Tensor(a!) logits, Tensor labels, Tensor lse, Tensor grad_logp,
@@ -95,13 +95,16 @@ at::Tensor check_inputs(const at::Tensor& logits, const at::Tensor& labels, cons
   return labels.scalar_type() == at::kLong ? labels : labels.to(at::kLong);
 }
 
-at::Tensor check_row_tensor(const at::Tensor& x, const at::Tensor& logits, const char* what, const char* op) {
+// x as a contiguous [B, T] tensor of `dtype`: the accumulation dtype for grad_logp, fp64 for lse
+// (an fp32 lse is read exactly, with no low part).
+at::Tensor check_row_tensor(const at::Tensor& x, const at::Tensor& logits, const char* what, const char* op,
+                            at::ScalarType dtype) {
   TORCH_CHECK(x.dim() == 2 && x.size(0) == logits.size(0) && x.size(1) == logits.size(1), op, ": ", what,
               " must be [B, T] = [", logits.size(0), ", ", logits.size(1), "], got ", x.sizes());
   TORCH_CHECK(x.device().is_cpu(), op, ": ", what, " must be a CPU tensor, got ", x.device());
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": ", what, " must be floating point, got ",
               x.scalar_type());
-  return x.to(acc_dtype(logits)).contiguous();
+  return x.to(dtype).contiguous();
 }
 
 // Rows per task: enough vocabulary work per task to amortise the scheduling.
@@ -110,7 +113,7 @@ int64_t grain_rows(int64_t V) {
 }
 
 // Bits of extras_mask, in the order of backends.EXTRAS (and of the slices of the extras output).
-enum ExtraBit : int64_t { kLogitsSum = 1, kEntropy = 2, kAccuracy = 4, kLse2z = 8, kAllExtras = 15 };
+enum ExtraBit : int64_t { kLogitsSum = 1, kEntropy = 2, kAccuracy = 4, kLogSumP2 = 8, kAllExtras = 15 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd(const at::Tensor& logits,
                                                                    const at::Tensor& labels, int64_t ignore_index,
@@ -119,11 +122,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd(const at::Tens
   const at::Tensor y = check_inputs(logits, labels, op);
   TORCH_CHECK(extras_mask >= 0 && extras_mask <= kAllExtras, op,
               ": extras_mask must be a combination of 1 (logits_sum), 2 (entropy), 4 (accuracy) and "
-              "8 (lse_2z), got ", extras_mask);
+              "8 (log_sum_p2), got ", extras_mask);
   const int64_t B = logits.size(0), T = logits.size(1), V = logits.size(2);
   const auto opts = logits.options().dtype(acc_dtype(logits));
   at::Tensor logp = at::empty({B, T}, opts);
-  at::Tensor lse = at::empty({B, T}, opts);
+  at::Tensor lse = at::empty({B, T}, opts.dtype(at::kDouble));  // see token_logprobs_kernel.h
   const int64_t K = static_cast<int64_t>(std::bitset<4>(static_cast<unsigned long long>(extras_mask)).count());
   at::Tensor extras = at::empty({K, B, T}, opts);
   if (B * T == 0) return {logp, lse, extras};
@@ -145,7 +148,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd(const at::Tens
   a.logits_sum = extra_out(kLogitsSum);  // in bit order: the slices follow the mask's bits
   a.entropy = extra_out(kEntropy);
   a.accuracy = extra_out(kAccuracy);
-  a.lse_2z = extra_out(kLse2z);
+  a.log_sum_p2 = extra_out(kLogSumP2);
   a.T = T;
   a.V = V;
   a.ignore_index = ignore_index;
@@ -203,8 +206,8 @@ at::Tensor token_logprobs_bwd(const at::Tensor& logits, const at::Tensor& labels
                               const at::Tensor& grad_logp, int64_t ignore_index) {
   const char* op = "dpo_kernels::token_logprobs_bwd";
   const at::Tensor y = check_inputs(logits, labels, op);
-  const at::Tensor lse_c = check_row_tensor(lse, logits, "lse", op);
-  const at::Tensor coef = check_row_tensor(grad_logp, logits, "grad_logp", op);
+  const at::Tensor lse_c = check_row_tensor(lse, logits, "lse", op, at::kDouble);
+  const at::Tensor coef = check_row_tensor(grad_logp, logits, "grad_logp", op, acc_dtype(logits));
   at::Tensor grad = at::empty_like(logits);
   advise_huge_pages(grad);
   run_backward(logits, y, lse_c, coef, ignore_index, grad);
@@ -219,8 +222,8 @@ void token_logprobs_bwd_(at::Tensor& logits, const at::Tensor& labels, const at:
   TORCH_CHECK(at::has_internal_overlap(logits) != at::MemOverlap::Yes, op,
               ": in-place backward needs logits without internal overlap (not an expanded view); use "
               "the out-of-place backward");
-  const at::Tensor lse_c = check_row_tensor(lse, logits, "lse", op);
-  const at::Tensor coef = check_row_tensor(grad_logp, logits, "grad_logp", op);
+  const at::Tensor lse_c = check_row_tensor(lse, logits, "lse", op, at::kDouble);
+  const at::Tensor coef = check_row_tensor(grad_logp, logits, "grad_logp", op, acc_dtype(logits));
   run_backward(logits, y, lse_c, coef, ignore_index, logits);
 }
 

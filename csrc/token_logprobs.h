@@ -19,12 +19,12 @@ struct FwdArgs {
   const int64_t* labels;  // [B, T]
   int64_t ys_b, ys_t;
   void* logp;  // [B * T] contiguous, fp32 (fp64 for fp64 logits)
-  void* lse;   // idem
+  void* lse;   // [B * T] contiguous, fp64 whatever the logits: the fp32 max + log-sum, exactly
   // Same-pass extras (backends.EXTRAS): each [B * T] contiguous like logp, nullptr when not asked.
   void* logits_sum;  // sum_v z_v
   void* entropy;     // lse - sum_v p_v z_v
   void* accuracy;    // 1 where the first index of the row's max is the label, else 0
-  void* lse_2z;      // logsumexp(2 z)
+  void* log_sum_p2;  // log sum_v p_v^2 (NaN where lse is not finite)
   int64_t T, V, ignore_index;
   DType dtype;
 };
@@ -36,7 +36,7 @@ struct BwdArgs {
   int64_t gs_b, gs_t, gs_v;
   const int64_t* labels;
   int64_t ys_b, ys_t;
-  const void* lse;   // [B * T] contiguous, accumulation dtype
+  const void* lse;   // [B * T] contiguous, fp64 (split into fp32 hi + lo per row)
   const void* coef;  // [B * T] contiguous, accumulation dtype (dLoss/dlogp)
   int64_t T, V, ignore_index;
   DType dtype;

@@ -16,10 +16,17 @@
 //             for accuracy, the first index of the max when the chunk raises the row's max);
 //             (b) sum e = exp(z - shift) over the chunk, shift = running max, rescaling the running
 //             sums once per chunk when the max grows; entropy adds sum e (z - shift) and
-//             logsumexp(2z) sum e^2 from the same e. One exp per element, whatever the extras.
-//   backward, per chunk: grad = -coef * exp(z - lse), converted and stored once; the true-class
-//             element is then rewritten as coef * (1 - p_y), formed in the accumulation type
-//             from the target logit read before the row was written (in place safe).
+//             log sum p^2 sum e^2 from the same e. One exp per element, whatever the extras.
+//   backward, per chunk: grad = -coef * exp((z - lse_hi) - lse_lo), converted and stored once;
+//             the true-class element is then rewritten as coef * (1 - p_y), formed in the
+//             accumulation type from the target logit read before the row was written (in place
+//             safe).
+//
+// lse is kept in fp64 (shift + log(s), both fp32, summed exactly) and split in the backward into
+// fp32 hi + lo (split_lse): one fp32 lse would carry |lse| * 2^-24 of rounding into every log-prob
+// and every probability, so logits sharing a large offset (|lse| ~ 1e5) would lose their last
+// digits, and near 1e8 the log-sum entirely. z - lse_hi is exact where it matters (z within a
+// factor 2 of lse_hi, Sterbenz), so the probabilities do not depend on a common offset.
 #pragma once
 
 #include <ATen/cpu/vec/functional.h>
@@ -261,7 +268,7 @@ inline const acc_t* load_chunk_max_sum(const scalar_t* p, int64_t sv, int64_t n,
 }
 
 // Sums over d[0, n) of e_i = exp(x_i), x_i = d[i] - shift: s = sum e_i and, with kEnt / kL2,
-// ex = sum e_i x_i (entropy) and e2 = sum e_i^2 (logsumexp(2z)), from the same exp.
+// ex = sum e_i x_i (entropy) and e2 = sum e_i^2 (log sum p^2), from the same exp.
 template <typename acc_t>
 struct ExpSums {
   acc_t s = 0, ex = 0, e2 = 0;
@@ -369,7 +376,7 @@ inline int64_t first_index_of(const acc_t* d, int64_t n, acc_t target) {
   return n;
 }
 
-// The forward over rows [row_begin, row_end). kSum / kEnt / kL2 (logits_sum, entropy, lse_2z)
+// The forward over rows [row_begin, row_end). kSum / kEnt / kL2 (logits_sum, entropy, log_sum_p2)
 // add work to the per-element loops, so they are template flags: with all three off this is the
 // plain logp / lse kernel. accuracy costs a compare per chunk (and a scan of the chunks that raise
 // the row's max), so it is a run-time flag.
@@ -378,11 +385,11 @@ void forward_rows_impl(const FwdArgs& a, int64_t row_begin, int64_t row_end) {
   using acc_t = typename AccType<scalar_t>::type;
   const scalar_t* logits = static_cast<const scalar_t*>(a.logits);
   acc_t* out_logp = static_cast<acc_t*>(a.logp);
-  acc_t* out_lse = static_cast<acc_t*>(a.lse);
+  double* out_lse = static_cast<double*>(a.lse);
   acc_t* out_sum = static_cast<acc_t*>(a.logits_sum);
   acc_t* out_ent = static_cast<acc_t*>(a.entropy);
   acc_t* out_acc = static_cast<acc_t*>(a.accuracy);
-  acc_t* out_l2 = static_cast<acc_t*>(a.lse_2z);
+  acc_t* out_l2 = static_cast<acc_t*>(a.log_sum_p2);
   const bool with_acc = out_acc != nullptr;
   const int64_t V = a.V;
   const int64_t sv = a.zs_v;
@@ -441,20 +448,37 @@ void forward_rows_impl(const FwdArgs& a, int64_t row_begin, int64_t row_end) {
       if constexpr (kL2) e2 += r.e2;
     }
     // NaN, +inf (as torch.logsumexp gives) and a row of -inf (or V == 0; never -inf - -inf) decide
-    // lse, entropy and logsumexp(2z) alike, as the reference's formulas do.
+    // lse and entropy alike, as the reference's formulas do; log sum p^2 is NaN there (no softmax).
     const bool finite = s > 0 && !std::isnan(m) && m != kInf;
     const acc_t log_s = finite ? std::log(s) : acc_t(0);
     const acc_t lse = finite ? shift + log_s : m;
-    // The target logit is read only when the label lies inside the row.
-    out_logp[row] = (y >= 0 && y < V) ? static_cast<acc_t>(zrow[y * sv]) - lse : nan_value<acc_t>();
-    out_lse[row] = lse;
+    // The target logit is read only when the label lies inside the row. (z_y - shift) - log(s),
+    // not z_y - lse: z_y - shift is exact near the max, so no rounding of lse reaches logp.
+    const acc_t z_y = (y >= 0 && y < V) ? static_cast<acc_t>(zrow[y * sv]) : nan_value<acc_t>();
+    out_logp[row] = finite ? (z_y - shift) - log_s : z_y - lse;
+    out_lse[row] = finite ? static_cast<double>(shift) + static_cast<double>(log_s) : static_cast<double>(m);
     if constexpr (kSum) out_sum[row] = std::isnan(m) ? m : zsum;
     // H = lse - sum p z = log(s) - sum e (z - shift) / s.
     if constexpr (kEnt) out_ent[row] = finite ? log_s - ex / s : m;
-    // logsumexp(2z) = 2 shift + log(sum e^2); e^2 >= 1 at the max.
-    if constexpr (kL2) out_l2[row] = finite ? 2 * shift + std::log(e2) : m;
+    // log sum p^2 = log(sum e^2) - 2 log(s), both relative to shift (no cancellation of large
+    // numbers); e^2 >= 1 at the max.
+    if constexpr (kL2) out_l2[row] = finite ? std::log(e2) - 2 * log_s : nan_value<acc_t>();
     if (with_acc) out_acc[row] = (V > 0 && y == argmax) ? acc_t(1) : acc_t(0);
   }
+}
+
+// The fp64 lse as hi + lo in the accumulation type: hi = lse rounded, lo = what that rounding
+// lost (0 for fp64 logits, and for an infinite or NaN lse, which hi carries alone).
+template <typename acc_t>
+struct LseParts {
+  acc_t hi, lo;
+};
+
+template <typename acc_t>
+inline LseParts<acc_t> split_lse(double lse) {
+  const acc_t hi = static_cast<acc_t>(lse);
+  const acc_t lo = std::isfinite(hi) ? static_cast<acc_t>(lse - static_cast<double>(hi)) : acc_t(0);
+  return {hi, lo};
 }
 
 // Stores acc values src[0, n) into a row of scalar_t with element stride gv.
@@ -483,7 +507,7 @@ void backward_rows_impl(const BwdArgs& a, int64_t row_begin, int64_t row_end) {
   constexpr int64_t W = Vec::size();
   const scalar_t* logits = static_cast<const scalar_t*>(a.logits);
   scalar_t* grad = static_cast<scalar_t*>(a.grad);
-  const acc_t* lse_in = static_cast<const acc_t*>(a.lse);
+  const double* lse_in = static_cast<const double*>(a.lse);
   const acc_t* coef_in = static_cast<const acc_t*>(a.coef);
   const int64_t V = a.V;
   const int64_t sv = a.zs_v;
@@ -506,12 +530,12 @@ void backward_rows_impl(const BwdArgs& a, int64_t row_begin, int64_t row_end) {
     }
     const scalar_t* zrow = logits + b * a.zs_b + t * a.zs_t;
     const acc_t coef = coef_in[row];
-    const acc_t lse = lse_in[row];
+    const LseParts<acc_t> lse = split_lse<acc_t>(lse_in[row]);
     const bool hit = y >= 0 && y < V;
     // Read before the row is overwritten (in place).
     const acc_t z_target = hit ? static_cast<acc_t>(zrow[y * sv]) : acc_t(0);
     const Vec vneg(-coef);
-    const Vec vlse(lse);
+    const Vec vhi(lse.hi), vlo(lse.lo);
     if constexpr (!std::is_same_v<scalar_t, acc_t>) {
       if (sv == 1 && gv == 1) {  // contiguous bf16/fp16: convert, compute, round, store in one loop
         using VecF = Vectorized<float>;
@@ -520,12 +544,14 @@ void backward_rows_impl(const BwdArgs& a, int64_t row_begin, int64_t row_end) {
         for (; v + 2 * WF <= V; v += 2 * WF) {
           VecF a, b;
           at::vec::load_to_float<scalar_t>(zrow + v, a, b);
-          const VecF ga = vneg * vexp(a - vlse);
-          const VecF gb = vneg * vexp(b - vlse);
+          const VecF ga = vneg * vexp((a - vhi) - vlo);
+          const VecF gb = vneg * vexp((b - vhi) - vlo);
           at::vec::convert_from_float<scalar_t>(ga, gb).store(grow + v);
         }
-        for (; v < V; ++v) grow[v] = static_cast<scalar_t>(-coef * std::exp(static_cast<float>(zrow[v]) - lse));
-        if (hit) grow[y] = static_cast<scalar_t>(coef * (acc_t(1) - std::exp(z_target - lse)));
+        for (; v < V; ++v) {
+          grow[v] = static_cast<scalar_t>(-coef * std::exp((static_cast<float>(zrow[v]) - lse.hi) - lse.lo));
+        }
+        if (hit) grow[y] = static_cast<scalar_t>(coef * (acc_t(1) - std::exp((z_target - lse.hi) - lse.lo)));
         continue;
       }
     }
@@ -537,17 +563,17 @@ void backward_rows_impl(const BwdArgs& a, int64_t row_begin, int64_t row_end) {
       acc_t* out = direct ? reinterpret_cast<acc_t*>(grow + c) : obuf;
       int64_t i = 0;
       for (; i + 2 * W <= n; i += 2 * W) {
-        const Vec g0 = vneg * vexp(Vec::loadu(d + i) - vlse);
-        const Vec g1 = vneg * vexp(Vec::loadu(d + i + W) - vlse);
+        const Vec g0 = vneg * vexp((Vec::loadu(d + i) - vhi) - vlo);
+        const Vec g1 = vneg * vexp((Vec::loadu(d + i + W) - vhi) - vlo);
         g0.store(out + i);
         g1.store(out + i + W);
       }
-      for (; i < n; ++i) out[i] = -coef * std::exp(d[i] - lse);
+      for (; i < n; ++i) out[i] = -coef * std::exp((d[i] - lse.hi) - lse.lo);
       if (!direct) store_chunk<scalar_t, acc_t>(obuf, grow + c * gv, gv, n);
     }
     if (hit) {
       // coef * (1 - p_y) in the accumulation type, rounded once.
-      grow[y * gv] = static_cast<scalar_t>(coef * (acc_t(1) - std::exp(z_target - lse)));
+      grow[y * gv] = static_cast<scalar_t>(coef * (acc_t(1) - std::exp((z_target - lse.hi) - lse.lo)));
     }
   }
 }
@@ -565,7 +591,7 @@ template <typename scalar_t>
 void forward_rows_for(const FwdArgs& args, int64_t row_begin, int64_t row_end) {
   static constexpr auto table = forward_table<scalar_t>(std::make_index_sequence<8>{});
   const size_t k = (args.logits_sum != nullptr ? 1 : 0) | (args.entropy != nullptr ? 2 : 0) |
-                   (args.lse_2z != nullptr ? 4 : 0);
+                   (args.log_sum_p2 != nullptr ? 4 : 0);
   table[k](args, row_begin, row_end);
 }
 

@@ -559,7 +559,7 @@ def _footprint(linear, hidden, weight, bias, aligned, extras, needs, softcap, ba
             batch_tokens=aligned.numel(), valid_tokens=valid, hidden_size=hidden.shape[-1],
             vocab_size=weight.shape[0], elem=hidden.element_size(), weight_elem=weight.element_size(),
             bias_elem=0 if bias is None else bias.element_size(), needs=tuple(needs),
-            softcap=softcap is not None, token_results=2 + len(extras), fused_logits_grad=fused)
+            softcap=softcap is not None, token_results=3 + len(extras), fused_logits_grad=fused)
 
     return footprint
 
@@ -629,7 +629,7 @@ def policy_extras(use_weighting: bool, token_metrics: bool) -> tuple[str, ...]:
     """Same-pass extras the loss and metrics read from the policy's forward pass."""
     extras = {"logits_sum"}
     if use_weighting:
-        extras.add("lse_2z")
+        extras.add("log_sum_p2")
     if token_metrics:
         extras.update(("entropy", "accuracy"))
     return tuple(sorted(extras))
@@ -1162,20 +1162,11 @@ def _validation_skipped(*tensors: torch.Tensor) -> bool:
     return torch.compiler.is_compiling() or any(t.device.type == "meta" for t in tensors)
 
 
-# The kernels keep each row's log-sum-exp as one fp32 number, lse = max + log(sum exp(z - max)),
-# and the backward forms exp(z - lse) from it: rounding lse costs |lse| * 2^-24 in every log-prob
-# and a relative |lse| * 2^-24 in every softmax probability. Past 2^15 that exceeds bf16's own
-# precision (2^-9), and at ~1e8 the log-sum is rounded away entirely (every probability 1): a
-# logit that large in a scored row is refused rather than scored imprecisely.
-LSE_PRECISION_LIMIT = 2.0 ** 15
-
-
 def _check_token_results(checks, ignore_index: int) -> None:
     """One host sync for all of ``checks`` (``(tokens, vocab_size, name)``, optionally with the
     name of their labels, default ``"labels"``: a policy's and its reference's token results):
-    bad labels, non-finite log-probs of scored tokens, and scored rows whose log-sum-exp is past
-    :data:`LSE_PRECISION_LIMIT`; the first failure in ``checks``' order raises. Not when
-    compiling: :func:`_validation_skipped`."""
+    bad labels and non-finite log-probs of scored tokens; the first failure in ``checks``' order
+    raises. Not when compiling: :func:`_validation_skipped`."""
     checks = [(*check, "labels") if len(check) == 3 else tuple(check) for check in checks]
     if not checks or _validation_skipped(*(t for tokens, *_ in checks for t in (tokens.labels, tokens.logp))):
         return
@@ -1193,18 +1184,13 @@ def _check_token_results(checks, ignore_index: int) -> None:
                 f"{name}[{b}, {t}] gives a non-finite log-probability for its label (NaN or inf in the "
                 "logits, a row of -inf, or a label whose logit is -inf); pass validate=False to let it "
                 "propagate to the loss instead")),
-            (scored & ~bad_label & finite & (lse.abs() >= LSE_PRECISION_LIMIT), lambda b, t, name=name, lse=lse: (
-                f"{name}[{b}, {t}]: the row's log-sum-exp is {lse[b, t].item():.6g}, past +-{LSE_PRECISION_LIMIT:g}: "
-                "the kernels keep it as one fp32 number, whose rounding (|lse| * 2^-24) then exceeds bf16's "
-                "precision in every log-probability and softmax probability of the row (logits of that size "
-                "usually mean a diverged model); subtract a per-row constant first (the log-softmax does not "
-                "change), or pass validate=False to score it anyway")),
         ]
     flags = torch.stack([mask.any() for mask, _ in failures]).tolist()  # the one sync
     for (mask, message), failed in zip(failures, flags):
         if failed:
             b, t = mask.nonzero()[0].tolist()
             raise ValueError(message(b, t))
+
 
 def _metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, policy: TokenLogprobs,
              ignore_index, vocab_size, num_pairs, token_metrics) -> dict[str, torch.Tensor]:

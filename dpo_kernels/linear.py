@@ -89,8 +89,8 @@ from typing import Optional
 
 import torch
 
-from .backends import (empty_forward_outputs, extras_mask, extras_names, forward_and_grad_, fused_logits_grad_matmul,
-                       load_backend)
+from .backends import (LSE_DTYPE, accumulation_dtype, empty_forward_outputs, extras_mask, extras_names,
+                       forward_and_grad_, fused_logits_grad_matmul, load_backend)
 from .logprobs import refuse_double_backward
 
 MODES = ("auto", "one_pass", "two_phase", "split")
@@ -386,10 +386,6 @@ def grad_weight_matmul(out: torch.Tensor, grad_logits: torch.Tensor, hidden_chun
 # One chunk: logits, transform, kernel forward; gradient of the logits in place.
 
 
-def _acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _chunk_logits(head: Head, h: torch.Tensor, keep_derivative: bool, vocab: slice | None = None):
     """The transformed logits ``[n, V]`` (``[n, v1 - v0]`` for the vocabulary slice ``vocab``)
     and, with a softcap and ``keep_derivative``, its derivative ``1 - tanh^2`` (fp32) for the
@@ -402,7 +398,7 @@ def _chunk_logits(head: Head, h: torch.Tensor, keep_derivative: bool, vocab: sli
     z = logits_matmul(h, weight, bias)
     dcap = None
     if head.softcap is not None:
-        t = torch.tanh(z.to(_acc_dtype(z.dtype)) / head.softcap)
+        t = torch.tanh(z.to(accumulation_dtype(z.dtype)) / head.softcap)
         if keep_derivative:
             dcap = 1.0 - t * t
         z.copy_(t.mul_(head.softcap))  # one rounding to the logits dtype
@@ -438,7 +434,7 @@ def _chunk_grad_logits_(head: Head, z: torch.Tensor, y: torch.Tensor, lse: torch
     get no one-hot), ``lse`` is the full row's, and ``ignore_index`` one no shifted label can hit."""
     backend = load_backend(head.backend_name)
     backend.token_logprobs_backward(z.unsqueeze(0), y.unsqueeze(0), lse.unsqueeze(0),
-                                    coef.to(lse.dtype).unsqueeze(0).contiguous(),
+                                    coef.to(accumulation_dtype(z.dtype)).unsqueeze(0).contiguous(),
                                     head.ignore_index if ignore_index is None else ignore_index, inplace=True)
     return _to_raw_logits_grad_(head, z, dcap)
 
@@ -483,7 +479,7 @@ class _Grads:
     fp32 ``[V, H]`` buffer: for a bf16 head that is 2 bytes per weight instead of 4 + 2."""
 
     def __init__(self, hidden, head: Head, need_hidden: bool, need_weight: bool, need_bias: bool):
-        acc = _acc_dtype(head.weight.dtype)
+        acc = accumulation_dtype(head.weight.dtype)
         self.hidden = torch.zeros_like(hidden, memory_format=torch.contiguous_format) if need_hidden else None
         self.weight = torch.empty_like(head.weight, memory_format=torch.contiguous_format) if need_weight else None
         self.weight_started = False
@@ -545,6 +541,13 @@ def _scatter(values: torch.Tensor, rows, cols, shape) -> torch.Tensor:
 
 
 @torch.no_grad()
+def _token_results(n: int, acc: torch.dtype, extras, device) -> dict[str, torch.Tensor]:
+    """Uninitialised ``[n]`` buffers for the valid tokens' logp, lse and extras (``lse`` in
+    ``backends.LSE_DTYPE``, the rest in the accumulation dtype)."""
+    return {name: torch.empty(n, dtype=LSE_DTYPE if name == "lse" else acc, device=device)
+            for name in ("logp", "lse", *extras)}
+
+
 def forward_tokens(hidden: torch.Tensor, head: Head, aligned: torch.Tensor, extras=(), *, chunk_tokens: int,
                    positions=None, bounds=None, each_grad=None):
     """``(logp, lse, extras)`` as ``[2P, T]`` (0 on ignored tokens), chunked, no autograd.
@@ -558,13 +561,13 @@ def forward_tokens(hidden: torch.Tensor, head: Head, aligned: torch.Tensor, extr
     n = rows.numel()
     if bounds is None:
         bounds = [(s, min(n, s + chunk_tokens)) for s in range(0, n, chunk_tokens)]
-    acc = _acc_dtype(hidden.dtype)
+    acc = accumulation_dtype(hidden.dtype)
     results = None
     for s, e in bounds:
         r, c = rows[s:e], cols[s:e]
         z, dcap = _chunk_logits(head, gather_rows(hidden, r, c), keep_derivative=each_grad is not None)
         if results is None:
-            results = {name: torch.empty(n, dtype=acc, device=hidden.device) for name in ("logp", "lse", *extras)}
+            results = _token_results(n, acc, extras, hidden.device)
         y = aligned[r, c]
         if each_grad is None:
             lp, ls, ex = _chunk_forward(head, z, y, extras)
@@ -577,7 +580,7 @@ def forward_tokens(hidden: torch.Tensor, head: Head, aligned: torch.Tensor, extr
             each_grad(s, e, z)
         del z, dcap
     if results is None:  # no valid token
-        results = {name: torch.empty(0, dtype=acc, device=hidden.device) for name in ("logp", "lse", *extras)}
+        results = _token_results(0, acc, extras, hidden.device)
     shape = aligned.shape
     return (_scatter(results["logp"], rows, cols, shape), _scatter(results["lse"], rows, cols, shape),
             {name: _scatter(results[name], rows, cols, shape) for name in extras})
@@ -707,8 +710,8 @@ def _linear_backward(ctx, grad_logp, _grad_lse, _grad_extras):
     need_b = need_b and bias is not None
     grads = (None, None, None)
     if need_h or need_w or need_b:
-        grads = linear_token_logprobs_backward_op(grad_logp.to(lse.dtype), hidden, weight, bias, labels, lse, rows,
-                                                  cols, *ctx.options, need_h, need_w, need_b)
+        grads = linear_token_logprobs_backward_op(grad_logp.to(accumulation_dtype(hidden.dtype)), hidden, weight, bias,
+                                                  labels, lse, rows, cols, *ctx.options, need_h, need_w, need_b)
         grads = tuple(g if needed else None for g, needed in zip(grads, (need_h, need_w, need_b)))
     return (*grads, None, None, None, None, None, None, None, None, None, None, None)
 
@@ -741,7 +744,7 @@ def two_phase_backward(head: Head, hidden, aligned, rows, cols, lse, grad_logp, 
     need_h, need_w, need_b = needs
     V, H = head.weight.shape
     n = rows.numel()
-    acc = _acc_dtype(head.weight.dtype)
+    acc = accumulation_dtype(head.weight.dtype)
     sliced = vocab_step < V
     grad_weight = torch.empty_like(head.weight, memory_format=torch.contiguous_format) if need_w else None
     grad_bias = torch.empty_like(head.bias) if need_b else None
@@ -946,8 +949,9 @@ class Footprint:
     """The sizes that set a call's peak memory: the rows of ``hidden`` (``2P x T``, the hidden
     gradient's), the valid tokens among them (the gathers', the per-token buffers'), ``H``, ``V``,
     bytes per element of the hidden states (and logits), weight and bias (0: no bias), which
-    gradients are wanted, whether a softcap runs, how many fp32 per-token results the forward
-    keeps (logp, lse and the extras), and whether the backward's slices take the fused matmul
+    gradients are wanted, whether a softcap runs, how many 4-byte words per token the forward's
+    results take (logp 1, the fp64 lse 2, each extra 1), and whether the backward's slices take
+    the fused matmul
     (``backends.fused_logits_grad_matmul``: each slice is then only its gradient, with no softcap
     temporaries)."""
 
@@ -960,7 +964,7 @@ class Footprint:
     bias_elem: int
     needs: tuple[bool, bool, bool]
     softcap: bool
-    token_results: int = 2
+    token_results: int = 3
     fused_logits_grad: bool = False
 
     def logits_bytes(self, rows: int, cols: int) -> int:
@@ -983,8 +987,8 @@ class Footprint:
                 + (self.vocab_size * (4 + self.bias_elem) if b and self.bias_elem else 0))
 
     def token_bytes(self) -> int:
-        """The fp32 per-token results: chunk-ordered and scattered to ``[2P, T]``, and the loss's
-        per-token coefficients (``[2P, T]``)."""
+        """The per-token results (``token_results`` 4-byte words each): chunk-ordered and scattered
+        to ``[2P, T]``, and the loss's per-token coefficients (``[2P, T]``)."""
         return 4 * (self.token_results * (self.valid_tokens + self.batch_tokens) + 2 * self.batch_tokens)
 
 
@@ -1140,11 +1144,11 @@ class OnePass:
         logits matmul is queued, so that on a GPU their launches overlap it instead of standing
         between the host sync and the first matmul, while the device idles."""
         head, shape = self.head, self.aligned.shape
-        acc = _acc_dtype(hidden.dtype)
+        acc = accumulation_dtype(hidden.dtype)
         # Placeholders for the tokens not processed yet: -1 (a finite log-prob), so every pair's loss
         # stays finite; a pair's coefficients do not depend on the other pairs' values.
         logp = torch.where(self.aligned != head.ignore_index, -1.0, 0.0).to(acc)
-        lse = torch.zeros(shape, dtype=acc, device=hidden.device)
+        lse = torch.zeros(shape, dtype=LSE_DTYPE, device=hidden.device)
         ext = {name: torch.zeros(shape, dtype=acc, device=hidden.device) for name in self.extras}
         grads = _Grads(hidden, head, *self.needs) if any(self.needs) else None
         return logp, lse, ext, grads
@@ -1274,7 +1278,7 @@ class Split:
             """Each token's ``u``: the logits' gradient for a coefficient of 1, times the weight."""
             nonlocal u
             if u is None:  # after the first matmul is queued
-                u = torch.empty((n, hidden.shape[-1]), dtype=_acc_dtype(hidden.dtype), device=hidden.device)
+                u = torch.empty((n, hidden.shape[-1]), dtype=accumulation_dtype(hidden.dtype), device=hidden.device)
             grad_hidden_matmul_fp32(u[s:e], g, head.weight, self.plan[0])
 
         logp, lse, ext = forward_tokens(hidden, head, aligned, self.extras, chunk_tokens=self.chunk_tokens,
@@ -1304,7 +1308,7 @@ class Split:
                                           allow_unused=True)
         del leaf, loss, seq_logps
         if coef is None:  # the outputs do not depend on the log-probs
-            coef = torch.zeros(self.aligned.shape, dtype=_acc_dtype(hidden.dtype), device=hidden.device)
+            coef = torch.zeros(self.aligned.shape, dtype=accumulation_dtype(hidden.dtype), device=hidden.device)
         grad_hidden = None
         if need_hidden:  # coef_t * u_t, rounded once
             grad_hidden = round_rows_into_grad(hidden, rows, cols, u, coef[rows, cols].unsqueeze(1))

@@ -12,7 +12,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .backends import empty_forward_outputs, extras_mask, extras_names, load_backend, resolve_backend
+from .backends import (accumulation_dtype, empty_forward_outputs, extras_mask, extras_names, load_backend,
+                       resolve_backend)
 
 
 class TokenLogprobs(NamedTuple):
@@ -130,7 +131,7 @@ def _token_logprobs_backward(ctx, grad_logp, _grad_lse, _grad_extras):
     refuse_double_backward("the fused per-token log-probs")
     logits, labels, lse = ctx.saved_tensors
     backend = load_backend(ctx.backend_name)
-    grad_logp = grad_logp.to(lse.dtype).contiguous()
+    grad_logp = grad_logp.to(accumulation_dtype(logits.dtype)).contiguous()
     grad = backend.token_logprobs_backward(
         logits, labels, lse, grad_logp, ctx.ignore_index, inplace=ctx.inplace_backward
     )
@@ -156,7 +157,7 @@ def token_logprobs(
     """Per-token ``log_softmax(logits)[label]`` for ``logits[B, T, V]`` and ``labels[B, T]``.
 
     Exact gradient in one pass over the logits. ``extras`` names same-pass statistics to compute
-    as well (any of ``backends.EXTRAS``: "logits_sum", "entropy", "accuracy", "lse_2z"). Inputs
+    as well (any of ``backends.EXTRAS``: "logits_sum", "entropy", "accuracy", "log_sum_p2"). Inputs
     are not validated here (``fused_dpo_loss`` does that); the kernels still never read outside
     a row and report NaN for a bad label. One call of the ``dpo_kernels::token_logprobs``
     operator, so torch.compile(fullgraph=True) traces it without a graph break; compiled,
@@ -219,11 +220,12 @@ def wpo_weights(tokens: TokenLogprobs, ignore_index: int) -> torch.Tensor:
     """WPO's per-sequence weights ``[2P]`` (Zhou et al. 2024, arXiv:2406.11827, Eq. 2), detached.
 
     ``exp(mean_t (logp_t - log sum_v p_v^2))`` over the completion tokens, with
-    ``log sum_v p_v^2 = logsumexp(2z) - 2 logsumexp(z)`` from the same-pass "lse_2z" extra.
+    ``log sum_v p_v^2`` from the same-pass "log_sum_p2" extra (formed relative to the row's max,
+    so it does not cancel as ``logsumexp(2z) - 2 logsumexp(z)`` would for large logits).
     A pair's weight is the chosen weight times the rejected weight (TRL's).
     """
     scored = tokens.labels != ignore_index
-    log_sum_sq = tokens.extras["lse_2z"] - 2.0 * tokens.lse
+    log_sum_sq = tokens.extras["log_sum_p2"]
     aligned = torch.where(scored, tokens.logp.detach() - log_sum_sq, torch.zeros_like(log_sum_sq))
     mean = aligned.sum(-1) / scored.sum(-1).clamp(min=1).to(aligned.dtype)
     return torch.exp(mean)

@@ -73,7 +73,8 @@ def token_logprobs(logits, labels, ignore_index=IGNORE):
 
 def token_extras(logits, labels, ignore_index=IGNORE):
     """The kernel contract's same-pass extras in float64, 0 on ignored tokens: the logits sum, the
-    entropy, argmax == label (first index on ties) and logsumexp(2 z)."""
+    entropy, argmax == label (first index on ties) and log sum_v p_v^2 (NaN where the softmax is not
+    defined: a row of -inf, or with +inf or NaN)."""
     z = logits.double()
     scored = labels != ignore_index
     lse = torch.logsumexp(z, -1)
@@ -82,7 +83,7 @@ def token_extras(logits, labels, ignore_index=IGNORE):
         "logits_sum": z.sum(-1),
         "entropy": lse - torch.where(p > 0, p * z, 0.0).sum(-1),
         "accuracy": (z.argmax(-1) == labels).double(),
-        "lse_2z": torch.logsumexp(2 * z, -1),
+        "log_sum_p2": torch.log((p * p).sum(-1)),
     }
     return {k: torch.where(scored, v, 0.0) for k, v in want.items()}
 

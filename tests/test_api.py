@@ -183,3 +183,21 @@ def test_sequences_of_no_tokens(backend, shift):
     want = oracle.dpo(logits, labels, ref_logps=ref, shift=shift)
     torch.testing.assert_close(out.loss.double(), want["loss"], rtol=1e-6, atol=1e-7)
     assert torch.equal(out.chosen_logps, torch.zeros(2)) and grad.shape == logits.shape
+
+
+@pytest.mark.parametrize("dtype, offsets", [(torch.float32, (4e4, -1e5, 1e8, 0.0)), (torch.bfloat16, (3e4, -2e5))])
+def test_a_common_offset_of_a_row_costs_no_precision(backend, small_block, dtype, offsets):
+    """Rows of logits that each share a large offset (4e4, -1e5, 1e8, ...) give the loss, the
+    log-probs, every metric (the entropy and WPO's weights included) and the gradient of the
+    float64 oracle on the same values, to the tolerances of rows centred on 0: the kernels keep
+    ``lse`` in fp64 and every other statistic relative to the row's max. With one fp32 lse each
+    log-prob would be off by up to |lse| * 2^-24 (3e-3 at 1e5), and at 1e8 every probability
+    would be 1. (bf16 rows that large hold few distinct values; their softmax is still exact.)"""
+    logits, labels = make_batch(3, 7, 700, torch.float32)
+    for row in range(logits.shape[0]):
+        logits[row] += offsets[row % len(offsets)]
+    logits = logits.to(dtype)
+    ref = torch.randn(6)
+    kwargs = dict(ref_logps=ref, use_weighting=True, token_metrics=True)
+    out, grad = _run(logits, labels, backend=backend, **kwargs)
+    _check(out, oracle.dpo(logits, labels, **kwargs), grad, dtype)

@@ -193,7 +193,7 @@ def test_use_weighting(backend, loss_type):
 
 
 def test_use_weighting_and_token_metrics_read_the_logits_in_one_forward_pass(monkeypatch):
-    """WPO's logsumexp(2z) and the token metrics come from the policy's single kernel pass."""
+    """WPO's log sum p^2 and the token metrics come from the policy's single kernel pass."""
     backend = load_backend("reference")
     calls = []
     original = backend.token_logprobs_forward
@@ -206,7 +206,7 @@ def test_use_weighting_and_token_metrics_read_the_logits_in_one_forward_pass(mon
     logits, labels = make_batch(2, 5, 40, F32)
     fused_dpo_loss(logits, labels, ref_logps=torch.randn(4), use_weighting=True, token_metrics=True,
                    backend="reference")
-    assert calls == [frozenset({"logits_sum", "lse_2z", "entropy", "accuracy"})]
+    assert calls == [frozenset({"logits_sum", "log_sum_p2", "entropy", "accuracy"})]
 
 
 def test_token_metrics(backend):

@@ -5,7 +5,8 @@ A backend is a module with two functions over ``logits[B, T, V]`` (any strides) 
 
 - ``token_logprobs_forward(logits, labels, ignore_index, extras)``
   -> ``(logp, lse, {name: tensor for name in extras})``, each ``[B, T]`` fp32 (fp64 for fp64
-  logits), 0 on ignored rows; ``extras`` is a subset of :data:`EXTRAS`, computed in the same pass;
+  logits; ``lse`` fp64 always, :data:`LSE_DTYPE`), 0 on ignored rows; ``extras`` is a subset of
+  :data:`EXTRAS`, computed in the same pass;
 - ``token_logprobs_backward(logits, labels, lse, grad_logp, ignore_index, inplace)``
   -> the gradient w.r.t. ``logits`` in the logits dtype (``logits`` itself when ``inplace``);
 
@@ -31,8 +32,35 @@ from types import ModuleType
 import torch
 
 # Per-token statistics a forward pass can produce besides logp and lse (no gradient flows through
-# them): sum of the row's logits, its entropy, whether its argmax is the label, logsumexp(2z).
-EXTRAS = ("logits_sum", "entropy", "accuracy", "lse_2z")
+# them): sum of the row's logits, its entropy, whether its argmax is the label, log sum_v p_v^2
+# (WPO's weights; NaN where the softmax is not defined).
+EXTRAS = ("logits_sum", "entropy", "accuracy", "log_sum_p2")
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernels accumulate in, and of their per-token outputs but ``lse``, for logits of
+    ``dtype``: fp32 for every training dtype, fp64 for fp64 (so gradcheck runs through them)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# The dtype of every backend's ``lse``, whatever the logits dtype. A kernel keeps a row's
+# statistics as fp32 ``shift`` (the max) and ``log_sum`` (log sum exp(z - shift)); their sum in
+# one fp32 number would round by |lse| * 2^-24, which every log-prob and every probability of the
+# backward would inherit: with logits sharing a large offset (|lse| ~ 1e5) the last digits are
+# lost, and near 1e8 the log-sum entirely. In fp64 the sum is exact (to 2^-53), and the backward
+# splits it into fp32 ``hi + lo`` (:func:`split_lse`): ``exp((z - hi) - lo)``, where ``z - hi`` is
+# exact for the logits that matter (within a factor 2 of ``hi``, Sterbenz's lemma).
+LSE_DTYPE = torch.float64
+
+
+def split_lse(lse: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(hi, lo)`` in ``dtype`` with ``hi + lo == lse`` to ``dtype``'s precision squared: ``hi`` is
+    ``lse`` rounded, ``lo`` what the rounding lost (0 where ``hi`` is infinite or NaN, which ``hi``
+    carries alone). The kernels' split, in torch (the reference backend's)."""
+    lse = lse.to(LSE_DTYPE)
+    hi = lse.to(dtype)
+    lo = torch.where(torch.isfinite(hi), lse - hi.to(LSE_DTYPE), 0.0).to(dtype)
+    return hi, lo
 
 
 def extras_mask(extras) -> int:
@@ -45,12 +73,13 @@ def extras_mask(extras) -> int:
 
 def empty_forward_outputs(logits: torch.Tensor, mask: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Uninitialised ``(logp[B, T], lse[B, T], extras[K, B, T])`` of a forward operator on
-    ``logits[B, T, V]``: contiguous, fp32 (fp64 for fp64 logits). Also the fake implementation
-    of the forward operators, so the real and fake outputs cannot disagree."""
+    ``logits[B, T, V]``: contiguous, fp32 (fp64 for fp64 logits), ``lse`` in :data:`LSE_DTYPE`.
+    Also the fake implementation of the forward operators, so the real and fake outputs cannot
+    disagree."""
     B, T = logits.shape[0], logits.shape[1]
-    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    dtype = accumulation_dtype(logits.dtype)
     logp = logits.new_empty((B, T), dtype=dtype)
-    lse = logits.new_empty((B, T), dtype=dtype)
+    lse = logits.new_empty((B, T), dtype=LSE_DTYPE)
     extras = logits.new_empty((len(extras_names(mask)), B, T), dtype=dtype)
     return logp, lse, extras
 

@@ -3,9 +3,10 @@
 The extension registers three operators in the ``dpo_kernels`` namespace (CPU kernels only):
 
 - ``torch.ops.dpo_kernels.token_logprobs_fwd(logits, labels, ignore_index, extras_mask)``
-  -> ``(logp, lse, extras)``: ``extras`` is ``[K, B, T]``, one slice per bit set in
-  ``extras_mask`` (bit ``i`` is ``backends.EXTRAS[i]``: 1 logits_sum, 2 entropy, 4 accuracy,
-  8 lse_2z), in bit order, all computed in the one pass over each row;
+  -> ``(logp, lse, extras)``: ``lse`` in fp64 (``backends.LSE_DTYPE``); ``extras`` is
+  ``[K, B, T]``, one slice per bit set in ``extras_mask`` (bit ``i`` is ``backends.EXTRAS[i]``:
+  1 logits_sum, 2 entropy, 4 accuracy, 8 log_sum_p2), in bit order, all computed in the one pass
+  over each row;
 - ``torch.ops.dpo_kernels.token_logprobs_bwd(logits, labels, lse, grad_logp, ignore_index)``
   -> the gradient, allocated like ``torch.empty_like(logits)``;
 - ``torch.ops.dpo_kernels.token_logprobs_bwd_(...)``, same arguments: the gradient overwrites
@@ -21,25 +22,16 @@ import torch
 
 from dpo_kernels import _C  # noqa: F401  (loads the library: registers torch.ops.dpo_kernels.*)
 
-from . import EXTRAS, extras_mask, extras_names
+from . import EXTRAS, empty_forward_outputs, extras_mask, extras_names
 
 _ops = torch.ops.dpo_kernels
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @torch.library.register_fake("dpo_kernels::token_logprobs_fwd")
 def _token_logprobs_fwd_fake(logits, labels, ignore_index, extras_mask):
     torch._check(logits.dim() == 3, lambda: f"logits must be [B, T, V], got {tuple(logits.shape)}")
     torch._check(0 <= extras_mask < 1 << len(EXTRAS), lambda: f"extras_mask out of range: {extras_mask}")
-    B, T, _ = logits.shape
-    dtype = _acc(logits.dtype)
-    logp = logits.new_empty((B, T), dtype=dtype)
-    lse = logits.new_empty((B, T), dtype=dtype)
-    extras = logits.new_empty((bin(extras_mask).count("1"), B, T), dtype=dtype)
-    return logp, lse, extras
+    return empty_forward_outputs(logits, extras_mask)
 
 
 @torch.library.register_fake("dpo_kernels::token_logprobs_bwd")

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import torch
 
+from . import LSE_DTYPE, accumulation_dtype, split_lse
+
 # ~64 MB of fp32 working memory per chunk.
 _CHUNK_ELEMENTS = 1 << 24
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _row_chunks(B: int, T: int, V: int):
@@ -32,35 +30,53 @@ def token_logprobs_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """``logits[B, T, V]``, ``labels[B, T]`` -> ``(logp, lse, extras)``, each ``[B, T]``."""
     B, T, V = logits.shape
-    acc = _acc_dtype(logits.dtype)
+    acc = accumulation_dtype(logits.dtype)
     logp = torch.empty((B, T), dtype=acc, device=logits.device)
-    lse = torch.empty((B, T), dtype=acc, device=logits.device)
+    lse = torch.empty((B, T), dtype=LSE_DTYPE, device=logits.device)
     out = {name: torch.empty((B, T), dtype=acc, device=logits.device) for name in sorted(extras)}
     for b, ts in _row_chunks(B, T, V):
         z = logits[b, ts].to(acc)
         y = labels[b, ts]
         ignored = y == ignore_index
         in_range = (y >= 0) & (y < V)
-        chunk_lse = torch.logsumexp(z, dim=-1)
+        shift, log_sum = _shift_and_log_sum(z)
         target = z.gather(-1, torch.where(in_range, y, 0).unsqueeze(-1)).squeeze(-1)
-        chunk_logp = torch.where(in_range, target - chunk_lse, torch.full_like(target, float("nan")))
+        # (z_y - shift) - log_sum, as the kernels: no rounding of lse reaches logp.
+        chunk_logp = torch.where(in_range, (target - shift) - log_sum, torch.full_like(target, float("nan")))
         logp[b, ts] = torch.where(ignored, 0.0, chunk_logp)
-        lse[b, ts] = torch.where(ignored, 0.0, chunk_lse)
-        for name, value in _extras(z, y, chunk_lse, extras):
+        lse[b, ts] = torch.where(ignored, 0.0, shift.to(LSE_DTYPE) + log_sum.to(LSE_DTYPE))
+        for name, value in _extras(z, y, shift, log_sum, extras):
             out[name][b, ts] = torch.where(ignored, 0.0, value)
     return logp, lse, out
 
 
-def _extras(z: torch.Tensor, y: torch.Tensor, lse: torch.Tensor, names: frozenset[str]):
+def _shift_and_log_sum(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's ``(shift, log sum_v exp(z_v - shift))``: ``shift`` is the row's max, 0 where that
+    is infinite or the row is empty (so a row of -inf gives -inf and a +inf gives +inf, as
+    ``torch.logsumexp`` does); a NaN anywhere makes both NaN."""
+    if z.shape[-1] == 0:
+        shift = z.new_zeros(z.shape[:-1])
+    else:
+        top = z.amax(-1)
+        shift = torch.where(torch.isinf(top), 0.0, top)
+    return shift, torch.exp(z - shift.unsqueeze(-1)).sum(-1).log()
+
+
+def _extras(z: torch.Tensor, y: torch.Tensor, shift: torch.Tensor, log_sum: torch.Tensor, names: frozenset[str]):
     if "logits_sum" in names:
         yield "logits_sum", z.sum(-1)
     if "entropy" in names:
-        p = torch.exp(z - lse.unsqueeze(-1))
-        yield "entropy", lse - torch.where(p > 0, p * z, 0.0).sum(-1)
+        # H = log_sum - sum p (z - shift): relative to the shift, so a common offset cancels exactly.
+        x = z - shift.unsqueeze(-1)
+        p = torch.exp(x - log_sum.unsqueeze(-1))
+        yield "entropy", log_sum - torch.where(p > 0, p * x, 0.0).sum(-1)
     if "accuracy" in names:
         yield "accuracy", (z.argmax(-1) == y).to(z.dtype)
-    if "lse_2z" in names:
-        yield "lse_2z", torch.logsumexp(2.0 * z, dim=-1)
+    if "log_sum_p2" in names:
+        # log sum p^2 = log sum e^2 - 2 log_sum, e = exp(z - shift); NaN where lse is not finite.
+        e = torch.exp(z - shift.unsqueeze(-1))
+        value = (e * e).sum(-1).log() - 2.0 * log_sum
+        yield "log_sum_p2", torch.where(torch.isfinite(log_sum), value, float("nan"))
 
 
 def token_logprobs_backward(
@@ -73,7 +89,7 @@ def token_logprobs_backward(
 ) -> torch.Tensor:
     """``coef * (onehot - softmax)`` in the logits dtype; written into ``logits`` when ``inplace``."""
     B, T, V = logits.shape
-    acc = _acc_dtype(logits.dtype)
+    acc = accumulation_dtype(logits.dtype)
     grad = logits if inplace else torch.empty_like(logits)
     for b, ts in _row_chunks(B, T, V):
         y = labels[b, ts]
@@ -82,7 +98,8 @@ def token_logprobs_backward(
         coef = torch.where(ignored, 0.0, grad_logp[b, ts].to(acc)).unsqueeze(-1)
         # -coef * softmax, built in one working buffer; then + coef on the label entry, both in
         # the accumulation dtype, so the true class gets coef * (1 - p) rounded once.
-        chunk_grad = logits[b, ts].to(acc, copy=True).sub_(lse[b, ts].to(acc).unsqueeze(-1)).exp_().mul_(-coef)
+        hi, lo = split_lse(lse[b, ts], acc)
+        chunk_grad = logits[b, ts].to(acc, copy=True).sub_(hi.unsqueeze(-1)).sub_(lo.unsqueeze(-1)).exp_().mul_(-coef)
         safe_y = torch.where(hit, y, 0).unsqueeze(-1)
         chunk_grad.scatter_add_(-1, safe_y, torch.where(hit.unsqueeze(-1), coef, 0.0))
         chunk_grad.masked_fill_(ignored.unsqueeze(-1), 0.0)  # even where an ignored row holds NaN

@@ -22,7 +22,7 @@ def _labels(B, T, V, ignore_frac=0.3):
 
 
 def _expected_grad(logits, labels, coef):
-    z = logits.double().requires_grad_(True)
+    z = logits.detach().to(torch.float64, copy=True).requires_grad_(True)  # a fresh leaf, even for fp64
     logp, _ = token_logprobs(z, labels)
     (logp * coef.double()).sum().backward()
     return z.grad
@@ -41,7 +41,7 @@ def test_forward_and_backward_match_oracle(backend, small_block, dtype, V):
     scored = labels != IGNORE
     want_sum = torch.where(scored, logits.double().sum(-1), 0.0)
     expected_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    assert logp.dtype == lse.dtype == logits_sum.dtype == expected_dtype
+    assert logp.dtype == logits_sum.dtype == expected_dtype and lse.dtype == torch.float64
     tol = 1e-12 if dtype == torch.float64 else 2e-5
     torch.testing.assert_close(logp.double(), want_logp, rtol=tol, atol=tol * 10)
     torch.testing.assert_close(lse.double(), want_lse, rtol=tol, atol=tol * 10)
@@ -212,8 +212,9 @@ def test_positive_infinity_gives_infinite_lse_like_torch(backend, small_block):
     assert lse[0, 0].item() == float("inf") and logp[0, 0].item() == float("-inf")
     assert torch.isfinite(lse[0, 1]) and torch.isfinite(logp[0, 1])
     _, _, extras = ops.token_logprobs_forward(logits, torch.tensor([[3, 3]]), IGNORE, ALL_EXTRAS)
-    assert extras["entropy"][0, 0].item() == float("inf") and extras["lse_2z"][0, 0].item() == float("inf")
-    assert torch.isfinite(extras["entropy"][0, 1]) and torch.isfinite(extras["lse_2z"][0, 1])
+    # The softmax of a row holding +inf is not defined: log sum p^2 is NaN there (torch's softmax too).
+    assert extras["entropy"][0, 0].item() == float("inf") and torch.isnan(extras["log_sum_p2"][0, 0])
+    assert torch.isfinite(extras["entropy"][0, 1]) and torch.isfinite(extras["log_sum_p2"][0, 1])
 
 
 def test_nan_in_logits_propagates_to_that_row_only(backend):
@@ -244,13 +245,13 @@ def test_empty_batch(backend):
     assert grad.shape == logits.shape
 
 
-ALL_EXTRAS = frozenset({"logits_sum", "entropy", "accuracy", "lse_2z"})
+ALL_EXTRAS = frozenset({"logits_sum", "entropy", "accuracy", "log_sum_p2"})
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("V", [7, 301, 1030])
 def test_same_pass_extras_match_oracle(backend, small_block, dtype, V):
-    """Entropy, argmax == label, logsumexp(2z) and the logits sum, all from the one forward pass."""
+    """Entropy, argmax == label, log sum p^2 and the logits sum, all from the one forward pass."""
     ops = load_backend(backend)
     logits = (torch.randn(3, 5, V) * 3).to(dtype)
     labels = _labels(3, 5, V)
@@ -294,7 +295,7 @@ def test_extras_of_masked_vocabulary_and_ignored_rows(backend):
     labels = torch.tensor([[7, IGNORE, 9]])
     _, _, extras = ops.token_logprobs_forward(logits, labels, IGNORE, ALL_EXTRAS)
     want = token_extras(torch.where(torch.isnan(logits), 0.0, logits), labels)
-    for name in ("entropy", "accuracy", "lse_2z"):
+    for name in ("entropy", "accuracy", "log_sum_p2"):
         torch.testing.assert_close(extras[name].double(), want[name], rtol=1e-5, atol=1e-5, msg=name)
     assert extras["logits_sum"][0, 0] == float("-inf")
     assert all((v[0, 1] == 0).all() for v in extras.values())
@@ -312,7 +313,7 @@ def test_backward_of_a_vocabulary_slice_out_of_range_label_gets_no_onehot(backen
     full = (torch.randn(2, 4, V_full) * 3).to(dtype)
     labels_full = torch.tensor([[5, 650, 899, 900], [1499, 0, 700, 599]])
     _, lse, _ = ops.token_logprobs_forward(full, labels_full, IGNORE, frozenset())
-    coef = torch.randn(2, 4, dtype=lse.dtype)
+    coef = torch.randn(2, 4, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
     logits = full[:, :, v0 : v0 + V].contiguous()
     labels = labels_full - v0  # in the slice: 650, 899, 700 -> 50, 299, 100; the rest out of range
     no_label = -(V_full + 1)
@@ -383,6 +384,52 @@ def _check_forward_and_grad(backend, dtype, V, way):
     oracle_logp = token_logprobs(before, torch.where(in_range, labels, IGNORE))[0]
     torch.testing.assert_close(logp[in_range].double(), oracle_logp[in_range],
                                rtol=1e-5 if dtype != torch.float64 else 1e-12, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_a_common_offset_of_a_row_costs_no_precision(backend, small_block, dtype):
+    """Rows shifted by 4e4, -1e5, 3e7 or 1e8 (one offset per row): logp, the fp64 lse, the
+    entropy, log sum p^2 and the backward match the float64 oracle of the same values to the
+    tolerances of a row centred on 0, and so does ``forward_and_grad_`` (each Triton way). A
+    kernel that added the max back in fp32 (``z - lse`` with one fp32 lse, or ``lse - sum p z``)
+    would be off by |lse| * 2^-24 per log-prob and per probability: 6e-3 at 1e5, everything at 1e8."""
+    ops = load_backend(backend)
+    B, T, V = 2, 4, 1000
+    offsets = torch.tensor([4e4, -1e5, 3e7, 1e8, 0.0, -1e5, 1e8, 4e4]).view(B, T, 1)
+    logits = (torch.randn(B, T, V) * 3 + offsets).to(dtype)
+    labels = _labels(B, T, V)
+    names = frozenset({"entropy", "log_sum_p2"})
+    logp, lse, extras = ops.token_logprobs_forward(logits, labels, IGNORE, names)
+    # The oracle on the centred rows (the logits are fp32 numbers: removing the offset in float64
+    # is exact), where even float64 keeps every digit; the log-softmax does not depend on it.
+    centred = logits.double() - offsets.double()
+    want_logp, want_lse = token_logprobs(centred, labels)
+    want_lse = torch.where(labels != IGNORE, want_lse + offsets.double()[..., 0], 0.0)
+    want = token_extras(centred, labels)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    assert lse.dtype == torch.float64
+    torch.testing.assert_close(logp.double(), want_logp, rtol=tol, atol=tol * 10)
+    # lse to the rounding of its log-sum, not of its own size (1e8 * 2^-24 = 6 in fp32)
+    torch.testing.assert_close(lse, want_lse, rtol=2.0 ** -50, atol=tol * 10)
+    for name in names:
+        torch.testing.assert_close(extras[name].double(), want[name], rtol=tol, atol=tol * 10, msg=name)
+    coef = torch.randn(B, T, dtype=logp.dtype)
+    grad = ops.token_logprobs_backward(logits, labels, lse, coef, IGNORE)
+    _check_offset_grad(grad, _expected_grad(centred, labels, coef))
+    for way in _forward_and_grad_ways(backend):
+        written = logits.clone()
+        fused_logp, fused_lse, _ = forward_and_grad_(ops, written, labels, IGNORE)
+        assert torch.equal(fused_logp, logp) and torch.equal(fused_lse, lse), way
+        _check_offset_grad(written, _expected_grad(centred, labels, torch.ones(B, T)))
+
+
+def _check_offset_grad(actual, expected):
+    """``assert_close_grad``, but fp64 logits to 1e-7: their lse is one fp64 number (no low part),
+    whose rounding, |lse| * 2^-53 = 1e-8 at 1e8, every probability inherits."""
+    if actual.dtype == torch.float64:
+        torch.testing.assert_close(actual, expected, rtol=1e-7, atol=1e-7 * expected.abs().max().item())
+    else:
+        assert_close_grad(actual, expected, actual.dtype)
 
 
 def test_forward_and_grad_refuses_rows_that_share_memory(backend):

@@ -25,11 +25,6 @@ def acc_dtype(dtype: torch.dtype):
         raise TypeError(f"logits dtype {dtype} is not supported by the Triton backend") from None
 
 
-def out_dtype(dtype: torch.dtype) -> torch.dtype:
-    """torch dtype of the per-token outputs (logp, lse, extras) for logits of ``dtype``."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def vector_width(*tensors: torch.Tensor) -> int:
     """Elements per 16-byte vector that the kernels may assume for rows of all ``tensors``.
 
@@ -76,11 +71,23 @@ def peel_offsets(head, body, n, VEC: tl.constexpr):
 
 
 @triton.jit
-def logprob_grad(z, offs, label, lse, coef):
+def split_lse(lse, ACC_DTYPE: tl.constexpr):
+    """The fp64 ``lse`` (``backends.LSE_DTYPE``) as ``(hi, lo)`` in ``ACC_DTYPE``: ``hi`` is ``lse``
+    rounded, ``lo`` what the rounding lost (0 for fp64, and where ``hi`` is infinite or NaN, which
+    ``hi`` carries alone). ``backends.split_lse`` is the same split in torch."""
+    lse = lse.to(tl.float64)
+    hi = lse.to(ACC_DTYPE)
+    lo = tl.where(tl.abs(hi) < float("inf"), (lse - hi.to(tl.float64)).to(ACC_DTYPE), 0.0)
+    return hi, lo
+
+
+@triton.jit
+def logprob_grad(z, offs, label, lse_hi, lse_lo, coef):
     """``coef * (onehot(label) - exp(z - lse))`` for one block of a row, in the accumulation
-    dtype. The true-class entry ``coef * (1 - p)`` is formed before any rounding, so it does not
-    cancel when ``p -> 1``."""
-    prob = tl.exp(z - lse)
+    dtype, with ``lse = lse_hi + lse_lo`` (:func:`split_lse`): ``(z - lse_hi) - lse_lo`` is exact
+    where ``z`` is near ``lse``, whatever their common offset. The true-class entry
+    ``coef * (1 - p)`` is formed before any rounding, so it does not cancel when ``p -> 1``."""
+    prob = tl.exp((z - lse_hi) - lse_lo)
     return tl.where(offs == label, coef * (1.0 - prob), -coef * prob)
 
 

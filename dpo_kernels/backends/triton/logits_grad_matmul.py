@@ -8,7 +8,8 @@ no one-hot), one program computes an ``[BLOCK_M, BLOCK_N]`` tile of::
     a = h @ w.T (+ bias)                 fp32 accumulation, rounded to the input dtype (the lm_head's output)
     t = tanh(a / s);  z = round(s * t)   softcap s (Gemma-2), dcap = 1 - t^2 kept in registers
     z = round(z / T)                     temperature T
-    g = coef * (onehot(y) - exp(z - lse))   in fp32, the true class as coef * (1 - p)
+    g = coef * (onehot(y) - exp(z - lse))   in fp32, the true class as coef * (1 - p), with the
+                                         fp64 lse as fp32 hi + lo: exp((z - hi) - lo)
     g = round(g) / T, rounded            the chain rule through the temperature
     g = round(g) * dcap, rounded         ... and through the softcap
 
@@ -41,7 +42,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cast_rounded, logprob_grad, round_to, tanh
+from .. import LSE_DTYPE
+from ._common import cast_rounded, logprob_grad, round_to, split_lse, tanh
 
 try:  # host-side tensor descriptors (Hopper's TMA): Triton >= 3.4
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -110,7 +112,7 @@ def _tile_gradient(acc, pid_m, pid_n, bias_ptr, labels_ptr, lse_ptr, coef_ptr, o
     row_in = offs_m < M
     col_in = offs_n < N
     label = tl.load(labels_ptr + offs_m, mask=row_in, other=ignore_index).to(tl.int64)
-    lse = tl.load(lse_ptr + offs_m, mask=row_in, other=0.0).to(tl.float32)
+    lse_hi, lse_lo = split_lse(tl.load(lse_ptr + offs_m, mask=row_in, other=0.0), tl.float32)
     ignored = label == ignore_index
     # The loss may hand a gradient to an ignored token; it must not leak.
     coef = tl.where(ignored, 0.0, tl.load(coef_ptr + offs_m, mask=row_in, other=0.0).to(tl.float32))
@@ -123,7 +125,7 @@ def _tile_gradient(acc, pid_m, pid_n, bias_ptr, labels_ptr, lse_ptr, coef_ptr, o
         z = round_to(t * softcap, out_ty, ROUND_BY_BITS)
     if HAS_TEMPERATURE:
         z = round_to(z * inv_temperature, out_ty, ROUND_BY_BITS)
-    g = logprob_grad(z, offs_n[None, :], label[:, None], lse[:, None], coef[:, None])
+    g = logprob_grad(z, offs_n[None, :], label[:, None], lse_hi[:, None], lse_lo[:, None], coef[:, None])
     if HAS_TEMPERATURE:
         g = round_to(g, out_ty, ROUND_BY_BITS) * inv_temperature
     if HAS_SOFTCAP:
@@ -206,7 +208,8 @@ def logits_grad_matmul(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.T
 
     ``hidden`` ``[M, K]``, ``weight`` ``[N, K]`` and ``bias`` ``[N]`` or None (any strides: a slice
     of the lm_head's rows is the intended use), all bf16, fp16 or fp32; ``labels`` ``[M]`` already
-    shifted into the slice; ``lse`` (each row's over the full vocabulary) and ``coef`` ``[M]``.
+    shifted into the slice; ``lse`` (each row's over the full vocabulary, fp64 as the forward
+    gives it; a narrower one is read as it is) and ``coef`` ``[M]``.
     """
     _check(hidden, weight, bias, labels, lse, coef)
     if softcap is not None and not softcap > 0:
@@ -229,7 +232,7 @@ def logits_grad_matmul(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.T
         w = TensorDescriptor.from_tensor(weight, [cfg.block_n, cfg.block_k])
     _logits_grad_matmul_kernel[grid](
         h, w, bias if bias is not None else hidden, labels.contiguous(),
-        lse.float().contiguous(), coef.float().contiguous(), out,
+        lse.to(LSE_DTYPE).contiguous(), coef.float().contiguous(), out,
         M, N, K,
         hidden.stride(0), hidden.stride(1),
         weight.stride(0), weight.stride(1),

@@ -1,8 +1,9 @@
 """Backward of the kernel contract: one read of the logits, one write of their gradient.
 
-With ``coef[n] = dLoss/dlogp[n]`` (forced to 0 on ignored rows) and the saved ``lse``::
+With ``coef[n] = dLoss/dlogp[n]`` (forced to 0 on ignored rows) and the saved fp64 ``lse``,
+split into fp32 ``hi + lo`` (``_common.split_lse``)::
 
-    grad[n, v] = coef[n] * (onehot(y_n)[v] - exp(z[n, v] - lse[n]))
+    grad[n, v] = coef[n] * (onehot(y_n)[v] - exp((z[n, v] - hi[n]) - lo[n]))
 
 computed in fp32 and rounded once to the logits dtype; the true-class entry ``coef * (1 - p_y)``
 is formed in fp32 before rounding, so it does not cancel when ``p_y -> 1`` in bf16.
@@ -20,7 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, cast_rounded, logprob_grad, peel_offsets, row_split, vector_width
+from .. import LSE_DTYPE
+from ._common import acc_dtype, cast_rounded, logprob_grad, peel_offsets, row_split, split_lse, vector_width
 from .config import interpreting, pick_config
 
 
@@ -43,7 +45,7 @@ def _token_logprobs_bwd_kernel(
     t = row % T
     label = tl.load(labels_ptr + b * stride_yb + t * stride_yt).to(tl.int64)
     is_ignored = label == ignore_index
-    lse = tl.load(lse_ptr + row).to(ACC_DTYPE)
+    lse_hi, lse_lo = split_lse(tl.load(lse_ptr + row), ACC_DTYPE)
     # The loss may hand a gradient to an ignored token's (constant 0) logp; it must not leak.
     coef = tl.where(is_ignored, 0.0, tl.load(coef_ptr + row).to(ACC_DTYPE))
     z_start = b * stride_zb + t * stride_zt
@@ -62,7 +64,7 @@ def _token_logprobs_bwd_kernel(
         mask=offs < tl.where(is_ignored, 0, body),  # a bound, not a scalar-and-block mask,
         other=float("-inf"),                        # which Triton's interpreter rejects
     ).to(ACC_DTYPE)
-    grad = logprob_grad(z, head + offs, label, lse, coef)
+    grad = logprob_grad(z, head + offs, label, lse_hi, lse_lo, coef)
     grad = tl.where(is_ignored, 0.0, grad)
     tl.store(
         grad_ptr + tl.multiple_of(g_start + head * stride_gv, VEC) + offs * stride_gv,
@@ -75,7 +77,7 @@ def _token_logprobs_bwd_kernel(
         peel, peel_real = peel_offsets(head, body, V, VEC)
         z_peel = tl.load(logits_ptr + z_start + peel * stride_zv, mask=peel_real & (peel < n_read),
                          other=float("-inf")).to(ACC_DTYPE)
-        grad_peel = tl.where(is_ignored, 0.0, logprob_grad(z_peel, peel, label, lse, coef))
+        grad_peel = tl.where(is_ignored, 0.0, logprob_grad(z_peel, peel, label, lse_hi, lse_lo, coef))
         tl.store(grad_ptr + g_start + peel * stride_gv, cast_rounded(grad_peel, grad_ptr.dtype.element_ty, ROUND_BY_BITS),
                  mask=peel_real)
 
@@ -89,7 +91,7 @@ def launch_backward(logits, labels, lse, grad_logp, ignore_index, grad) -> None:
     cfg = pick_config(V, logits.dtype, kernel="backward")
     grid = (B * T, triton.cdiv(V, cfg.block_v))
     _token_logprobs_bwd_kernel[grid](
-        logits, labels, lse.contiguous(), grad_logp.contiguous(), grad,  # [B, T] rows read at b * T + t
+        logits, labels, lse.to(LSE_DTYPE).contiguous(), grad_logp.contiguous(), grad,  # [B, T] rows read at b * T + t
         T, V,
         logits.stride(0), logits.stride(1), logits.stride(2),
         labels.stride(0), labels.stride(1),
@@ -145,7 +147,8 @@ def token_logprobs_backward(
 ) -> torch.Tensor:
     """Gradient of the per-token log-probs w.r.t. ``logits[B, T, V]``, in the logits dtype.
 
-    ``lse`` and ``grad_logp`` are ``[B, T]``. With ``inplace`` the result is ``logits`` itself,
+    ``lse`` (fp64, as the forward gives it; a narrower one is read as it is) and ``grad_logp``
+    are ``[B, T]``. With ``inplace`` the result is ``logits`` itself,
     overwritten.
     """
     acc_dtype(logits.dtype)  # a clear TypeError for a dtype the kernel cannot read, before the op

@@ -2,13 +2,14 @@
 
 For a row ``z`` of logits (``V`` entries) and its label ``y``::
 
-    lse        = log(sum_v exp(z_v))        online over vocabulary blocks, accumulated in fp32
-    logp       = z_y - lse                  0 where y == ignore_index
+    M, S       = max_v z_v, sum_v exp(z_v - M)     online over vocabulary blocks, in fp32
+    lse        = M + log S                  stored in fp64: the fp32 M and log S summed exactly
+    logp       = (z_y - M) - log S          0 where y == ignore_index
   optional extras, each behind a constexpr flag (free when off; none costs another exp):
     logits_sum = sum_v z_v                  TRL's logits/chosen|rejected metric
-    entropy    = lse - sum_v p_v z_v        TRL's entropy metric
+    entropy    = log S - sum_v p_v (z_v - M)   TRL's entropy metric (lse - sum_v p_v z_v)
     accuracy   = [argmax_v z_v == y]        TRL's mean_token_accuracy (first index on ties)
-    lse_2z     = log(sum_v exp(2 z_v))      WPO's weights: log sum p^2 = lse_2z - 2 lse
+    log_sum_p2 = log sum_v p_v^2 = log(sum_v exp(2 (z_v - M))) - 2 log S   WPO's weights
 
 One program per token row. Rows are addressed as ``(b, t)`` of a ``[B, T, V]`` tensor with three
 independent strides, so ``logits[:, :-1]`` and any other strided view are read in place; all
@@ -28,7 +29,7 @@ An ignored row makes no vocabulary pass at all, and all its outputs are 0. A lab
 With ``WRITE_GRAD`` (``token_logprobs_forward_and_grad_``) the program then overwrites its row
 with the gradient of ``logp`` itself::
 
-    grad[v] = onehot(y)[v] - exp(z_v - lse)       (the backward kernel's formula, coef = 1)
+    grad[v] = onehot(y)[v] - exp((z_v - hi) - lo)  (the backward kernel's formula, coef = 1)
 
 in a second pass over the row, rounded once to the logits dtype; an ignored row is written as
 zeros without being read. Why: the hidden-state path's ``split`` mode needs exactly this before
@@ -38,6 +39,10 @@ within one program (last block first: the most recently read blocks are the like
 L2), and there is one launch instead of two. Whether that read does come from L2 depends on the
 row's size: ``config.fuse_forward_and_grad`` decides where this kernel runs. The numbers are
 those of the two kernels, bit for bit: the same ``lse`` and the same expression per element.
+
+Every statistic is kept relative to the row's max and nothing adds the max back in fp32, so a
+common offset of the logits (a row near 1e5, or 1e8) costs no precision: logp, the entropy and
+the gradient are as exact as for the same row centred on 0 (``backends.LSE_DTYPE``).
 """
 from __future__ import annotations
 
@@ -46,7 +51,7 @@ import triton
 import triton.language as tl
 
 from .. import check_writable_rows, empty_forward_outputs, extras_mask, extras_names, forward_then_grad_
-from ._common import acc_dtype, cast_rounded, logprob_grad, peel_offsets, row_split, vector_width
+from ._common import acc_dtype, cast_rounded, logprob_grad, peel_offsets, row_split, split_lse, vector_width
 from .config import fuse_forward_and_grad, interpreting, pick_config
 from .token_logprobs_bwd import token_logprobs_backward
 
@@ -54,11 +59,14 @@ from .token_logprobs_bwd import token_logprobs_backward
 @triton.jit
 def _fold_block(z, offs, real, running_max, running_sum, logits_sum, z_dot_e, sum_e2, best_z, best_idx,
                 V, WITH_LOGITS_SUM: tl.constexpr, WITH_ENTROPY: tl.constexpr, WITH_ACCURACY: tl.constexpr,
-                WITH_LSE_2Z: tl.constexpr, AXIS: tl.constexpr):
+                WITH_LOG_SUM_P2: tl.constexpr, AXIS: tl.constexpr):
     """Fold one block of a row (``real`` lanes; others are -inf) into the running statistics.
 
     All sums are relative to the running max M: S = sum e, e = exp(z - M); entropy needs
-    sum e * z, and logsumexp(2z) = 2M + log(sum e^2), so the extras cost no further exp.
+    D = sum e (z - M), moved to a new max M' as alpha (D + (M - M') S) with alpha = exp(M - M')
+    (relative to M, a common offset of the row cancels exactly in z - M), and log sum p^2 =
+    log(sum e^2) - 2 log S, so the extras cost no further exp. (The shift is M, or 0 while M is
+    infinite.)
 
     ``AXIS = 0``: ``z`` is the block ``[BLOCK_V]`` and the statistics are the row's scalars (each
     reduction spans the whole program). ``AXIS = 1`` (``LANE_STATS``): ``z`` is ``[R, LANE]`` and
@@ -80,13 +88,16 @@ def _fold_block(z, offs, real, running_max, running_sum, logits_sum, z_dot_e, su
         shift_z = shift
         max_z = block_max
     e = tl.exp(z - shift_z)
+    if WITH_ENTROPY:  # before running_sum moves: the shift's move weighs the old sum
+        # D = sum e (z - shift) moves to the new shift as alpha (D + delta S), delta = log alpha,
+        # floored so that nothing seen yet (delta = -inf, S = 0) gives 0, not -inf * 0. e == 0
+        # where z == -inf: its term is 0, and 0 * -inf must not make a NaN either.
+        delta = tl.maximum(running_max - shift, -3.0e38)
+        z_dot_e = alpha * (z_dot_e + delta * running_sum) + tl.sum(tl.where(e > 0, e * (z - shift_z), 0.0), AXIS)
     running_sum = running_sum * alpha + tl.sum(e, AXIS)
     if WITH_LOGITS_SUM:
         logits_sum += tl.sum(tl.where(real, z, 0.0), AXIS)
-    if WITH_ENTROPY:
-        # e == 0 where z == -inf: p * z -> 0 there, and 0 * -inf must not make a NaN.
-        z_dot_e = z_dot_e * alpha + tl.sum(tl.where(e > 0, e * z, 0.0), AXIS)
-    if WITH_LSE_2Z:
+    if WITH_LOG_SUM_P2:
         sum_e2 = sum_e2 * (alpha * alpha) + tl.sum(e * e, AXIS)
     if WITH_ACCURACY:
         # First index of the row's max, as torch.argmax breaks ties; blocks arrive out of index
@@ -102,7 +113,7 @@ def _fold_block(z, offs, real, running_max, running_sum, logits_sum, z_dot_e, su
 def _merge_lanes(lane_max, lane_sum, lane_logits_sum, lane_z_dot_e, lane_sum_e2, lane_best_z, lane_best_idx,
                  running_max, running_sum, logits_sum, z_dot_e, sum_e2, best_z, best_idx, V,
                  WITH_LOGITS_SUM: tl.constexpr, WITH_ENTROPY: tl.constexpr, WITH_ACCURACY: tl.constexpr,
-                 WITH_LSE_2Z: tl.constexpr):
+                 WITH_LOG_SUM_P2: tl.constexpr):
     """The lanes' statistics ``[R]`` and the scalar ones of the row's head and tail, merged into the
     row's: once per row, after the vocabulary loop. Each sum is rescaled from its own max to the
     row's (``exp(max - shift)``, 0 for a lane that saw nothing), as the loop rescales per block."""
@@ -111,12 +122,14 @@ def _merge_lanes(lane_max, lane_sum, lane_logits_sum, lane_z_dot_e, lane_sum_e2,
     shift = tl.where(tl.abs(new_max) == float("inf"), 0.0, new_max)
     alpha = tl.exp(running_max - shift)
     weight = tl.exp(lane_max - shift)
+    if WITH_ENTROPY:  # before running_sum moves (see _fold_block): each sum moves by its own delta
+        lane_delta = tl.maximum(lane_max - shift, -3.0e38)
+        z_dot_e = (alpha * (z_dot_e + tl.maximum(running_max - shift, -3.0e38) * running_sum)
+                   + tl.sum(weight * (lane_z_dot_e + lane_delta * lane_sum), 0))
     running_sum = running_sum * alpha + tl.sum(lane_sum * weight, 0)
     if WITH_LOGITS_SUM:
         logits_sum += tl.sum(lane_logits_sum, 0)
-    if WITH_ENTROPY:
-        z_dot_e = z_dot_e * alpha + tl.sum(tl.where(weight > 0, lane_z_dot_e * weight, 0.0), 0)
-    if WITH_LSE_2Z:
+    if WITH_LOG_SUM_P2:
         sum_e2 = sum_e2 * (alpha * alpha) + tl.sum(lane_sum_e2 * (weight * weight), 0)
     if WITH_ACCURACY:
         lanes_best = tl.max(lane_best_z, 0)
@@ -130,7 +143,7 @@ def _merge_lanes(lane_max, lane_sum, lane_logits_sum, lane_z_dot_e, lane_sum_e2,
 @triton.jit
 def _token_logprobs_fwd_kernel(
     logits_ptr, labels_ptr, logp_ptr, lse_ptr,
-    logits_sum_ptr, entropy_ptr, accuracy_ptr, lse_2z_ptr,
+    logits_sum_ptr, entropy_ptr, accuracy_ptr, log_sum_p2_ptr,
     T, V,
     stride_zb, stride_zt, stride_zv,
     stride_yb, stride_yt,
@@ -141,7 +154,7 @@ def _token_logprobs_fwd_kernel(
     WITH_LOGITS_SUM: tl.constexpr,
     WITH_ENTROPY: tl.constexpr,
     WITH_ACCURACY: tl.constexpr,
-    WITH_LSE_2Z: tl.constexpr,
+    WITH_LOG_SUM_P2: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
     ROUND_BY_BITS: tl.constexpr,  # the interpreter's bf16 cast truncates: round on the bits (_common.round_to)
     LANE_STATS: tl.constexpr,  # per-lane running statistics in the loop (_fold_block's AXIS 1), merged once per row
@@ -172,7 +185,7 @@ def _token_logprobs_fwd_kernel(
     z_peel = tl.load(logits_ptr + row_start + peel.to(tl.int64) * stride_zv, mask=peel_real, other=float("-inf"))
     running_max, running_sum, logits_sum, z_dot_e, sum_e2, best_z, best_idx = _fold_block(
         z_peel.to(ACC_DTYPE), peel, peel_real, running_max, running_sum, logits_sum, z_dot_e, sum_e2,
-        best_z, best_idx, V, WITH_LOGITS_SUM, WITH_ENTROPY, WITH_ACCURACY, WITH_LSE_2Z, 0)
+        best_z, best_idx, V, WITH_LOGITS_SUM, WITH_ENTROPY, WITH_ACCURACY, WITH_LOG_SUM_P2, 0)
 
     # The body: whole 16-byte vectors from a 16-byte boundary (true by construction of head).
     body_ptr = logits_ptr + tl.multiple_of(row_start + head * stride_zv, VEC)
@@ -195,11 +208,11 @@ def _token_logprobs_fwd_kernel(
             lane_max, lane_sum, lane_logits_sum, lane_z_dot_e, lane_sum_e2, lane_best_z, lane_best_idx = _fold_block(
                 z.to(ACC_DTYPE), head + offs, in_body, lane_max, lane_sum, lane_logits_sum, lane_z_dot_e,
                 lane_sum_e2, lane_best_z, lane_best_idx, V, WITH_LOGITS_SUM, WITH_ENTROPY, WITH_ACCURACY,
-                WITH_LSE_2Z, 1)
+                WITH_LOG_SUM_P2, 1)
         running_max, running_sum, logits_sum, z_dot_e, sum_e2, best_z, best_idx = _merge_lanes(
             lane_max, lane_sum, lane_logits_sum, lane_z_dot_e, lane_sum_e2, lane_best_z, lane_best_idx,
             running_max, running_sum, logits_sum, z_dot_e, sum_e2, best_z, best_idx, V,
-            WITH_LOGITS_SUM, WITH_ENTROPY, WITH_ACCURACY, WITH_LSE_2Z)
+            WITH_LOGITS_SUM, WITH_ENTROPY, WITH_ACCURACY, WITH_LOG_SUM_P2)
     else:
         for v_start in range(0, body, BLOCK_V):
             offs = v_start + tl.arange(0, BLOCK_V)
@@ -208,40 +221,45 @@ def _token_logprobs_fwd_kernel(
             # upcast right after the load: all arithmetic in fp32
             running_max, running_sum, logits_sum, z_dot_e, sum_e2, best_z, best_idx = _fold_block(
                 z.to(ACC_DTYPE), head + offs, in_body, running_max, running_sum, logits_sum, z_dot_e, sum_e2,
-                best_z, best_idx, V, WITH_LOGITS_SUM, WITH_ENTROPY, WITH_ACCURACY, WITH_LSE_2Z, 0)
+                best_z, best_idx, V, WITH_LOGITS_SUM, WITH_ENTROPY, WITH_ACCURACY, WITH_LOG_SUM_P2, 0)
 
-    # An ignored row (and a row of -inf) has running_sum == 0: log(1) keeps lse = running_max.
+    # An ignored row (and a row of -inf) has running_sum == 0: log S = -inf, so lse = -inf.
     shift = tl.where(tl.abs(running_max) == float("inf"), 0.0, running_max)
-    lse = shift + tl.log(tl.where(running_sum == 0, 1.0, running_sum))
-    lse = tl.where(running_max == float("-inf"), float("-inf"), lse)
-    # The target logit is one scalar load, clamped into the row so it can never leave it.
+    log_sum = tl.where(running_sum == 0, float("-inf"), tl.log(tl.where(running_sum == 0, 1.0, running_sum)))
+    # lse in fp64: shift + log S exactly; in fp32 it would round by |lse| * 2^-24.
+    lse = tl.where(is_ignored, 0.0, shift.to(tl.float64) + log_sum.to(tl.float64))
+    # The target logit is one scalar load, clamped into the row so it can never leave it. (After
+    # the loop: loaded before, it costs the lane loop registers.)
     target_offset = tl.where(in_range, label, 0)
-    z_target = tl.load(logits_ptr + row_start + target_offset * stride_zv, mask=is_scored, other=0.0)
-    logp = tl.where(in_range, z_target.to(ACC_DTYPE) - lse, float("nan"))
+    z_target = tl.load(logits_ptr + row_start + target_offset * stride_zv, mask=is_scored, other=0.0).to(ACC_DTYPE)
+    # (z_y - shift) - log S, not z_y - lse: z_y - shift is exact near the max.
+    logp = tl.where(in_range, (z_target - shift) - log_sum, float("nan"))
     tl.store(logp_ptr + row, tl.where(is_ignored, 0.0, logp))
-    tl.store(lse_ptr + row, tl.where(is_ignored, 0.0, lse))
+    tl.store(lse_ptr + row, lse)
     if WITH_LOGITS_SUM:
         tl.store(logits_sum_ptr + row, tl.where(is_ignored, 0.0, logits_sum))
     if WITH_ENTROPY:
-        # H = lse - sum_v p_v z_v, with p_v = e_v / S.
-        entropy = lse - z_dot_e / tl.where(running_sum == 0, 1.0, running_sum)
-        # A row with +inf (or all -inf) has an infinite lse: report it as the entropy, as the
-        # other backends do, instead of inf - inf / inf.
-        entropy = tl.where(tl.abs(lse) == float("inf"), lse, entropy)
+        # H = log S - sum_v p_v (z_v - shift), with p_v = e_v / S.
+        entropy = log_sum - z_dot_e / tl.where(running_sum == 0, 1.0, running_sum)
+        # A row with +inf (or all -inf) has an infinite lse (log S): report it as the entropy, as
+        # the other backends do, instead of inf - inf / inf.
+        entropy = tl.where(tl.abs(log_sum) == float("inf"), log_sum, entropy)
         tl.store(entropy_ptr + row, tl.where(is_ignored, 0.0, entropy))
     if WITH_ACCURACY:
         hit = (best_idx == label).to(ACC_DTYPE)
         tl.store(accuracy_ptr + row, tl.where(is_ignored, 0.0, hit))
-    if WITH_LSE_2Z:
-        lse_2z = 2.0 * shift + tl.log(tl.where(sum_e2 == 0, 1.0, sum_e2))
-        lse_2z = tl.where(running_max == float("-inf"), float("-inf"), lse_2z)
-        tl.store(lse_2z_ptr + row, tl.where(is_ignored, 0.0, lse_2z))
+    if WITH_LOG_SUM_P2:
+        # Both logs relative to the same shift: no large number cancels. NaN where lse is not
+        # finite (a row of -inf, or with +inf or NaN): its softmax is not defined.
+        log_sum_p2 = tl.log(tl.where(sum_e2 == 0, 1.0, sum_e2)) - 2.0 * log_sum
+        log_sum_p2 = tl.where(tl.abs(log_sum) < float("inf"), log_sum_p2, float("nan"))
+        tl.store(log_sum_p2_ptr + row, tl.where(is_ignored, 0.0, log_sum_p2))
     if WRITE_GRAD:
         # The whole row is written (an ignored one with zeros, unread), after every read above:
         # the target logit was loaded before this pass overwrites it. The body goes last block
         # first: the blocks this program read most recently are the likeliest still in L2.
         head, body = row_split(row_start, V, VEC)
-        lse = tl.where(is_ignored, 0.0, lse)  # the stored lse, which the backward kernel would read
+        lse_hi, lse_lo = split_lse(lse, ACC_DTYPE)  # the stored lse, as the backward kernel splits it
         body_ptr = logits_ptr + tl.multiple_of(row_start + head * stride_zv, VEC)
         body = tl.multiple_of(body, VEC)
         read_bound = tl.where(is_ignored, 0, body)  # a bound, not a scalar-and-block mask (interpreter)
@@ -250,13 +268,13 @@ def _token_logprobs_fwd_kernel(
             offs = (n_blocks - 1 - k) * BLOCK_V + tl.arange(0, BLOCK_V)
             ptrs = body_ptr + offs.to(tl.int64) * stride_zv
             z = tl.load(ptrs, mask=offs < read_bound, other=float("-inf")).to(ACC_DTYPE)
-            grad = tl.where(is_ignored, 0.0, logprob_grad(z, head + offs, label, lse, 1.0))
+            grad = tl.where(is_ignored, 0.0, logprob_grad(z, head + offs, label, lse_hi, lse_lo, 1.0))
             tl.store(ptrs, cast_rounded(grad, logits_ptr.dtype.element_ty, ROUND_BY_BITS), mask=offs < body)
         n_read = tl.where(is_ignored, 0, V)
         peel, peel_real = peel_offsets(head, body, V, VEC)
         peel_ptr = logits_ptr + row_start + peel.to(tl.int64) * stride_zv
         z_peel = tl.load(peel_ptr, mask=peel_real & (peel < n_read), other=float("-inf")).to(ACC_DTYPE)
-        grad_peel = tl.where(is_ignored, 0.0, logprob_grad(z_peel, peel, label, lse, 1.0))
+        grad_peel = tl.where(is_ignored, 0.0, logprob_grad(z_peel, peel, label, lse_hi, lse_lo, 1.0))
         tl.store(peel_ptr, cast_rounded(grad_peel, logits_ptr.dtype.element_ty, ROUND_BY_BITS), mask=peel_real)
 
 
@@ -281,7 +299,7 @@ def launch_forward(
     _token_logprobs_fwd_kernel[(B * T,)](
         logits, labels, logp, lse,
         extras.get("logits_sum", logp), extras.get("entropy", logp), extras.get("accuracy", logp),
-        extras.get("lse_2z", logp),
+        extras.get("log_sum_p2", logp),
         T, V,
         logits.stride(0), logits.stride(1), logits.stride(2),
         labels.stride(0), labels.stride(1),
@@ -292,7 +310,7 @@ def launch_forward(
         WITH_LOGITS_SUM="logits_sum" in extras,
         WITH_ENTROPY="entropy" in extras,
         WITH_ACCURACY="accuracy" in extras,
-        WITH_LSE_2Z="lse_2z" in extras,
+        WITH_LOG_SUM_P2="log_sum_p2" in extras,
         WRITE_GRAD=write_grad,
         ROUND_BY_BITS=interpreting(),
         LANE_STATS=cfg.lane_stats,
@@ -343,7 +361,8 @@ def token_logprobs_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Forward kernel on ``logits[B, T, V]`` (any strides) and ``labels[B, T]``.
 
-    Returns ``(logp, lse, extras)``: ``[B, T]`` contiguous fp32 tensors (fp64 for fp64 logits),
+    Returns ``(logp, lse, extras)``: ``[B, T]`` contiguous fp32 tensors (fp64 for fp64 logits;
+    ``lse`` always fp64, ``backends.LSE_DTYPE``),
     ``extras`` holding one such tensor per requested name (see ``backends.EXTRAS``).
     """
     acc_dtype(logits.dtype)  # a clear TypeError for a dtype the kernel cannot read, before the op
