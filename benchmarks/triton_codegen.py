@@ -193,23 +193,28 @@ def report(arch: int = 90) -> list[dict]:
                  "block_v": kwargs["BLOCK_T"], "num_warps": kwargs["num_warps"], **analyse(kernel)})
     tma = matmul_module.TensorDescriptor is not None
     for (m, n, k) in MATMUL_SHAPES:
-        ways = [(torch.bfloat16, None, None), (torch.bfloat16, 30.0, None), (torch.float16, None, None)]
+        # (dtype, softcap, bias, config): the bias (Qwen-style lm_heads) is a contiguous [N] slice
+        ways = [(torch.bfloat16, None, False, None), (torch.bfloat16, 30.0, False, None),
+                (torch.bfloat16, None, True, None), (torch.float16, None, False, None)]
         if tma:  # tutorial 09's options: descriptors (TMA) and a persistent grid
-            ways.append((torch.bfloat16, None, config_module.MatmulConfig(128, 256, 64, 8, 8, 3, use_tma=True,
-                                                                          persistent=True)))
-        for dtype, softcap, cfg in ways:
+            ways.append((torch.bfloat16, None, False, config_module.MatmulConfig(128, 256, 64, 8, 8, 3, use_tma=True,
+                                                                                 persistent=True)))
+        for dtype, softcap, with_bias, cfg in ways:
             h = torch.empty(m, k, dtype=dtype, device="meta")
             w = torch.empty(n, k, dtype=dtype, device="meta")
+            bias = torch.empty(n, dtype=dtype, device="meta") if with_bias else None
             vec = torch.empty(m, dtype=torch.float32, device="meta")
+            lse = torch.empty(m, dtype=torch.float64, device="meta")
             config_module.set_matmul_config_override(cfg)
             try:
                 with capture(matmul_module, "_logits_grad_matmul_kernel") as mm:
-                    matmul_module.logits_grad_matmul(h, w, None, vec.long(), vec, vec, -100, softcap, 1.0)
+                    matmul_module.logits_grad_matmul(h, w, bias, vec.long(), lse, vec, -100, softcap, 1.0)
             finally:
                 config_module.set_matmul_config_override(None)
             grid, args, kwargs = mm.launches[0]
             kernel = compile_launch(mm.fn, args, kwargs, target)
-            name = "logits_grad_matmul" + (" softcap" if softcap else "") + (" tma persistent" if cfg else "")
+            name = ("logits_grad_matmul" + (" softcap" if softcap else "") + (" bias" if with_bias else "")
+                    + (" tma persistent" if cfg else ""))
             rows.append({"kernel": name, "shape": [m, n, k],
                          "dtype": str(dtype).replace("torch.", ""), "grid": list(grid),
                          "block_v": f"{kwargs['BLOCK_M']}x{kwargs['BLOCK_N']}x{kwargs['BLOCK_K']}",
