@@ -42,15 +42,18 @@ loss are undone here, with the Trainer's ``training_args``:
   fewer micro-batches is still divided by the full count (the function cannot see how many there
   are): use ``dataloader_drop_last=True`` or a dataset size that divides evenly;
 - when it counted tokens (``num_items_in_batch`` given) and ``average_tokens_across_devices`` is
-  on (its default), it multiplies the loss by the number of processes (by ``n_gpu`` under
-  DataParallel), as a token sum over the global count would need; for a per-process pair mean
-  averaged by DDP that makes every step ``world_size`` times too large, so the function divides
-  by the same factor (:func:`trainer_loss_multiplier`).
+  on (its default), it multiplies the loss by the number of data-parallel replicas (the
+  processes over the tensor-parallel size; ``n_gpu`` under DataParallel), as a token sum over the
+  global count would need; for a per-replica pair mean averaged by DDP that makes every step that
+  many times too large, so the function divides by the same factor (:func:`trainer_loss_multiplier`).
+  The Trainer reads the tensor-parallel size from the model first (``model.tp_size``, set by
+  ``from_pretrained(..., tp_plan=...)``), which ``training_args`` do not hold: with such a model
+  pass ``tp_size=model.tp_size``; DeepSpeed AutoTP's and accelerate's sizes are read from
+  ``training_args``.
 
 Without ``training_args`` (``gradient_accumulation_steps`` alone, default 1) the function cannot
 know that factor: with several processes or GPUs and a token count it raises rather than return
-a loss the Trainer would scale. (Tensor parallelism, where the Trainer divides the factor by the
-TP size, is not covered.)
+a loss the Trainer would scale.
 
 The metrics of the last call (TRL's names, detached device scalars) are kept in
 ``loss_func.metrics`` for a callback to log.
@@ -70,11 +73,12 @@ class DPOComputeLoss:
     num_items_in_batch=None) -> loss``. ``metrics`` holds the last call's metrics."""
 
     def __init__(self, gradient_accumulation_steps: int, inplace_backward: bool, loss_kwargs: dict,
-                 training_args: Any = None):
+                 training_args: Any = None, tp_size: int | None = None):
         self.gradient_accumulation_steps = gradient_accumulation_steps
         self.inplace_backward = inplace_backward
         self.loss_kwargs = loss_kwargs
         self.training_args = training_args
+        self.tp_size = tp_size
         self.metrics: dict[str, torch.Tensor] = {}
 
     def __call__(self, outputs: Any, labels: Any, num_items_in_batch: Any = None) -> torch.Tensor:
@@ -94,7 +98,7 @@ class DPOComputeLoss:
     def _trainer_multiplier(self, device: torch.device) -> int:
         """What the Trainer multiplies this loss by, having counted tokens (see the module docstring)."""
         if self.training_args is not None:
-            return trainer_loss_multiplier(self.training_args)
+            return trainer_loss_multiplier(self.training_args, self.tp_size)
         processes = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         gpus = torch.cuda.device_count() if device.type == "cuda" and processes == 1 else 1
         if processes > 1 or gpus > 1:
@@ -107,15 +111,38 @@ class DPOComputeLoss:
         return 1
 
 
-def trainer_loss_multiplier(training_args: Any) -> int:
+def trainer_loss_multiplier(training_args: Any, tp_size: int | None = None) -> int:
     """The factor ``transformers.Trainer.compute_loss`` multiplies a ``compute_loss_func``'s loss by
-    when it counted label tokens: the number of processes (``n_gpu`` under DataParallel) when
-    ``average_tokens_across_devices`` is on, else 1. (Its division by a tensor-parallel size is
-    not modelled.)"""
+    when it counted label tokens (transformers 5.24): with ``average_tokens_across_devices`` on,
+    ``n_gpu`` under DataParallel, else the number of processes over the tensor-parallel size (the
+    ranks of a TP group see the same batch: :func:`trainer_tp_size`); 1 when it is off."""
     if not getattr(training_args, "average_tokens_across_devices", False):
         return 1
     n_gpu = int(getattr(training_args, "n_gpu", 1))
-    return n_gpu if n_gpu > 1 else max(1, int(getattr(training_args, "world_size", 1)))
+    if n_gpu > 1:
+        return n_gpu
+    processes = max(1, int(getattr(training_args, "world_size", 1)))
+    tp = trainer_tp_size(training_args, tp_size)
+    if processes % tp:
+        raise ValueError(f"a tensor-parallel size of {tp} does not divide the {processes} processes")
+    return processes // tp
+
+
+def trainer_tp_size(training_args: Any, tp_size: int | None = None) -> int:
+    """The tensor-parallel size the Trainer divides the process count by (``Trainer.get_tp_size``,
+    in its order): ``tp_size`` standing for the model's own (``model.tp_size``), else DeepSpeed
+    AutoTP's ``autotp_size``, else accelerate's ``parallelism_config.tp_size``, else 1."""
+    if tp_size is not None:
+        if isinstance(tp_size, bool) or not isinstance(tp_size, int) or tp_size < 1:
+            raise ValueError(f"tp_size must be an int >= 1 or None, got {tp_size!r}")
+        return tp_size
+    deepspeed = getattr(training_args, "hf_deepspeed_config", None)
+    if getattr(training_args, "deepspeed", None) and deepspeed is not None:
+        return int(deepspeed.config.get("tensor_parallel", {}).get("autotp_size", 1))
+    parallelism = getattr(training_args, "parallelism_config", None)
+    if parallelism is not None:
+        return int(parallelism.tp_size)
+    return 1
 
 
 def _split_labels(labels) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -142,6 +169,7 @@ def dpo_compute_loss_func(
     training_args: Any = None,
     gradient_accumulation_steps: int | None = None,
     inplace_backward: bool = True,
+    tp_size: int | None = None,
     **loss_kwargs,
 ) -> DPOComputeLoss:
     """A ``compute_loss_func`` for ``transformers.Trainer`` computing ``fused_dpo_loss`` on the
@@ -157,6 +185,10 @@ def dpo_compute_loss_func(
             compute_loss_func's loss). With ``training_args`` it must be left out or agree.
         inplace_backward: the logits buffer becomes its own gradient (no logits-sized temporary);
             set False if something else needs the model's logits in backward.
+        tp_size: with ``training_args``, the model's tensor-parallel size (``model.tp_size``) for a
+            model loaded with a ``tp_plan``: the Trainer reads it from the model, which
+            ``training_args`` do not hold (see :func:`trainer_tp_size`). Default: from
+            ``training_args``.
         **loss_kwargs: every option of :func:`dpo_kernels.fused_dpo_loss` except those the batch
             gives (``logits``, ``labels``, ``ref_logps``, ``shift``): ``beta``, ``loss_type``,
             ``loss_weights``, ``label_smoothing``, ``ld_alpha``, ``use_weighting``,
@@ -178,11 +210,15 @@ def dpo_compute_loss_func(
         raise ValueError(f"gradient_accumulation_steps must be an int >= 1, got {gradient_accumulation_steps!r}")
     if not isinstance(inplace_backward, bool):
         raise TypeError(f"inplace_backward must be a bool, got {inplace_backward!r}")
+    if tp_size is not None:
+        if training_args is None:
+            raise ValueError("tp_size goes with training_args (the Trainer's multiplier it corrects): pass both")
+        trainer_loss_multiplier(training_args, tp_size)  # a clear error now for a bad size
     given = sorted(set(loss_kwargs) & {"logits", "labels", "ref_logps", "ref_logits", "shift"})
     if given:
         raise ValueError(f"{given} come from the batch (see dpo_kernels.integrations.hf), not from dpo_compute_loss_func")
     _dry_run(loss_kwargs)
-    return DPOComputeLoss(gradient_accumulation_steps, inplace_backward, loss_kwargs, training_args)
+    return DPOComputeLoss(gradient_accumulation_steps, inplace_backward, loss_kwargs, training_args, tp_size)
 
 
 def _dry_run(loss_kwargs: dict) -> None:

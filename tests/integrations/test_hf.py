@@ -182,26 +182,68 @@ def _args(**kwargs):
     return SimpleNamespace(**{**base, **kwargs})
 
 
-@pytest.mark.parametrize("args, factor", [
-    (_args(world_size=4), 4), (_args(world_size=4, average_tokens_across_devices=False), 1),
-    (_args(n_gpu=2), 2), (_args(n_gpu=1, world_size=3), 3), (_args(), 1),
+def _deepspeed_autotp(size):
+    return dict(deepspeed="ds_config.json", hf_deepspeed_config=SimpleNamespace(
+        config={"tensor_parallel": {"autotp_size": size}}))
+
+
+@pytest.mark.parametrize("args, tp_size, factor", [
+    (_args(world_size=4), None, 4), (_args(world_size=4, average_tokens_across_devices=False), None, 1),
+    (_args(n_gpu=2), None, 2), (_args(n_gpu=1, world_size=3), None, 3), (_args(), None, 1),
+    # tensor parallelism: the ranks of a TP group share a batch; the Trainer counts replicas
+    (_args(world_size=8, parallelism_config=SimpleNamespace(tp_size=2)), None, 4),
+    (_args(world_size=8, **_deepspeed_autotp(4)), None, 2),
+    (_args(world_size=8, parallelism_config=SimpleNamespace(tp_size=2)), 8, 1),  # the model's own size first
+    (_args(world_size=8, hf_deepspeed_config=_deepspeed_autotp(4)["hf_deepspeed_config"]), None, 8),  # DeepSpeed off
 ])
-def test_the_trainers_multiplier_across_processes_is_undone(args, factor):
+def test_the_trainers_multiplier_across_processes_is_undone(args, tp_size, factor):
     """``transformers.Trainer.compute_loss`` multiplies a compute_loss_func's loss by the number of
-    processes (``n_gpu`` under DataParallel) when it counted tokens and averages them across
-    devices: with ``training_args`` the function divides by the same factor, only when a count
-    was passed (a dict of labels gives none), and by the accumulation steps as before."""
-    assert trainer_loss_multiplier(args) == factor
+    data-parallel replicas (processes over the tensor-parallel size; ``n_gpu`` under DataParallel)
+    when it counted tokens and averages them across devices: with ``training_args`` (and the
+    model's ``tp_size``) the function divides by the same factor, only when a count was passed (a
+    dict of labels gives none), and by the accumulation steps as before."""
+    assert trainer_loss_multiplier(args, tp_size) == factor
     policy, _ = make_models()
     batch = collate(make_rows())
     outputs = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     args.gradient_accumulation_steps = 2
-    loss_func = dpo_compute_loss_func(beta=0.5, reference_free=True, training_args=args)
+    loss_func = dpo_compute_loss_func(beta=0.5, reference_free=True, training_args=args, tp_size=tp_size)
     counted = loss_func(outputs, batch["labels"], num_items_in_batch=torch.tensor(50))
     uncounted = loss_func(outputs, batch["labels"])
     plain = fused_dpo_loss(outputs.logits.detach(), batch["labels"], beta=0.5, reference_free=True, shift=True).loss
     torch.testing.assert_close(counted * factor * 2, plain, rtol=1e-6, atol=0)
     torch.testing.assert_close(uncounted * 2, plain, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("processes, model_tp", [(8, 2), (8, None), (4, 4)])
+def test_the_real_trainers_scaling_is_undone_with_tensor_parallelism(monkeypatch, processes, model_tp):
+    """The installed ``transformers.Trainer.compute_loss`` itself, in a world it cannot see here
+    (faked: ``processes`` processes, a model that says it is tensor-parallel over ``model_tp``
+    ranks): with ``training_args`` and ``tp_size=model.tp_size`` the loss it returns for a token
+    count is the pair mean over the accumulation steps, as in one process."""
+    policy, _ = make_models()
+    args = trainer_args(gradient_accumulation_steps=2)
+    monkeypatch.setattr(type(args), "world_size", property(lambda self: processes))
+    trainer = make_trainer(policy, make_rows(), args, None)
+    monkeypatch.setattr(type(trainer.accelerator), "num_processes", property(lambda self: processes))
+    monkeypatch.setattr(policy, "_tp_size", model_tp, raising=False)
+    trainer.compute_loss_func = dpo_compute_loss_func(beta=0.5, reference_free=True, training_args=args,
+                                                      tp_size=policy.tp_size)
+    batch = collate(make_rows())
+    loss = trainer.compute_loss(policy, dict(batch), num_items_in_batch=torch.tensor(50))
+    with torch.no_grad():
+        logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    plain = fused_dpo_loss(logits, batch["labels"], beta=0.5, reference_free=True, shift=True).loss
+    torch.testing.assert_close(loss.detach() * 2, plain, rtol=1e-5, atol=0)
+
+
+def test_a_tp_size_without_training_args_or_that_splits_no_world_raises():
+    with pytest.raises(ValueError, match="tp_size goes with training_args"):
+        dpo_compute_loss_func(beta=0.5, reference_free=True, tp_size=2)
+    with pytest.raises(ValueError, match="does not divide the 6 processes"):
+        dpo_compute_loss_func(beta=0.5, reference_free=True, training_args=_args(world_size=6), tp_size=4)
+    with pytest.raises(ValueError, match="tp_size must be an int"):
+        dpo_compute_loss_func(beta=0.5, reference_free=True, training_args=_args(world_size=6), tp_size=0)
 
 
 # The same step under DDP: two processes (gloo, CPU) launched as torchrun would, each a Trainer on
