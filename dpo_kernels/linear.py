@@ -89,8 +89,8 @@ from typing import Optional
 
 import torch
 
-from .backends import (LSE_DTYPE, accumulation_dtype, empty_forward_outputs, extras_mask, extras_names,
-                       forward_and_grad_, fused_logits_grad_matmul, load_backend)
+from .backends import (accumulation_dtype, empty_forward_outputs, extras_mask, extras_names, forward_and_grad_,
+                       fused_logits_grad_matmul, load_backend, lse_dtype)
 from .logprobs import refuse_double_backward
 
 MODES = ("auto", "one_pass", "two_phase", "split")
@@ -543,8 +543,8 @@ def _scatter(values: torch.Tensor, rows, cols, shape) -> torch.Tensor:
 @torch.no_grad()
 def _token_results(n: int, acc: torch.dtype, extras, device) -> dict[str, torch.Tensor]:
     """Uninitialised ``[n]`` buffers for the valid tokens' logp, lse and extras (``lse`` in
-    ``backends.LSE_DTYPE``, the rest in the accumulation dtype)."""
-    return {name: torch.empty(n, dtype=LSE_DTYPE if name == "lse" else acc, device=device)
+    ``backends.lse_dtype``, the rest in the accumulation dtype)."""
+    return {name: torch.empty(n, dtype=lse_dtype(device) if name == "lse" else acc, device=device)
             for name in ("logp", "lse", *extras)}
 
 
@@ -1148,7 +1148,7 @@ class OnePass:
         # Placeholders for the tokens not processed yet: -1 (a finite log-prob), so every pair's loss
         # stays finite; a pair's coefficients do not depend on the other pairs' values.
         logp = torch.where(self.aligned != head.ignore_index, -1.0, 0.0).to(acc)
-        lse = torch.zeros(shape, dtype=LSE_DTYPE, device=hidden.device)
+        lse = torch.zeros(shape, dtype=lse_dtype(hidden.device), device=hidden.device)
         ext = {name: torch.zeros(shape, dtype=acc, device=hidden.device) for name in self.extras}
         grads = _Grads(hidden, head, *self.needs) if any(self.needs) else None
         return logp, lse, ext, grads

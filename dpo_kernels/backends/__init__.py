@@ -5,8 +5,8 @@ A backend is a module with two functions over ``logits[B, T, V]`` (any strides) 
 
 - ``token_logprobs_forward(logits, labels, ignore_index, extras)``
   -> ``(logp, lse, {name: tensor for name in extras})``, each ``[B, T]`` fp32 (fp64 for fp64
-  logits; ``lse`` fp64 always, :data:`LSE_DTYPE`), 0 on ignored rows; ``extras`` is a subset of
-  :data:`EXTRAS`, computed in the same pass;
+  logits; ``lse`` in fp64 whatever the logits, :func:`lse_dtype`), 0 on ignored rows; ``extras``
+  is a subset of :data:`EXTRAS`, computed in the same pass;
 - ``token_logprobs_backward(logits, labels, lse, grad_logp, ignore_index, inplace)``
   -> the gradient w.r.t. ``logits`` in the logits dtype (``logits`` itself when ``inplace``);
 
@@ -53,14 +53,21 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 LSE_DTYPE = torch.float64
 
 
+def lse_dtype(device: torch.device | str) -> torch.dtype:
+    """``lse``'s dtype on ``device``: :data:`LSE_DTYPE`, except where the device has no float64
+    (Apple's MPS, which only the reference backend serves): fp32 there, with its |lse| * 2^-24."""
+    return torch.float32 if torch.device(device).type == "mps" else LSE_DTYPE
+
+
 def split_lse(lse: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """``(hi, lo)`` in ``dtype`` with ``hi + lo == lse`` to ``dtype``'s precision squared: ``hi`` is
     ``lse`` rounded, ``lo`` what the rounding lost (0 where ``hi`` is infinite or NaN, which ``hi``
-    carries alone). The kernels' split, in torch (the reference backend's)."""
-    lse = lse.to(LSE_DTYPE)
+    carries alone, and for an ``lse`` no wider than ``dtype``). The kernels' split, in torch (the
+    reference backend's)."""
     hi = lse.to(dtype)
-    lo = torch.where(torch.isfinite(hi), lse - hi.to(LSE_DTYPE), 0.0).to(dtype)
-    return hi, lo
+    if lse.dtype != LSE_DTYPE or dtype == LSE_DTYPE:
+        return hi, torch.zeros_like(hi)
+    return hi, torch.where(torch.isfinite(hi), lse - hi.to(LSE_DTYPE), 0.0).to(dtype)
 
 
 def extras_mask(extras) -> int:
@@ -73,13 +80,13 @@ def extras_mask(extras) -> int:
 
 def empty_forward_outputs(logits: torch.Tensor, mask: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Uninitialised ``(logp[B, T], lse[B, T], extras[K, B, T])`` of a forward operator on
-    ``logits[B, T, V]``: contiguous, fp32 (fp64 for fp64 logits), ``lse`` in :data:`LSE_DTYPE`.
+    ``logits[B, T, V]``: contiguous, fp32 (fp64 for fp64 logits), ``lse`` in :func:`lse_dtype`.
     Also the fake implementation of the forward operators, so the real and fake outputs cannot
     disagree."""
     B, T = logits.shape[0], logits.shape[1]
     dtype = accumulation_dtype(logits.dtype)
     logp = logits.new_empty((B, T), dtype=dtype)
-    lse = logits.new_empty((B, T), dtype=LSE_DTYPE)
+    lse = logits.new_empty((B, T), dtype=lse_dtype(logits.device))
     extras = logits.new_empty((len(extras_names(mask)), B, T), dtype=dtype)
     return logp, lse, extras
 

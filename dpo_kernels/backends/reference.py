@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from . import LSE_DTYPE, accumulation_dtype, split_lse
+from . import accumulation_dtype, lse_dtype, split_lse
 
 # ~64 MB of fp32 working memory per chunk.
 _CHUNK_ELEMENTS = 1 << 24
@@ -32,7 +32,8 @@ def token_logprobs_forward(
     B, T, V = logits.shape
     acc = accumulation_dtype(logits.dtype)
     logp = torch.empty((B, T), dtype=acc, device=logits.device)
-    lse = torch.empty((B, T), dtype=LSE_DTYPE, device=logits.device)
+    lse_type = lse_dtype(logits.device)
+    lse = torch.empty((B, T), dtype=lse_type, device=logits.device)
     out = {name: torch.empty((B, T), dtype=acc, device=logits.device) for name in sorted(extras)}
     for b, ts in _row_chunks(B, T, V):
         z = logits[b, ts].to(acc)
@@ -44,7 +45,7 @@ def token_logprobs_forward(
         # (z_y - shift) - log_sum, as the kernels: no rounding of lse reaches logp.
         chunk_logp = torch.where(in_range, (target - shift) - log_sum, torch.full_like(target, float("nan")))
         logp[b, ts] = torch.where(ignored, 0.0, chunk_logp)
-        lse[b, ts] = torch.where(ignored, 0.0, shift.to(LSE_DTYPE) + log_sum.to(LSE_DTYPE))
+        lse[b, ts] = torch.where(ignored, 0.0, shift.to(lse_type) + log_sum.to(lse_type))
         for name, value in _extras(z, y, shift, log_sum, extras):
             out[name][b, ts] = torch.where(ignored, 0.0, value)
     return logp, lse, out

@@ -443,3 +443,30 @@ def test_forward_and_grad_of_an_empty_batch(backend):
     ops = load_backend(backend)
     logp, lse, _ = forward_and_grad_(ops, torch.randn(0, 3, 10), torch.zeros(0, 3, dtype=torch.long), IGNORE)
     assert logp.shape == lse.shape == (0, 3)
+
+
+def test_a_device_without_float64_keeps_an_fp32_lse(monkeypatch):
+    """Apple's MPS has no float64: there (the reference backend's device) ``lse`` is fp32, split
+    with no low part, and the contract's results still match the oracle (at logits of a few
+    units, where one fp32 lse is precise). CPU and CUDA keep fp64. The CPU stands in for such a
+    device here, through ``lse_dtype``."""
+    from dpo_kernels import backends, fused_dpo_loss
+    from dpo_kernels.backends import reference
+
+    assert backends.lse_dtype("mps") == torch.float32
+    assert backends.lse_dtype("cpu") == backends.lse_dtype("cuda") == torch.float64
+    monkeypatch.setattr(reference, "lse_dtype", lambda device: torch.float32)
+    logits = torch.randn(3, 5, 300) * 3
+    labels = _labels(3, 5, 300)
+    logp, lse, _ = reference.token_logprobs_forward(logits, labels, IGNORE, frozenset())
+    assert lse.dtype == torch.float32
+    want_logp, want_lse = token_logprobs(logits, labels)
+    torch.testing.assert_close(logp.double(), want_logp, rtol=2e-5, atol=2e-4)
+    torch.testing.assert_close(lse.double(), want_lse, rtol=2e-5, atol=2e-4)
+    coef = torch.randn(3, 5)
+    grad = reference.token_logprobs_backward(logits, labels, lse, coef, IGNORE)
+    assert_close_grad(grad, _expected_grad(logits, labels, coef), torch.float32)
+    # and through the front door, whose autograd saves that lse
+    leaf = logits[:2].clone().requires_grad_(True)
+    fused_dpo_loss(leaf, labels[:2], ref_logps=torch.zeros(2), backend="reference").loss.backward()
+    assert torch.isfinite(leaf.grad).all()
