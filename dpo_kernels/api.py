@@ -1162,11 +1162,20 @@ def _validation_skipped(*tensors: torch.Tensor) -> bool:
     return torch.compiler.is_compiling() or any(t.device.type == "meta" for t in tensors)
 
 
+def lse_precision_limit(dtype: torch.dtype) -> float:
+    """The ``|lse|`` past which rounding a row's lse, kept in ``dtype``, costs more than bf16's
+    precision (2^-9) in every softmax probability of the backward: 2^44 for the fp64 lse (logits
+    near 1.8e13, a diverged model), 2^15 for an fp32 one (``backends.lse_dtype`` on MPS). The
+    log-probs themselves stay exact (``(z_y - max) - log S``)."""
+    return 2.0 ** -9 / (torch.finfo(dtype).eps / 2)
+
+
 def _check_token_results(checks, ignore_index: int) -> None:
     """One host sync for all of ``checks`` (``(tokens, vocab_size, name)``, optionally with the
     name of their labels, default ``"labels"``: a policy's and its reference's token results):
-    bad labels and non-finite log-probs of scored tokens; the first failure in ``checks``' order
-    raises. Not when compiling: :func:`_validation_skipped`."""
+    bad labels, non-finite log-probs of scored tokens, and scored rows whose lse is past
+    :func:`lse_precision_limit`; the first failure in ``checks``' order raises. Not when
+    compiling: :func:`_validation_skipped`."""
     checks = [(*check, "labels") if len(check) == 3 else tuple(check) for check in checks]
     if not checks or _validation_skipped(*(t for tokens, *_ in checks for t in (tokens.labels, tokens.logp))):
         return
@@ -1184,6 +1193,13 @@ def _check_token_results(checks, ignore_index: int) -> None:
                 f"{name}[{b}, {t}] gives a non-finite log-probability for its label (NaN or inf in the "
                 "logits, a row of -inf, or a label whose logit is -inf); pass validate=False to let it "
                 "propagate to the loss instead")),
+            (scored & ~bad_label & finite & (lse.abs() >= lse_precision_limit(lse.dtype)),
+             lambda b, t, name=name, lse=lse: (
+                f"{name}[{b}, {t}]: the row's log-sum-exp is {lse[b, t].item():.6g}, past "
+                f"+-{lse_precision_limit(lse.dtype):.6g}: rounding it ({lse.dtype}) would cost more than bf16's "
+                "precision in every probability of the row's gradient (logits that large usually mean a "
+                "diverged model); subtract a per-row constant first (the log-softmax does not change), or "
+                "pass validate=False to score it anyway")),
         ]
     flags = torch.stack([mask.any() for mask, _ in failures]).tolist()  # the one sync
     for (mask, message), failed in zip(failures, flags):

@@ -138,6 +138,13 @@ class Head:
     def vocab_size(self) -> int:
         return self.weight.shape[0]
 
+    @property
+    def inv_temperature(self) -> float:
+        """``1 / temperature``, by which the logits and their gradient are multiplied (as fp32 in
+        the kernels: the fused matmul's epilogue multiplies by the same number, so both paths
+        form the same logits, bit for bit, whatever the device's division does)."""
+        return 1.0 / self.temperature
+
 
 def chunk_size(vocab_size: int, dtype: torch.dtype, softcap: float | None, chunk_tokens: int | None,
                budget: int = DEFAULT_CHUNK_BYTES) -> int:
@@ -404,7 +411,7 @@ def _chunk_logits(head: Head, h: torch.Tensor, keep_derivative: bool, vocab: sli
         z.copy_(t.mul_(head.softcap))  # one rounding to the logits dtype
         del t
     if head.temperature != 1.0:
-        z.div_(head.temperature)
+        z.mul_(head.inv_temperature)
     return z, dcap
 
 
@@ -464,7 +471,7 @@ def _to_raw_logits_grad_(head: Head, g: torch.Tensor, dcap: torch.Tensor | None)
     """The chain rule through the temperature and the softcap, in place: the gradient w.r.t. the
     transformed logits becomes the gradient w.r.t. the matmul's output."""
     if head.temperature != 1.0:
-        g.div_(head.temperature)
+        g.mul_(head.inv_temperature)
     if dcap is not None:
         g.copy_(g.to(dcap.dtype).mul_(dcap))
     return g

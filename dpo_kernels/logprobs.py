@@ -157,12 +157,14 @@ def token_logprobs(
     """Per-token ``log_softmax(logits)[label]`` for ``logits[B, T, V]`` and ``labels[B, T]``.
 
     Exact gradient in one pass over the logits. ``extras`` names same-pass statistics to compute
-    as well (any of ``backends.EXTRAS``: "logits_sum", "entropy", "accuracy", "log_sum_p2"). Inputs
-    are not validated here (``fused_dpo_loss`` does that); the kernels still never read outside
-    a row and report NaN for a bad label. One call of the ``dpo_kernels::token_logprobs``
+    as well (any of ``backends.EXTRAS``: "logits_sum", "entropy", "accuracy", "log_sum_p2"). Only
+    the shapes are checked here (the values: ``fused_dpo_loss``'s ``validate``); the kernels
+    still never read outside a row and report NaN for a bad label. One call of the ``dpo_kernels::token_logprobs``
     operator, so torch.compile(fullgraph=True) traces it without a graph break; compiled,
     ``inplace_backward`` is ignored (see below).
     """
+    if logits.dim() != 3 or logits.shape[-1] == 0:
+        raise ValueError(f"token_logprobs: logits must be [B, T, V] with V > 0, got {tuple(logits.shape)}")
     mask = extras_mask(extras)
     aligned = align_labels(labels, ignore_index, shift)
     name = resolve_backend(backend, logits.device)

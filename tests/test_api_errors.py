@@ -101,6 +101,25 @@ def test_non_finite_logits_raise_when_validated(backend, batch, value):
     assert not torch.isfinite(out.loss)  # documented: propagates when not validated
 
 
+@pytest.mark.parametrize("offset", [2e13, -1e15, 1e30])
+def test_logits_past_the_fp64_lse_precision_raise_when_validated(backend, batch, offset):
+    """The kernels keep a row's lse in fp64 (exact log-probs and gradients at any offset a model
+    produces: tested to 1e8); past |lse| = 2^44 (1.8e13) its own rounding exceeds bf16's precision
+    in the gradient, and near 1e17 the log-sum is lost. validate=True refuses a scored row there,
+    naming it; an ignored row that large is never read; validate=False scores it anyway; 1e12
+    passes."""
+    logits, labels, ref = batch
+    labels[2, 4], labels[3, 1] = 1, IGNORE
+    logits[3, 1] += offset
+    fused_dpo_loss(logits, labels, ref_logps=ref, backend=backend)
+    logits[2, 4] += 1e12
+    fused_dpo_loss(logits, labels, ref_logps=ref, backend=backend)
+    logits[2, 4] += offset
+    with pytest.raises(ValueError, match=r"logits\[2, 4\]: the row's log-sum-exp is .* past \+-1.75922e\+13"):
+        fused_dpo_loss(logits, labels, ref_logps=ref, backend=backend)
+    fused_dpo_loss(logits, labels, ref_logps=ref, backend=backend, validate=False)
+
+
 def test_non_finite_in_an_ignored_row_is_harmless(backend, batch):
     logits, labels, ref = batch
     labels[2, 4] = IGNORE

@@ -1290,6 +1290,16 @@ def test_non_finite_logits_are_reported(where):
         fused_linear_dpo_loss(hidden, weight, labels, b, ref_hidden=ref_hidden)
 
 
+def test_logits_past_the_fp64_lse_precision_are_reported():
+    """As in ``test_api_errors``: a scored row of hidden @ weight.T whose lse is past 2^44 raises
+    with validate=True, in every mode (one_pass and split check the same way)."""
+    hidden, weight, labels, b = _args()
+    hidden[1, 2] *= 1e15
+    for mode in ("one_pass", "split", "two_phase"):
+        with pytest.raises(ValueError, match=r"hidden @ weight.T\[1, 2\]: the row's log-sum-exp"):
+            fused_linear_dpo_loss(hidden, weight, labels, b, ref_logps=torch.randn(4), mode=mode)
+
+
 def test_device_mismatch_is_named():
     hidden, weight, labels, b = _args()
     meta_weight = torch.empty(weight.shape, device="meta")

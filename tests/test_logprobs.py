@@ -145,3 +145,16 @@ def test_fused_sigmoid_is_stable_for_huge_margins():
         assert torch.isfinite(loss)
         m = (-1.0 - ref[0]) - (-5000.0 - ref[1])
         torch.testing.assert_close(loss, torch.nn.functional.softplus(-m.double()).float())
+
+
+def test_one_extra_may_be_named_alone_and_an_empty_vocabulary_is_refused():
+    """``extras="entropy"`` is that one extra (not its letters); logits with no vocabulary are
+    refused with the shape named, the same on every backend (each kernel would fail its own way)."""
+    logits = torch.randn(2, 3, 11)
+    labels = torch.randint(0, 11, (2, 3))
+    alone = token_logprobs(logits, labels, extras="entropy", backend="reference")
+    listed = token_logprobs(logits, labels, extras=("entropy",), backend="reference")
+    assert set(alone.extras) == {"entropy"} and torch.equal(alone.extras["entropy"], listed.extras["entropy"])
+    for backend in ("reference", "cpu"):
+        with pytest.raises(ValueError, match=r"logits must be \[B, T, V\] with V > 0, got \(2, 3, 0\)"):
+            token_logprobs(torch.randn(2, 3, 0), labels, backend=backend)

@@ -71,7 +71,10 @@ def split_lse(lse: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torc
 
 
 def extras_mask(extras) -> int:
-    """The operators' encoding of a set of extras: bit ``i`` set for ``EXTRAS[i]``."""
+    """The operators' encoding of a set of extras (names, or one name): bit ``i`` set for
+    ``EXTRAS[i]``."""
+    if isinstance(extras, str):  # one name, not its characters
+        extras = (extras,)
     unknown = set(extras) - set(EXTRAS)
     if unknown:
         raise ValueError(f"extras must be among {EXTRAS}, got {sorted(unknown)}")

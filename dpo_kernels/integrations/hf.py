@@ -49,7 +49,8 @@ loss are undone here, with the Trainer's ``training_args``:
   The Trainer reads the tensor-parallel size from the model first (``model.tp_size``, set by
   ``from_pretrained(..., tp_plan=...)``), which ``training_args`` do not hold: with such a model
   pass ``tp_size=model.tp_size``; DeepSpeed AutoTP's and accelerate's sizes are read from
-  ``training_args``.
+  ``training_args`` (a parallelism config given only to the accelerate launcher is not: pass
+  ``tp_size`` then).
 
 Without ``training_args`` (``gradient_accumulation_steps`` alone, default 1) the function cannot
 know that factor: with several processes or GPUs and a token count it raises rather than return
@@ -213,7 +214,8 @@ def dpo_compute_loss_func(
     if tp_size is not None:
         if training_args is None:
             raise ValueError("tp_size goes with training_args (the Trainer's multiplier it corrects): pass both")
-        trainer_loss_multiplier(training_args, tp_size)  # a clear error now for a bad size
+        trainer_tp_size(training_args, tp_size)  # a clear error now for a bad size,
+        trainer_loss_multiplier(training_args, tp_size)  # and for one that divides no world
     given = sorted(set(loss_kwargs) & {"logits", "labels", "ref_logps", "ref_logits", "shift"})
     if given:
         raise ValueError(f"{given} come from the batch (see dpo_kernels.integrations.hf), not from dpo_compute_loss_func")

@@ -121,6 +121,32 @@ def test_same_roundings_as_the_unfused_path(dtype, temperature, bias):
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("temperature", [0.7, 1.1])
+def test_a_temperature_gives_the_forwards_logits_near_1e5(temperature):
+    """The epilogue multiplies the logits by the temperature's fp32 reciprocal, as the forward
+    (``linear._chunk_logits``) does, so at logits near 1e5 (a bias's offset; fp32's ulp there is
+    1/128) it forms the logits whose fp64 lse the forward kept: the same gradient as the unfused
+    path to fp32 rounding. Dividing instead differs by an ulp for 0.7 or 1.1: up to 2e-2 of a
+    gradient entry. (fp32: the interpreter's exp and torch's differ in the last bit, so not
+    bitwise.)"""
+    M, N, K, V = 37, 301, 40, 400
+    h = torch.randint(-64, 65, (M, K)) / 64
+    weight = torch.randint(-64, 65, (V, K)) / 64
+    b = torch.randint(-64, 65, (V,)) / 64 + 1e5
+    head = Head(weight=weight, bias=b, temperature=temperature, softcap=None, backend_name="reference",
+                ignore_index=IGNORE)
+    lse = torch.logsumexp(_chunk_logits(head, h, keep_derivative=False)[0].double(), 1)  # the forward's, in fp64
+    labels = torch.randint(0, V, (M,))
+    labels[5] = IGNORE
+    coef = torch.randn(M)
+    v0 = 50
+    z, dcap = _chunk_logits(head, h, keep_derivative=True, vocab=slice(v0, v0 + N))
+    want = _chunk_grad_logits_(head, z, _shifted(labels, v0), lse, coef, dcap)
+    got = logits_grad_matmul(h, weight[v0:v0 + N], b[v0:v0 + N], _shifted(labels, v0), lse, coef, IGNORE, None,
+                             temperature)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * want.abs().max().item())
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_strided_views_inside_nan_buffers(dtype):
     """Hidden rows with a row stride and a column stride of 2, the weight slice a block of a wider

@@ -242,8 +242,10 @@ def test_a_tp_size_without_training_args_or_that_splits_no_world_raises():
         dpo_compute_loss_func(beta=0.5, reference_free=True, tp_size=2)
     with pytest.raises(ValueError, match="does not divide the 6 processes"):
         dpo_compute_loss_func(beta=0.5, reference_free=True, training_args=_args(world_size=6), tp_size=4)
-    with pytest.raises(ValueError, match="tp_size must be an int"):
-        dpo_compute_loss_func(beta=0.5, reference_free=True, training_args=_args(world_size=6), tp_size=0)
+    for bad in (0, -2, "2", True, 2.0):  # also where the Trainer would not divide by it
+        for args in (_args(world_size=6), _args(average_tokens_across_devices=False), _args(n_gpu=2)):
+            with pytest.raises(ValueError, match="tp_size must be an int"):
+                dpo_compute_loss_func(beta=0.5, reference_free=True, training_args=args, tp_size=bad)
 
 
 # The same step under DDP: two processes (gloo, CPU) launched as torchrun would, each a Trainer on
