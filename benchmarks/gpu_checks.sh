@@ -18,9 +18,12 @@
 #    beside TRL's fused lm head, Liger, CCE and eager at the issue-5 shapes (runs D and E have
 #    them all: its budget is what is left);
 # 5. host_profile.py: the host's time before the first matmul, per mode (auto's memory check
-#    included).
+#    included);
+# 6. gpu_report.py --sections logits --no-timing --shapes 0: the logits path's correctness on the
+#    GPU at 8 x 1024 x 128256, bf16 and fp32, and fp32 with every logit shifted by 1e5 (the fp64
+#    lse's exactness on the hardware). Last: if the call runs out of time, it is what is lost.
 #
-# Writes under $OUT (default ./gpu_checks_out): tokens/, sweep/, report/ and host/. Budgets
+# Writes under $OUT (default ./gpu_checks_out): tokens/, sweep/, report/, host/ and logits_check/. Budgets
 # (seconds) can be changed with TOKENS_BUDGET_S, SWEEP_BUDGET_S and REPORT_BUDGET_S; each script
 # stops starting rows (sections) past its budget: 140, 80 and 180 by default (the token sweep
 # first: its tuned.json decides what the report's tuned rows apply; the knob sweep is the one to
@@ -53,5 +56,8 @@ python3 benchmarks/gpu_report.py ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"} --pythonpat
 report=$?
 python3 benchmarks/host_profile.py ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"} --out "$OUT_DIR/host"
 host=$?
-echo "gpu_report: exit $report; hidden_path_sweep: exit $sweep; token_kernel_sweep: exit $tokens; host_profile: exit $host"
-exit $(( report || sweep || tokens || host ))
+python3 benchmarks/gpu_report.py ${SMOKE_FLAG[@]+"${SMOKE_FLAG[@]}"} --sections logits --no-timing --shapes 0 \
+    --budget-s "${LOGITS_CHECK_BUDGET_S:-45}" --out "$OUT_DIR/logits_check"
+logits=$?
+echo "gpu_report: exit $report; hidden_path_sweep: exit $sweep; token_kernel_sweep: exit $tokens; host_profile: exit $host; logits check: exit $logits"
+exit $(( report || sweep || tokens || host || logits ))

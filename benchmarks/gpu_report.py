@@ -339,12 +339,18 @@ def _subset_rows(shape: Shape, seed: int, device) -> tuple[torch.Tensor, torch.T
     return torch.tensor(seqs, device=device), torch.tensor(toks, device=device)
 
 
-def check_correctness(shape: Shape, backend: str, device, ctx: Context, seed: int = 7) -> list[dict]:
-    """fused_dpo_loss (validated) not in place then in place, against the float64 oracle."""
+def check_correctness(shape: Shape, backend: str, device, ctx: Context, seed: int = 7, offset: float = 0.0,
+                      inplace_ways=(False, True)) -> list[dict]:
+    """fused_dpo_loss (validated) not in place then in place, against the float64 oracle. With
+    ``offset`` every logit is shifted by it first (the softmax does not change; the kernels' fp64
+    lse and max-relative statistics must keep every digit: one fp32 lse would cost 6e-3 at 1e5)."""
     from dpo_kernels import fused_dpo_loss
 
     results = []
     logits, labels = make_batch(shape, device, seed=seed)
+    if offset:
+        with torch.no_grad():
+            logits.add_(offset)
     rs, rt = _subset_rows(shape, seed, device)
     y = labels[rs, rt]
     valid = y != IGNORE_INDEX
@@ -372,8 +378,8 @@ def check_correctness(shape: Shape, backend: str, device, ctx: Context, seed: in
         grad64[~valid] = 0.0
         del z
 
-    for inplace in (False, True):
-        name = f"fused_dpo_loss[{backend}]" + (" in place" if inplace else "")
+    for inplace in inplace_ways:
+        name = f"fused_dpo_loss[{backend}]" + (" in place" if inplace else "") + (f" logits +{offset:g}" if offset else "")
         record = {"shape": shape.describe(), "dtype": dtype_name(shape.dtype), "variant": name}
         try:
             out = fused_dpo_loss(logits, labels, ref_logps=ref_logps, beta=BETA, backend=backend,
@@ -858,13 +864,17 @@ def main(args) -> int:
                     "row chunks); the gradient on a subset of rows per sequence (prompt rows, the first and "
                     "last completion rows, random rows; every other scored one with its label at p~0.88), "
                     "error relative to each row's largest entry; every ignored row's gradient must be 0. "
-                    "Sigmoid loss, beta=0.1, reference log-probs within ~5 nats of the policy's.")
+                    "Sigmoid loss, beta=0.1, reference log-probs within ~5 nats of the policy's. fp32 also "
+                    "with every logit shifted by 1e5 (`logits +1e+05`: the same softmax, which the fp64 lse "
+                    "must keep to fp32 precision).")
         rows = report.table(["shape", "variant", "loss err", "logps err (rel)", "grad err (rel to row)",
                              "ignored rows != 0", "verdict"])
         for shape in shapes:
             for dtype in (torch.bfloat16, torch.float32):
                 s = Shape(shape.pairs, shape.seq, shape.vocab, dtype, shape.prompt_frac)
-                for backend in backends:
+                # fp32 also with every logit shifted by 1e5 (not in place: the same kernels)
+                offsets = (0.0, 1e5) if dtype == torch.float32 else (0.0,)
+                for backend, offset in ((b, o) for b in backends for o in offsets):
                     reason = ctx.stop_reason()
                     if reason:
                         rows.append([s.describe(), f"fused_dpo_loss[{backend}]", "", "", "", "", reason])
@@ -872,7 +882,8 @@ def main(args) -> int:
                         continue
                     log(f"checking {backend} on {s.describe()}")
                     try:
-                        results = check_correctness(s, backend, device, ctx)
+                        results = check_correctness(s, backend, device, ctx, offset=offset,
+                                                    inplace_ways=(False, True) if not offset else (False,))
                     except OOM_ERRORS as exc:
                         results = [{"shape": s.describe(), "variant": f"fused_dpo_loss[{backend}]", "passed": False,
                                     "detail": f"out of memory in the check: {first_line(exc)}"}]
