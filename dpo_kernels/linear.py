@@ -547,7 +547,6 @@ def _scatter(values: torch.Tensor, rows, cols, shape) -> torch.Tensor:
 # Forward only (the reference model, or no gradient needed).
 
 
-@torch.no_grad()
 def _token_results(n: int, acc: torch.dtype, extras, device) -> dict[str, torch.Tensor]:
     """Uninitialised ``[n]`` buffers for the valid tokens' logp, lse and extras (``lse`` in
     ``backends.lse_dtype``, the rest in the accumulation dtype)."""
@@ -555,6 +554,7 @@ def _token_results(n: int, acc: torch.dtype, extras, device) -> dict[str, torch.
             for name in ("logp", "lse", *extras)}
 
 
+@torch.no_grad()
 def forward_tokens(hidden: torch.Tensor, head: Head, aligned: torch.Tensor, extras=(), *, chunk_tokens: int,
                    positions=None, bounds=None, each_grad=None):
     """``(logp, lse, extras)`` as ``[2P, T]`` (0 on ignored tokens), chunked, no autograd.
@@ -958,9 +958,8 @@ class Footprint:
     bytes per element of the hidden states (and logits), weight and bias (0: no bias), which
     gradients are wanted, whether a softcap runs, how many 4-byte words per token the forward's
     results take (logp 1, the fp64 lse 2, each extra 1), and whether the backward's slices take
-    the fused matmul
-    (``backends.fused_logits_grad_matmul``: each slice is then only its gradient, with no softcap
-    temporaries)."""
+    the fused matmul (``backends.fused_logits_grad_matmul``: each slice is then only its gradient,
+    with no softcap temporaries)."""
 
     batch_tokens: int
     valid_tokens: int

@@ -57,6 +57,16 @@ from .token_logprobs_bwd import token_logprobs_backward
 
 
 @triton.jit
+def _moved_entropy_sum(d, s, old_max, shift, scale):
+    """The entropy's sum ``D = sum e (z - old shift)`` of a part whose ``S = sum e``, moved to a new
+    ``shift``: ``scale (D + delta S)``, ``delta = old_max - shift`` and ``scale = exp(delta)`` (the
+    caller's rescale of ``S``). ``delta`` is floored so that a part with nothing seen yet
+    (``old_max = -inf``, ``S = 0``) gives 0, not ``-inf * 0``."""
+    delta = tl.maximum(old_max - shift, -3.0e38)
+    return scale * (d + delta * s)
+
+
+@triton.jit
 def _fold_block(z, offs, real, running_max, running_sum, logits_sum, z_dot_e, sum_e2, best_z, best_idx,
                 V, WITH_LOGITS_SUM: tl.constexpr, WITH_ENTROPY: tl.constexpr, WITH_ACCURACY: tl.constexpr,
                 WITH_LOG_SUM_P2: tl.constexpr, AXIS: tl.constexpr):
@@ -89,11 +99,9 @@ def _fold_block(z, offs, real, running_max, running_sum, logits_sum, z_dot_e, su
         max_z = block_max
     e = tl.exp(z - shift_z)
     if WITH_ENTROPY:  # before running_sum moves: the shift's move weighs the old sum
-        # D = sum e (z - shift) moves to the new shift as alpha (D + delta S), delta = log alpha,
-        # floored so that nothing seen yet (delta = -inf, S = 0) gives 0, not -inf * 0. e == 0
-        # where z == -inf: its term is 0, and 0 * -inf must not make a NaN either.
-        delta = tl.maximum(running_max - shift, -3.0e38)
-        z_dot_e = alpha * (z_dot_e + delta * running_sum) + tl.sum(tl.where(e > 0, e * (z - shift_z), 0.0), AXIS)
+        # e == 0 where z == -inf: its term is 0, and 0 * -inf must not make a NaN.
+        z_dot_e = (_moved_entropy_sum(z_dot_e, running_sum, running_max, shift, alpha)
+                   + tl.sum(tl.where(e > 0, e * (z - shift_z), 0.0), AXIS))
     running_sum = running_sum * alpha + tl.sum(e, AXIS)
     if WITH_LOGITS_SUM:
         logits_sum += tl.sum(tl.where(real, z, 0.0), AXIS)
@@ -122,10 +130,9 @@ def _merge_lanes(lane_max, lane_sum, lane_logits_sum, lane_z_dot_e, lane_sum_e2,
     shift = tl.where(tl.abs(new_max) == float("inf"), 0.0, new_max)
     alpha = tl.exp(running_max - shift)
     weight = tl.exp(lane_max - shift)
-    if WITH_ENTROPY:  # before running_sum moves (see _fold_block): each sum moves by its own delta
-        lane_delta = tl.maximum(lane_max - shift, -3.0e38)
-        z_dot_e = (alpha * (z_dot_e + tl.maximum(running_max - shift, -3.0e38) * running_sum)
-                   + tl.sum(weight * (lane_z_dot_e + lane_delta * lane_sum), 0))
+    if WITH_ENTROPY:  # before running_sum moves (see _fold_block): each sum moves from its own max
+        z_dot_e = (_moved_entropy_sum(z_dot_e, running_sum, running_max, shift, alpha)
+                   + tl.sum(_moved_entropy_sum(lane_z_dot_e, lane_sum, lane_max, shift, weight), 0))
     running_sum = running_sum * alpha + tl.sum(lane_sum * weight, 0)
     if WITH_LOGITS_SUM:
         logits_sum += tl.sum(lane_logits_sum, 0)
