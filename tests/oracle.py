@@ -88,6 +88,28 @@ def token_extras(logits, labels, ignore_index=IGNORE):
     return {k: torch.where(scored, v, 0.0) for k, v in want.items()}
 
 
+def rows_holding_nan(dtype=torch.float32, V=700):
+    """Logits ``[2, 8, V]`` (fresh random values) whose rows hold NaN where the argmax's parts meet:
+    in the first and last element (a row's head and tail peel), in two lanes of one block, in two
+    blocks (the later index first in the row's order of arrival: the tail before the body), beside
+    a +inf, and none at all. Labels make both answers occur: the first NaN (a hit for torch.argmax),
+    a later NaN, the largest number (a miss when a NaN is present), and the argmax of a clean row.
+    Rows are views at offsets 0, 3, 6, ... of a wider buffer, so they start anywhere in a vector."""
+    buffer = torch.randn(2, 8, V + 3, dtype=torch.float64).to(dtype)
+    logits = buffer[..., :V]
+    nans = {(0, 0): [3], (0, 1): [V - 50, 10], (0, 2): [300, 301], (0, 3): [0], (0, 4): [V - 1],
+            (1, 0): [256, 512], (1, 2): [5], (1, 3): [7, 8]}
+    for (b, t), where in nans.items():
+        for v in where:
+            logits[b, t, v] = float("nan")
+    logits[1, 2, V - 100] = float("inf")
+    labels = logits.double().argmax(-1)  # the first NaN where there is one: hits
+    labels[0, 1] = V - 50  # a later NaN: a miss
+    labels[1, 0] = 512  # likewise
+    labels[1, 3] = logits[1, 3].double().nan_to_num(nan=float("-inf")).argmax()  # the largest number: a miss
+    return logits, labels
+
+
 def sequence_logps(token_logp, labels, average, ignore_index=IGNORE):
     total = token_logp.sum(-1)
     if average:

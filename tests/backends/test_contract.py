@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dpo_kernels.backends import forward_and_grad_, load_backend
-from oracle import IGNORE, assert_close_grad, token_extras, token_logprobs
+from oracle import IGNORE, assert_close_grad, rows_holding_nan, token_extras, token_logprobs
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 VOCABS = [1, 7, 255, 1000, 3001]  # 1000 and 3001 span several 256-wide blocks
@@ -224,6 +224,17 @@ def test_nan_in_logits_propagates_to_that_row_only(backend):
     logp, lse, _ = ops.token_logprobs_forward(logits, torch.tensor([[1, 2, 3]]), IGNORE, frozenset())
     assert torch.isnan(logp[0, 1]) and torch.isnan(lse[0, 1])
     assert torch.isfinite(logp[0, [0, 2]]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_accuracy_of_rows_holding_nan_is_torch_argmax(backend, small_block, dtype):
+    """torch.argmax (and so TRL's mean_token_accuracy) takes the first NaN of a row: every backend
+    reports the same, wherever in the row the NaN falls (see ``oracle.rows_holding_nan``)."""
+    logits, labels = rows_holding_nan(dtype)
+    _, _, extras = load_backend(backend).token_logprobs_forward(logits, labels, IGNORE, frozenset({"accuracy"}))
+    want = token_extras(logits, labels)["accuracy"]
+    assert want.sum() not in (0, want.numel()), "the rows must give both answers"
+    assert torch.equal(extras["accuracy"].double(), want), (extras["accuracy"], want)
 
 
 def test_ignored_gradient_is_zero_even_with_nonzero_coef(backend):

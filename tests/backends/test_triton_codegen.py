@@ -65,9 +65,8 @@ def test_forward_lane_loop_has_no_cross_thread_traffic(codegen):
     """The forward's per-lane loop (``config.lane_stats``): each trip's reductions stay inside a
     thread (no warp shuffle, no barrier; the block loop has both, per statistic per block), with
     the same 16-byte loads and no more registers than the block loop, plus one allocation unit
-    (two with every extra: each lane's entropy sum moves with its own max, ``alpha (D + delta S)``,
-    what keeps it exact under a common offset; 94 against the block loop's 80 at 4 warps, sm_90,
-    triton 3.9, where the lane loop is not the rule on a GPU)."""
+    (with every extra, sm_90, 4 warps: 64 against the block loop's 71 with triton 3.6, 66 against
+    69 with triton 3.9)."""
     for kind in ("forward", "forward+grad", "forward+all extras"):
         blocks = {(tuple(r["shape"]), r["dtype"]): r for r in codegen if r["kernel"] == kind}
         lanes = [r for r in codegen if r["kernel"] == kind + " lanes"]
@@ -78,8 +77,7 @@ def test_forward_lane_loop_has_no_cross_thread_traffic(codegen):
             assert block_row["loop_barriers"] > 0, block_row
             assert row["global_loads_16B"] == block_row["global_loads_16B"], row
             if "registers" in row:
-                slack = 16 if kind == "forward+all extras" else 8
-                assert row["registers"] <= block_row["registers"] + slack, (row, block_row)
+                assert row["registers"] <= block_row["registers"] + 8, (row, block_row)
 
 
 def test_exp_is_the_fast_hardware_exp(codegen):

@@ -16,7 +16,7 @@ pytest.importorskip("triton")
 from dpo_kernels.backends import load_backend  # noqa: E402
 from dpo_kernels.backends.triton import config  # noqa: E402
 from dpo_kernels.backends.triton.token_logprobs_fwd import lane_width  # noqa: E402
-from oracle import IGNORE, token_extras, token_logprobs  # noqa: E402
+from oracle import IGNORE, rows_holding_nan, token_extras, token_logprobs  # noqa: E402
 
 ALL_EXTRAS = frozenset({"logits_sum", "entropy", "accuracy", "log_sum_p2"})
 LOOPS = {"lanes": True, "blocks": False}
@@ -152,6 +152,17 @@ def test_accuracy_ties_go_to_the_first_index_across_lanes_blocks_head_and_tail()
         for name, lanes in LOOPS.items():
             _, _, extras = forward(logits, labels, frozenset({"accuracy"}), lanes=lanes)
             assert (extras["accuracy"] == want).all(), (name, labels, extras["accuracy"])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_accuracy_of_rows_holding_nan_with_either_loop(dtype):
+    """The first NaN wins, as torch.argmax: NaN in the head, the tail, two lanes, two blocks, beside
+    +inf (``oracle.rows_holding_nan``); both loops, blocks of 256 (several per row)."""
+    logits, labels = rows_holding_nan(dtype)
+    want = token_extras(logits, labels)["accuracy"]
+    for name, lanes in LOOPS.items():
+        _, _, extras = forward(logits, labels, frozenset({"accuracy"}), lanes=lanes)
+        assert torch.equal(extras["accuracy"].double(), want), (name, extras["accuracy"], want)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -8,7 +8,8 @@ For a row ``z`` of logits (``V`` entries) and its label ``y``::
   optional extras, each behind a constexpr flag (free when off; none costs another exp):
     logits_sum = sum_v z_v                  TRL's logits/chosen|rejected metric
     entropy    = log S - sum_v p_v (z_v - M)   TRL's entropy metric (lse - sum_v p_v z_v)
-    accuracy   = [argmax_v z_v == y]        TRL's mean_token_accuracy (first index on ties)
+    accuracy   = [argmax_v z_v == y]        TRL's mean_token_accuracy (torch.argmax: first index
+                                         on ties, the first NaN if any)
     log_sum_p2 = log sum_v p_v^2 = log(sum_v exp(2 (z_v - M))) - 2 log S   WPO's weights
 
 One program per token row. Rows are addressed as ``(b, t)`` of a ``[B, T, V]`` tensor with three
@@ -67,6 +68,19 @@ def _moved_entropy_sum(d, s, old_max, shift, scale):
 
 
 @triton.jit
+def _argmax_take(best_z, best_idx, z, idx):
+    """The running argmax ``(best_z, best_idx)`` after a candidate ``(z, idx)`` (a part's own
+    argmax), in torch.argmax's order: NaN above every number, then the larger value, ties (and
+    NaN against NaN) to the smaller index. Parts arrive out of index order (the row's head and
+    tail first, lanes merged last), so ties are settled by index, not by arrival. A NaN ``z``
+    stands for "this part holds a NaN, the first at ``idx``"."""
+    best_nan = best_z != best_z
+    take = tl.where(z != z, ~best_nan | (idx < best_idx),
+                    ~best_nan & ((z > best_z) | ((z == best_z) & (idx < best_idx))))
+    return tl.where(take, z, best_z), tl.where(take, idx, best_idx)
+
+
+@triton.jit
 def _fold_block(z, offs, real, running_max, running_sum, logits_sum, z_dot_e, sum_e2, best_z, best_idx,
                 V, WITH_LOGITS_SUM: tl.constexpr, WITH_ENTROPY: tl.constexpr, WITH_ACCURACY: tl.constexpr,
                 WITH_LOG_SUM_P2: tl.constexpr, AXIS: tl.constexpr):
@@ -84,7 +98,14 @@ def _fold_block(z, offs, real, running_max, running_sum, logits_sum, z_dot_e, su
     inside a thread, so the loop has no shuffle and no barrier (the lanes are merged once per row,
     :func:`_merge_lanes`), for one more exp per lane per block (its rescale).
     """
-    block_max = tl.max(z, AXIS)
+    if WITH_ACCURACY:
+        # torch.argmax's answer is the first NaN if there is one, else the first index of the max:
+        # NaN is taken out of the max explicitly (a GPU's max reduction skips NaN, the
+        # interpreter's propagates it). The statistics lose nothing: a NaN still makes S NaN.
+        is_nan = real & (z != z)
+        block_max = tl.max(tl.where(is_nan, float("-inf"), z), AXIS)
+    else:
+        block_max = tl.max(z, AXIS)
     new_max = tl.maximum(running_max, block_max)
     # An infinite max is not a usable shift: with -inf (a block or row of masked vocabulary)
     # exp(-inf - -inf) would make a NaN of a legitimate row, and with +inf the sum must become
@@ -108,12 +129,13 @@ def _fold_block(z, offs, real, running_max, running_sum, logits_sum, z_dot_e, su
     if WITH_LOG_SUM_P2:
         sum_e2 = sum_e2 * (alpha * alpha) + tl.sum(e * e, AXIS)
     if WITH_ACCURACY:
-        # First index of the row's max, as torch.argmax breaks ties; blocks arrive out of index
-        # order (head and tail first), so ties are settled by index, not by arrival.
-        block_idx = tl.min(tl.where(real & (z == max_z), offs, V), AXIS)
-        take = (block_max > best_z) | ((block_max == best_z) & (block_idx < best_idx))
-        best_idx = tl.where(take, block_idx, best_idx)
-        best_z = tl.maximum(best_z, block_max)
+        # The block's own argmax in one reduction: a NaN's key is its index, the max's its index
+        # + V, the rest 2V; the smallest key is the first NaN if there is one, else the first max
+        # (V when the block has no element of the row).
+        key = tl.min(tl.where(is_nan, offs, tl.where(real & (z == max_z), offs + V, 2 * V)), AXIS)
+        has_nan = key < V
+        best_z, best_idx = _argmax_take(best_z, best_idx, tl.where(has_nan, float("nan"), block_max),
+                                        tl.where(has_nan, key, key - V))
     return new_max, running_sum, logits_sum, z_dot_e, sum_e2, best_z, best_idx
 
 
@@ -138,12 +160,14 @@ def _merge_lanes(lane_max, lane_sum, lane_logits_sum, lane_z_dot_e, lane_sum_e2,
         logits_sum += tl.sum(lane_logits_sum, 0)
     if WITH_LOG_SUM_P2:
         sum_e2 = sum_e2 * (alpha * alpha) + tl.sum(lane_sum_e2 * (weight * weight), 0)
-    if WITH_ACCURACY:
-        lanes_best = tl.max(lane_best_z, 0)
-        lanes_idx = tl.min(tl.where(lane_best_z == lanes_best, lane_best_idx, V), 0)
-        take = (lanes_best > best_z) | ((lanes_best == best_z) & (lanes_idx < best_idx))
-        best_idx = tl.where(take, lanes_idx, best_idx)
-        best_z = tl.maximum(best_z, lanes_best)
+    if WITH_ACCURACY:  # the lanes' candidates reduced as _fold_block reduces a block's elements
+        lane_nan = lane_best_z != lane_best_z
+        lanes_num = tl.where(lane_nan, float("-inf"), lane_best_z)
+        lanes_best = tl.max(lanes_num, 0)
+        key = tl.min(tl.where(lane_nan, lane_best_idx, tl.where(lanes_num == lanes_best, lane_best_idx + V, 2 * V)), 0)
+        has_nan = key < V
+        best_z, best_idx = _argmax_take(best_z, best_idx, tl.where(has_nan, float("nan"), lanes_best),
+                                        tl.where(has_nan, key, key - V))
     return new_max, running_sum, logits_sum, z_dot_e, sum_e2, best_z, best_idx
 
 
