@@ -148,7 +148,12 @@ def report(arch: int = 90) -> list[dict]:
     target = GPUTarget("cuda", arch, 32)
     rows = []
     for (rows_b, T, V) in SHAPES:
-        for dtype, extras in [(d, frozenset({"logits_sum"})) for d in DTYPES] + [(torch.bfloat16, ALL_EXTRAS)]:
+        # The plain forward per dtype (with the logits sum, TRL's logits metric), then bf16 with the
+        # entropy alone (16 KB steps: config's rule) and with every extra (the accuracy's smaller steps).
+        for dtype, extras in ([(d, frozenset({"logits_sum"})) for d in DTYPES]
+                              + [(torch.bfloat16, frozenset({"entropy"})), (torch.bfloat16, ALL_EXTRAS)]):
+            plain = extras == frozenset({"logits_sum"})
+            name = "forward" if plain else "forward+all extras" if extras == ALL_EXTRAS else "forward+entropy"
             logits = torch.empty(rows_b, T, V, dtype=dtype, device="meta")
             labels = torch.empty(rows_b, T, dtype=torch.long, device="meta")
             lse = torch.empty(rows_b, T, dtype=torch.float64, device="meta")
@@ -161,16 +166,15 @@ def report(arch: int = 90) -> list[dict]:
                 try:
                     with capture(fwd_module, "_token_logprobs_fwd_kernel") as fwd:
                         fwd_module.launch_forward(logits, labels, -100, extras_mask(extras))
-                    launches.append(("forward" + suffix if extras != ALL_EXTRAS else "forward+all extras" + suffix,
-                                     fwd))
-                    if extras != ALL_EXTRAS:
+                    launches.append((name + suffix, fwd))
+                    if plain:
                         # split's forward: the same kernel also writing the row's gradient of logp
                         with capture(fwd_module, "_token_logprobs_fwd_kernel") as fwd_grad:
                             fwd_module.launch_forward(logits, labels, -100, 0, write_grad=True)
                         launches.append(("forward+grad" + suffix, fwd_grad))
                 finally:
                     config_module.set_lane_stats(None)
-            if extras != ALL_EXTRAS:  # the backward has no extras: once per dtype
+            if plain:  # the backward has no extras: once per dtype
                 with capture(bwd_module, "_token_logprobs_bwd_kernel") as bwd:
                     bwd_module.launch_backward(logits, labels, lse, lse, -100, torch.empty_like(logits))
                 launches.append(("backward", bwd))

@@ -67,7 +67,7 @@ def test_forward_lane_loop_has_no_cross_thread_traffic(codegen):
     the same 16-byte loads and no more registers than the block loop, plus one allocation unit
     (with every extra, sm_90, 4 warps: 64 against the block loop's 71 with triton 3.6, 66 against
     69 with triton 3.9)."""
-    for kind in ("forward", "forward+grad", "forward+all extras"):
+    for kind in ("forward", "forward+grad", "forward+entropy", "forward+all extras"):
         blocks = {(tuple(r["shape"]), r["dtype"]): r for r in codegen if r["kernel"] == kind}
         lanes = [r for r in codegen if r["kernel"] == kind + " lanes"]
         assert len(lanes) == len(blocks) > 0, kind
@@ -78,6 +78,21 @@ def test_forward_lane_loop_has_no_cross_thread_traffic(codegen):
             assert row["global_loads_16B"] == block_row["global_loads_16B"], row
             if "registers" in row:
                 assert row["registers"] <= block_row["registers"] + 8, (row, block_row)
+
+
+def test_the_forward_rules_keep_the_programs_per_sm(codegen):
+    """``config.pick_config``'s steps, as compiled (the block loop: the rule on a GPU): 16 KB steps
+    of 8 warps in at most 64 registers (4 programs per SM), the entropy alone included; with the
+    accuracy (every extra here), 4 KB steps of 4 warps in at most 80 (6 programs per SM)."""
+    for kind, step_bytes, warps, most in (("forward", 16384, 8, 64), ("forward+entropy", 16384, 8, 64),
+                                          ("forward+all extras", 4096, 4, 80)):
+        rows = [r for r in codegen if r["kernel"] == kind]
+        assert rows, kind
+        for row in rows:
+            elem = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}[row["dtype"]]
+            assert row["block_v"] * elem == step_bytes and row["num_warps"] == warps, row
+            if "registers" in row:
+                assert row["registers"] <= most, row
 
 
 def test_exp_is_the_fast_hardware_exp(codegen):

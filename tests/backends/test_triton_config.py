@@ -67,6 +67,19 @@ def test_the_interpreter_runs_the_fused_matmul_so_the_cpu_tests_cover_it(monkeyp
     assert not config.fuse_logits_grad(torch.float64)
 
 
+def test_only_the_accuracy_takes_the_forwards_smaller_steps(on_gpu_rules):
+    """The accuracy's argmax index keeps a second value per lane live (over 100 registers at 16 KB
+    per step on sm_90): 4 KB steps with 4 warps. Every other extra, the entropy included (63
+    registers, as the plain forward), keeps the 16 KB step (``test_triton_codegen`` holds both)."""
+    for extras in (frozenset(), frozenset({"entropy"}), frozenset({"logits_sum", "entropy", "log_sum_p2"})):
+        cfg = config.pick_config(128256, torch.bfloat16, extras)
+        assert (cfg.block_v, cfg.num_warps) == (8192, 8), extras
+    for extras in (frozenset({"accuracy"}), frozenset({"entropy", "accuracy"})):
+        cfg = config.pick_config(128256, torch.bfloat16, extras)
+        assert (cfg.block_v, cfg.num_warps) == (2048, 4), extras
+    assert config.pick_config(128256, torch.float32, frozenset({"accuracy"})).block_v == 1024
+
+
 def test_matmul_tiles(on_gpu_rules):
     """The tutorial's Hopper tile for 16-bit inputs, half as wide for fp32; an override must be
     powers of two with blocks of at least 16 (``tl.dot``'s smallest), and may be limited to some

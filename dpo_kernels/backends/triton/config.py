@@ -42,10 +42,11 @@ _override: tuple[int, int, bool | None] | None = None
 # The forward's vocabulary loop either reduces each block across the whole program (max, sum and
 # each extra: a cross-warp reduction with its barriers per statistic per block, the next block's
 # loads waiting behind them) or keeps running statistics per lane (one thread's 16-byte vector)
-# and reduces once per row. Compiled for sm_90 (benchmarks/triton_codegen.py, triton 3.9) the
-# lane loop has no shuffle and no barrier, the same 16-byte loads, and 59 registers at 8192 bf16
-# per step and 8 warps against the block loop's 64 (both 4 programs per SM): what it changes is
-# that a warp's next loads no longer wait for the whole program at a barrier. It costs one more
+# and reduces once per row. Compiled for sm_90 (benchmarks/triton_codegen.py) the lane loop has
+# no shuffle and no barrier and the same 16-byte loads; at 8192 bf16 per step and 8 warps it
+# needs 63 registers against the block loop's 58 with triton 3.6 (the GPU image's), 59 against
+# 64 with triton 3.9: 4 programs per SM either way. What it changes is that a warp's next loads
+# no longer wait for the whole program at a barrier. It costs one more
 # exp per lane per block (1/8 of an exp per bf16 element).
 # Not yet timed on a GPU: the rule keeps the measured block loop there (run D: 2.5 TB/s), and
 # token_kernel_sweep.py times both. Under the interpreter the lane loop runs, so the CPU tests
@@ -113,12 +114,14 @@ def clear_kernel_overrides() -> None:
     _kernel_overrides.clear()
 
 
-# Extras that keep a second per-lane value live through the block's reductions (entropy: e * z;
-# accuracy: the lane index). At 16 KB per step they need 94-143 registers per thread on sm_90
-# (benchmarks/triton_codegen.py), one 8-warp program per SM; 4 KB steps with 4 warps need ~76,
-# six programs per SM and more bytes in flight in total. (Chosen from compiled register counts;
-# not yet timed on a GPU.)
-_REGISTER_HEAVY_EXTRAS = frozenset({"entropy", "accuracy"})
+# The accuracy keeps a second value per lane live through each block's reductions (the argmax's
+# index). At 16 KB per step with 8 warps the forward then needs 104-112 registers per thread with
+# the accuracy alone and 128-147 with every extra on sm_90 (benchmarks/triton_codegen.py, triton
+# 3.6 and 3.9): two 8-warp programs per SM; 4 KB steps with 4 warps need 71 (69 with 3.9) with
+# every extra, seven programs per SM and more bytes in flight in total. The entropy alone needs 63
+# at 16 KB, as the plain forward (58-64): it keeps the 16 KB step. (Chosen from compiled register
+# counts; not yet timed on a GPU.)
+_REGISTER_HEAVY_EXTRAS = frozenset({"accuracy"})
 _HEAVY_BYTES_PER_STEP = 4096
 
 
@@ -148,9 +151,9 @@ def pick_config(vocab_size: int, dtype: torch.dtype, extras: frozenset[str] = fr
 # split's forward needs each row's gradient of logp right after its forward. One kernel can do
 # both (WRITE_GRAD: one launch, the row's second read from L2 if it is still there) or the
 # backward can follow the forward. The second read hits L2 only while the rows in flight fit
-# it: at 64 registers x 256 threads (benchmarks/triton_codegen.py) an H100/H200 runs 4 programs
-# on each of its 132 SMs, 528 rows at once; 528 x 64 KB = 34 MB fits their 50 MB L2, Llama-3's
-# 256 KB rows (135 MB) do not, and there one kernel would read the row twice from memory like
+# it: at 79 registers x 256 threads (benchmarks/triton_codegen.py, triton 3.6; 64 with 3.9) an
+# H100/H200 runs 3 programs (4) on each of its 132 SMs, 396 rows (528) at once; 396 x 64 KB =
+# 26 MB (34 MB) fits their 50 MB L2, Llama-3's 256 KB rows (101 MB, 135 MB) do not, and there one kernel would read the row twice from memory like
 # two kernels, on the forward's one-program-per-row grid (run D, docs/perf.md: 2.5 TB/s against
 # the backward's 2.9). Chosen from this model, not yet timed: benchmarks/token_kernel_sweep.py
 # times both. Under the interpreter the one kernel runs, so the CPU tests cover it.
