@@ -465,11 +465,11 @@ def _pick_mode(mode, objective, census, chunk, grad_needed, specs, compiling=Fal
     (with a smaller chunk if need be); else split (four matmuls, the least memory, any loss);
     two_phase when no gradient is wanted (the chunked forward alone) or inside torch.compile."""
     if mode == "one_pass":  # it finds each pair's coefficients right after that pair's forward
-        if objective.batch_coupled:
-            coupled = [spec.name for spec in specs if spec.batch_coupled]
+        reasons = objective.coupling()
+        if reasons:
             raise ValueError(
-                f"mode='one_pass' needs each pair's loss to depend on that pair only; loss_type {coupled!r} "
-                "couples the pairs of the batch (it sorts across it): use mode='split', 'two_phase' or 'auto'"
+                f"mode='one_pass' needs each pair's gradient to depend on that pair only; here "
+                f"{'; '.join(reasons)}: use mode='split', 'two_phase' or 'auto'"
             )
         return mode, chunk
     if mode in ("two_phase", "split"):
@@ -668,10 +668,22 @@ class Objective:
         return cls(tuple(specs), tuple(weights), opts, labels.shape[0] // 2, ignore_index, bool(average_log_prob),
                    use_weighting, token_metrics, lengths, token_weights, fused_sigmoid)
 
+    def coupling(self) -> list[str]:
+        """Why a pair's gradient depends on other pairs' log-probs (empty: each pair's is its own,
+        what ``one_pass``'s per-chunk coefficients rely on)."""
+        reasons = [f"loss_type {spec.name!r} sorts the pairs across the batch" for spec in self.specs
+                   if spec.batch_coupled]
+        nll = [spec.name for spec in self.specs if spec.adds_batch_nll(self.opts)]
+        if self.use_weighting and nll:
+            reasons.append(f"use_weighting=True multiplies the batch's mean chosen NLL (loss_type "
+                           f"{nll[0] if len(nll) == 1 else nll!r}) by every pair's WPO weight, so each token's "
+                           "gradient holds the batch's mean weight")
+        return reasons
+
     @property
     def batch_coupled(self) -> bool:
-        """Some pair's loss depends on other pairs (AOT sorts across the batch)."""
-        return any(spec.batch_coupled for spec in self.specs)
+        """Some pair's gradient depends on other pairs (:meth:`coupling` says why)."""
+        return bool(self.coupling())
 
     def loss_terms(self, policy: TokenLogprobs, ref_seq: torch.Tensor):
         """``(loss, chosen_logps, rejected_logps, chosen_rewards, rejected_rewards)``; ``loss`` and

@@ -110,6 +110,10 @@ class LossSpec:
     - ``options``: loss-specific :class:`LossOptions` fields it reads (``discopop_tau``, ...).
     - ``batch_coupled``: each pair's loss depends on the whole batch (AOT sorts across it).
     - ``check``: raises ValueError for option values out of this loss's range.
+    - ``batch_nll``: for given options, whether each pair's loss adds the batch's mean chosen NLL
+      (:meth:`PreferencePair.chosen_nll`: one scalar, the same in every pair's loss). It is linear
+      in the token log-probs, so each pair's gradient stays its own, until WPO's per-pair weights
+      multiply it: then every token's gradient holds the batch's mean weight (:meth:`adds_batch_nll`).
     """
 
     name: str
@@ -123,6 +127,11 @@ class LossSpec:
     options: frozenset[str] = field(default_factory=frozenset)
     batch_coupled: bool = False
     check: Callable[[LossOptions], None] | None = None
+    batch_nll: Callable[[LossOptions], bool] | None = None
+
+    def adds_batch_nll(self, opts: LossOptions) -> bool:
+        """Whether, with ``opts``, this loss adds the batch's mean chosen NLL to every pair's loss."""
+        return self.batch_nll is not None and bool(self.batch_nll(opts))
 
 
 LOSSES: dict[str, LossSpec] = {}
@@ -144,6 +153,7 @@ def register_loss(
     options: Sequence[str] = (),
     batch_coupled: bool = False,
     check: Callable[[LossOptions], None] | None = None,
+    batch_nll: Callable[[LossOptions], bool] | None = None,
 ):
     """Add a loss function ``fn(pair, opts) -> per-pair losses [P]`` to the registry under ``name``."""
     unknown_inputs = set(inputs) - {"lengths", "chosen_tokens"}
@@ -158,7 +168,7 @@ def register_loss(
             raise ValueError(f"loss type {name!r} is already registered")
         LOSSES[name] = LossSpec(
             name, fn, paper, needs_reference, label_smoothing, f_divergence, length_normalized,
-            frozenset(inputs), frozenset(options), batch_coupled, check,
+            frozenset(inputs), frozenset(options), batch_coupled, check, batch_nll,
         )
         return fn
 
@@ -369,8 +379,13 @@ def discopop_loss(pair: PreferencePair, opts: LossOptions) -> torch.Tensor:
     return -F.logsigmoid(x) * (1.0 - w) + torch.exp(-x) * w
 
 
+def _always(opts: LossOptions) -> bool:
+    return True
+
+
 @register_loss("sft", paper="negative log-likelihood of the chosen completions (RPO: Pang et al. 2024, "
-               "arXiv:2404.19733, as sigmoid + sft)", needs_reference=False, inputs=("chosen_tokens",), **_F_DIV)
+               "arXiv:2404.19733, as sigmoid + sft)", needs_reference=False, inputs=("chosen_tokens",),
+               batch_nll=_always, **_F_DIV)
 def sft_loss(pair: PreferencePair, opts: LossOptions) -> torch.Tensor:
     """SFT: ``-sum_{chosen tokens t} log pi(y_t) / #chosen tokens`` over the whole batch (TRL's
     token mean; the raw per-token log-probs, not LD-weighted nor averaged), repeated ``[P]``."""
@@ -399,7 +414,8 @@ def _check_simpo(opts: LossOptions) -> None:
 
 @register_loss("simpo", paper="Meng et al. 2024 (SimPO), arXiv:2405.14734; CPO-SimPO with cpo_alpha",
                needs_reference=False, label_smoothing=True, length_normalized=True,
-               inputs=("lengths", "chosen_tokens"), options=("simpo_gamma", "cpo_alpha"), check=_check_simpo)
+               inputs=("lengths", "chosen_tokens"), options=("simpo_gamma", "cpo_alpha"), check=_check_simpo,
+               batch_nll=lambda opts: bool(opts.cpo_alpha))
 def simpo_loss(pair: PreferencePair, opts: LossOptions) -> torch.Tensor:
     """SimPO, reference-free on average log-probs ``a = log pi / |y|``, ``x = beta (a_c - a_r) - gamma``:
     ``-(1 - eps) log sigmoid(x) - eps log sigmoid(-x)`` (TRL's CPOTrainer, ``gamma = simpo_gamma``),
@@ -413,7 +429,8 @@ def simpo_loss(pair: PreferencePair, opts: LossOptions) -> torch.Tensor:
 
 
 @register_loss("cpo", paper="Xu et al. 2024 (CPO), arXiv:2401.08417, Eq. 3 + NLL", needs_reference=False,
-               label_smoothing=True, inputs=("chosen_tokens",), options=("cpo_alpha",), check=_check_cpo_alpha)
+               label_smoothing=True, inputs=("chosen_tokens",), options=("cpo_alpha",), check=_check_cpo_alpha,
+               batch_nll=lambda opts: opts.cpo_alpha is None or bool(opts.cpo_alpha))
 def cpo_loss(pair: PreferencePair, opts: LossOptions) -> torch.Tensor:
     """CPO, reference-free: ``-(1 - eps) log sigmoid(beta (pi_c - pi_r)) - eps log sigmoid(-beta (pi_c - pi_r))``
     on summed log-probs, plus ``cpo_alpha`` (default 1.0, CPOConfig's) times the chosen NLL."""
@@ -430,7 +447,7 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
 
 
 @register_loss("orpo", paper="Hong et al. 2024 (ORPO), arXiv:2403.07691, Eqs. 4-7", needs_reference=False,
-               length_normalized=True, inputs=("lengths", "chosen_tokens"))
+               length_normalized=True, inputs=("lengths", "chosen_tokens"), batch_nll=_always)
 def orpo_loss(pair: PreferencePair, opts: LossOptions) -> torch.Tensor:
     """ORPO, reference-free on average log-probs ``a = log pi / |y|``:
     ``NLL_chosen - beta log sigmoid((a_c - a_r) - (log(1 - e^a_c) - log(1 - e^a_r)))``

@@ -392,6 +392,30 @@ def test_auto_takes_split_when_one_pass_would_form_much_again():
     (out.loss + out.chosen_logps.sum()).backward()
 
 
+@pytest.mark.parametrize("loss_type,options", [("sft", {}), (["sigmoid", "sft"], {}), ("cpo", {}), ("orpo", {}),
+                                                ("simpo", {"cpo_alpha": 0.5})])
+def test_wpo_weighting_a_batch_nll_is_not_one_pass(loss_type, options):
+    """With ``use_weighting`` a loss that adds the batch's mean chosen NLL to every pair (sft, RPO's
+    sigmoid + sft, cpo, orpo, simpo with ``cpo_alpha``) weights it by every pair's WPO weight: each
+    token's gradient holds the batch's mean weight, which one_pass cannot know while later pairs are
+    still placeholders. auto takes split and matches the float64 oracle over several chunks;
+    mode="one_pass" says why it refuses. Without the weighting (or with simpo's NLL off) one_pass
+    serves these losses exactly (the NLL is linear in the token log-probs)."""
+    hidden, weight, b, labels = make_inputs(3, 8, 16, 90, bias=True, seed=11)
+    ref = None if loss_type in ("cpo", "orpo", "simpo") else torch.randn(6) - 15
+    kwargs = dict(ref_logps=ref, loss_type=loss_type, use_weighting=True, chunk_tokens=12, shift=True, **options)
+    if ref is None:
+        kwargs["reference_free"] = True
+    out, _ = compare(hidden, weight, labels, b, **kwargs)
+    assert "Split" in type(out.loss.grad_fn).__name__
+    with pytest.raises(ValueError, match="one_pass.*use_weighting=True multiplies the batch's mean chosen NLL"):
+        run(hidden, weight, labels, b, mode="one_pass", **kwargs)
+    compare(hidden, weight, labels, b, mode="one_pass", **{**kwargs, "use_weighting": False})
+    if loss_type == "simpo":
+        out, _ = compare(hidden, weight, labels, b, **{**kwargs, "cpo_alpha": 0.0})
+        assert "OnePass" in type(out.loss.grad_fn).__name__
+
+
 # Memory: each mode's estimated peak (auto's check) against what the allocator saw.
 # (mode, P, T, H, V, chunk_tokens, vocab_chunk, softcap, bias, frozen weight, token_metrics)
 MEMORY_CASES = [

@@ -211,6 +211,10 @@ def test_registry_records_what_each_loss_needs():
     assert {n for n, s in LOSSES.items() if s.f_divergence} == {
         "sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"}
     assert {n for n, s in LOSSES.items() if s.batch_coupled} == {"aot", "aot_unpaired"}
+    # The losses adding the batch's mean chosen NLL to every pair (cpo by default; simpo with cpo_alpha)
+    assert {n for n, s in LOSSES.items() if s.adds_batch_nll(LossOptions())} == {"sft", "cpo", "orpo"}
+    assert LOSSES["simpo"].adds_batch_nll(LossOptions(cpo_alpha=0.5))
+    assert not LOSSES["cpo"].adds_batch_nll(LossOptions(cpo_alpha=0.0))
     assert "chosen_tokens" in LOSSES["sft"].inputs and "lengths" in LOSSES["ipo"].inputs
     trl = {"sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
            "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"}
