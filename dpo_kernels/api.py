@@ -5,13 +5,15 @@ losses come from the registry in ``losses``.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 
-from .backends import fused_logits_grad_matmul, load_backend, resolve_backend
+from .backends import autocast_dtype, autocast_off, fused_logits_grad_matmul, load_backend, resolve_backend
 from .logprobs import (
     TokenLogprobs,
     align_labels,
@@ -209,6 +211,38 @@ def fused_dpo_loss(
     return objective.output(policy, ref_seq, vocab_size)
 
 
+# The lm_head tensors of fused_linear_dpo_loss that autocast would cast, as it casts F.linear's.
+_LM_HEAD_TENSORS = ("hidden", "weight", "bias", "ref_hidden", "ref_weight", "ref_bias")
+
+
+def _lm_head_under_autocast(fn):
+    """``fn`` (:func:`fused_linear_dpo_loss`) as autocast would run the model's own lm_head: under an
+    enabled ``torch.autocast`` for ``hidden``'s device, the lm_head tensors that autocast would
+    cast (floating, not float64, not already in its dtype) are cast to its dtype, differentiably
+    (the gradients flow back to their own dtypes, as through autocast's cast), and the path runs
+    with autocast off, since its own fp32 accumulation (the weight gradient's, split's ``u``)
+    must not be re-cast. Outside autocast nothing changes and nothing is bound."""
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        hidden = args[0] if args else kwargs.get("hidden")
+        device_type = hidden.device.type if isinstance(hidden, torch.Tensor) else None
+        dtype = None if device_type is None else autocast_dtype(device_type)
+        if dtype is None:
+            return fn(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
+        for name in _LM_HEAD_TENSORS:
+            t = bound.arguments.get(name)
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype not in (dtype, torch.float64):
+                bound.arguments[name] = t.to(dtype)
+        with autocast_off(device_type):
+            return fn(*bound.args, **bound.kwargs)
+
+    return wrapper
+
+
+@_lm_head_under_autocast
 def fused_linear_dpo_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,

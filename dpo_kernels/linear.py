@@ -89,8 +89,8 @@ from typing import Optional
 
 import torch
 
-from .backends import (accumulation_dtype, empty_forward_outputs, extras_mask, extras_names, forward_and_grad_,
-                       fused_logits_grad_matmul, load_backend, lse_dtype)
+from .backends import (accumulation_dtype, autocast_off, empty_forward_outputs, extras_mask, extras_names,
+                       forward_and_grad_, fused_logits_grad_matmul, load_backend, lse_dtype)
 from .logprobs import refuse_double_backward
 
 MODES = ("auto", "one_pass", "two_phase", "split")
@@ -685,8 +685,9 @@ def linear_token_logprobs_backward_op(
     (:func:`two_phase_backward`); an empty tensor stands for a gradient not asked for."""
     head = Head(weight, bias, temperature, softcap, backend, ignore_index)
     r, c = _positions(labels, rows, cols, ignore_index)
-    grads = two_phase_backward(head, hidden, labels, r, c, lse, grad_logp, (vocab_step, chunk_tokens),
-                               (need_hidden, need_weight, need_bias and bias is not None))
+    with autocast_off(hidden.device.type):  # a backward run inside an autocast region (the CPU's)
+        grads = two_phase_backward(head, hidden, labels, r, c, lse, grad_logp, (vocab_step, chunk_tokens),
+                                   (need_hidden, need_weight, need_bias and bias is not None))
     return tuple(hidden.new_empty(0) if g is None else g for g in grads)
 
 
@@ -1238,7 +1239,8 @@ class _SplitFunction(torch.autograd.Function):
                                "released after the first); use mode='two_phase'")
         hidden, weight, bias = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:3])
-        return (*runner.gradients(hidden, weight, bias, grad_loss, grad_seq_logps, needs), None)
+        with autocast_off(hidden.device.type):  # a backward run inside an autocast region (the CPU's)
+            return (*runner.gradients(hidden, weight, bias, grad_loss, grad_seq_logps, needs), None)
 
 
 class Split:

@@ -416,6 +416,33 @@ def test_wpo_weighting_a_batch_nll_is_not_one_pass(loss_type, options):
         assert "OnePass" in type(out.loss.grad_fn).__name__
 
 
+@pytest.mark.parametrize("mode", ["auto", *MODES])
+def test_under_autocast_the_lm_head_runs_in_the_autocast_dtype(mode):
+    """Under ``torch.autocast`` (fp32 activations and head, bf16 autocast) the path does what
+    autocast does to the model's own lm_head: hidden, weight and bias (and the reference's hidden
+    states) cast to bf16, differentiably, with its own fp32 accumulation left alone, whether the
+    backward runs inside the region or after it. So the loss and gradients are those of the same
+    call on bf16 copies, bit for bit (the gradients in the leaves' fp32), and those are within
+    bf16 rounding of the float64 oracle on the copies. (one_pass used to fail under autocast with
+    an index_put dtype error.)"""
+    hidden, weight, b, labels = make_inputs(3, 8, 16, 130, bias=True, seed=5)
+    ref_hidden = torch.randn_like(hidden)
+    kwargs = dict(mode=mode, chunk_tokens=5, shift=True)
+    bf = [t.to(BF16) for t in (hidden, weight, b, ref_hidden)]
+    want, want_grads = compare(*bf[:2], labels, bf[2], BF16, ref_hidden=bf[3], **kwargs)
+    for backward_inside in (False, True):
+        leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, b)]
+        with torch.autocast("cpu", dtype=BF16):
+            out = fused_linear_dpo_loss(leaves[0], leaves[1], labels, leaves[2], ref_hidden=ref_hidden, **kwargs)
+            if backward_inside:
+                out.loss.backward()
+        if not backward_inside:
+            out.loss.backward()
+        assert torch.equal(out.loss, want.loss) and torch.equal(out.chosen_logps, want.chosen_logps)
+        for leaf, grad in zip(leaves, want_grads):
+            assert leaf.grad.dtype == F32 and torch.equal(leaf.grad, grad.float()), (mode, backward_inside)
+
+
 # Memory: each mode's estimated peak (auto's check) against what the allocator saw.
 # (mode, P, T, H, V, chunk_tokens, vocab_chunk, softcap, bias, frozen weight, token_metrics)
 MEMORY_CASES = [

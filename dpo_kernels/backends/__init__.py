@@ -25,6 +25,7 @@ graph is traced (``resolve_backend`` and what it calls) avoids what Dynamo canno
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import warnings
 from types import ModuleType
@@ -68,6 +69,26 @@ def split_lse(lse: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torc
     if lse.dtype != LSE_DTYPE or dtype == LSE_DTYPE:
         return hi, torch.zeros_like(hi)
     return hi, torch.where(torch.isfinite(hi), lse - hi.to(LSE_DTYPE), 0.0).to(dtype)
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` casts matmul inputs to on ``device_type``, or None where it is
+    off (or where autocast does not know the device type: a meta tensor's)."""
+    try:
+        if not torch.is_autocast_enabled(device_type):
+            return None
+    except RuntimeError:
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def autocast_off(device_type: str):
+    """A context with autocast off on ``device_type`` where it is on, else a null context: the
+    hidden-state path casts its lm_head inputs itself, and its own fp32 accumulation (the weight
+    gradient, split's per-token products) must never be re-cast to a half-precision dtype."""
+    if autocast_dtype(device_type) is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
 
 
 def extras_mask(extras) -> int:
