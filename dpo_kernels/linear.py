@@ -1227,7 +1227,10 @@ class _SplitFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         loss, seq_logps = runner.run(hidden)
         ctx.runner = runner
-        ctx.save_for_backward(hidden, weight, bias)  # version-checked: an in-place change raises there
+        # Version-checked: an in-place change of any of them before the backward raises there. The
+        # labels too: without a shift they are the caller's own tensor, and the backward forms
+        # each slice's gradient from them.
+        ctx.save_for_backward(hidden, weight, bias, runner.aligned)
         return loss, seq_logps
 
     @staticmethod
@@ -1237,7 +1240,7 @@ class _SplitFunction(torch.autograd.Function):
         if runner is None:
             raise RuntimeError("fused_linear_dpo_loss(mode='split'): backward called twice (its buffers are "
                                "released after the first); use mode='two_phase'")
-        hidden, weight, bias = ctx.saved_tensors
+        hidden, weight, bias, _labels = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:3])
         with autocast_off(hidden.device.type):  # a backward run inside an autocast region (the CPU's)
             return (*runner.gradients(hidden, weight, bias, grad_loss, grad_seq_logps, needs), None)

@@ -1087,15 +1087,20 @@ def test_backward_logits_gradient_fused_into_the_matmul_or_not(dtype, mode, knob
             assert _rel(a, c) < 2e-6
 
 
-def test_split_weight_gradient_sees_an_in_place_change_of_its_inputs():
-    """The backward forms the weight gradient from ``hidden`` and ``weight`` again: changed in place
-    after the forward, autograd refuses (a saved tensor's version), never a silently wrong
-    gradient."""
+@pytest.mark.parametrize("mode", ["split", "two_phase"])
+@pytest.mark.parametrize("changed", ["weight", "hidden", "labels"])
+def test_backward_sees_an_in_place_change_of_its_inputs(mode, changed):
+    """The backward forms the weight gradient from ``hidden``, ``weight`` and the labels again:
+    changed in place after the forward, autograd refuses (a saved tensor's version), never a
+    silently wrong gradient. The labels without a shift are the caller's own tensor (a buffer
+    refilled with the next batch, say): split used to form the weight gradient from the new
+    labels. (one_pass forms its gradients during the forward: they are the forward's.)"""
     hidden, weight, b, labels = make_inputs(2, 8, 16, 60)
     h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
-    out = fused_linear_dpo_loss(h, w, labels, ref_logps=torch.randn(4), mode="split")
+    y = labels.clone()
+    out = fused_linear_dpo_loss(h, w, y, ref_logps=torch.randn(4), mode=mode)
     with torch.no_grad():
-        w.mul_(2.0)
+        {"weight": w, "hidden": h}.get(changed, y).add_(1)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.loss.backward()
 
