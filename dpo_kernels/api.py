@@ -207,7 +207,7 @@ def fused_dpo_loss(
     ref_seq = _reference_logps(ref_given, policy.labels, ignore_index, objective.average, backend_name,
                                num_pairs, logits.device, checks, objective.token_weights, packing)
     if validate:
-        _check_token_results(checks, ignore_index)
+        _check_token_results(checks, ignore_index, _sequence_failures(objective, policy.labels, ref_given))
     return objective.output(policy, ref_seq, vocab_size)
 
 
@@ -447,7 +447,8 @@ def fused_linear_dpo_loss(
                                                       vocab_chunk=vocab_chunk)
         policy = TokenLogprobs(logp, lse, ext, token_labels)
         if validate:
-            _check_token_results([*checks, (policy, vocab_size, "hidden @ weight.T")], ignore_index)
+            _check_token_results([*checks, (policy, vocab_size, "hidden @ weight.T")], ignore_index,
+                                 _sequence_failures(objective, aligned, ref_given))
         if packing is not None:
             policy = packing.padded_tokens(policy, aligned)
         return objective.output(policy, ref_seq, vocab_size)
@@ -477,7 +478,8 @@ def fused_linear_dpo_loss(
     logp, lse, ext = runner.tokens
     policy = TokenLogprobs(logp, lse, ext, aligned)
     if validate:
-        _check_token_results([*checks, (policy, vocab_size, "hidden @ weight.T")], ignore_index)
+        _check_token_results([*checks, (policy, vocab_size, "hidden @ weight.T")], ignore_index,
+                             _sequence_failures(objective, aligned, ref_given))
     chosen_rewards, rejected_rewards = runner.rewards
     return objective.output(policy, ref_seq, vocab_size, terms=(loss, seq_logps[:num_pairs], seq_logps[num_pairs:],
                                                                chosen_rewards, rejected_rewards))
@@ -1216,12 +1218,13 @@ def lse_precision_limit(dtype: torch.dtype) -> float:
     return 2.0 ** -9 / (torch.finfo(dtype).eps / 2)
 
 
-def _check_token_results(checks, ignore_index: int) -> None:
+def _check_token_results(checks, ignore_index: int, more=()) -> None:
     """One host sync for all of ``checks`` (``(tokens, vocab_size, name)``, optionally with the
     name of their labels, default ``"labels"``: a policy's and its reference's token results):
     bad labels, non-finite log-probs of scored tokens, and scored rows whose lse is past
-    :func:`lse_precision_limit`; the first failure in ``checks``' order raises. Not when
-    compiling: :func:`_validation_skipped`."""
+    :func:`lse_precision_limit`; then ``more`` (``(mask, message)`` pairs of any shape, e.g.
+    :func:`_sequence_failures`', ``message`` taking the index of the first True entry). The first
+    failure in that order raises. Not when compiling: :func:`_validation_skipped`."""
     checks = [(*check, "labels") if len(check) == 3 else tuple(check) for check in checks]
     if not checks or _validation_skipped(*(t for tokens, *_ in checks for t in (tokens.labels, tokens.logp))):
         return
@@ -1247,11 +1250,38 @@ def _check_token_results(checks, ignore_index: int) -> None:
                 "diverged model); subtract a per-row constant first (the log-softmax does not change), or "
                 "pass validate=False to score it anyway")),
         ]
+    failures += list(more)
     flags = torch.stack([mask.any() for mask, _ in failures]).tolist()  # the one sync
     for (mask, message), failed in zip(failures, flags):
         if failed:
-            b, t = mask.nonzero()[0].tolist()
-            raise ValueError(message(b, t))
+            raise ValueError(message(*mask.nonzero()[0].tolist()))
+
+
+def reference_failures(name: str, ref_logps: torch.Tensor | None) -> list:
+    """``_check_token_results``' ``more`` for given reference log-probs: a non-finite one (a
+    precomputed reference is where a NaN most likely comes from) would make its pair's loss so."""
+    if ref_logps is None:
+        return []
+    return [(~torch.isfinite(ref_logps), lambda i: (
+        f"{name}[{i}] = {ref_logps[i].item()} is not finite: its pair's loss would not be either; "
+        "pass validate=False to let it propagate"))]
+
+
+def _sequence_failures(objective: "Objective", labels: torch.Tensor, ref_given) -> list:
+    """Per-sequence inputs that make the loss non-finite, for ``validate=True``: a non-finite
+    given reference log-prob, and for ORPO a rejected completion with no scored token (its average
+    log-prob 0 is a probability of 1, whose odds ``p / (1 - p)`` are infinite: the pair's loss is
+    inf; an empty chosen completion is finite)."""
+    kind, value = ref_given
+    failures = reference_failures("ref_logps", value if kind == "logps" else None)
+    if any(spec.name == "orpo" for spec in objective.specs):
+        P = objective.num_pairs
+        empty = (labels[P:] != objective.ignore_index).sum(-1) == 0
+        failures.append((empty, lambda p: (
+            f"loss_type='orpo': the rejected completion of pair {p} has no scored token: its average "
+            "log-prob 0 is a probability of 1, whose odds are infinite, so the loss would be inf; leave "
+            "the pair out of the batch, or pass validate=False")))
+    return failures
 
 
 def _metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, policy: TokenLogprobs,

@@ -31,10 +31,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .api import _FLOAT_DTYPES, _check_logits_labels, _check_token_results, _rows_may_overlap
+from .api import _FLOAT_DTYPES, _check_logits_labels, _check_token_results, _rows_may_overlap, reference_failures
 from .backends import resolve_backend
 from .logprobs import TokenLogprobs, completion_lengths, sequence_logprobs, token_logprobs
 
@@ -200,7 +201,9 @@ def fused_kto_loss(
     else:
         kl = torch.zeros((), dtype=torch.float32, device=logits.device)
     if validate:
-        _check_token_results(checks, ignore_index)
+        given = [reference_failures(name, value) for name, value in
+                 (("ref_logps", ref_logps), ("kl_logps", kl_logps), ("ref_kl_logps", ref_kl_logps))]
+        _check_token_results(checks, ignore_index, [f for failures in given for f in failures])
 
     delta = None
     if loss_type == "kto":
@@ -335,8 +338,14 @@ def _check_desirable(desirable, batch, device) -> torch.Tensor:
     if isinstance(desirable, torch.Tensor):
         if desirable.dtype != torch.bool:
             raise TypeError(f"desirable must be a bool tensor [B] (TRL's label column), got {desirable.dtype}")
-    elif isinstance(desirable, (list, tuple)) and all(isinstance(d, bool) for d in desirable):
-        desirable = torch.tensor(desirable, dtype=torch.bool)
+    elif isinstance(desirable, (list, tuple)):
+        # Python's bools, or NumPy's (a column that went through NumPy or pandas); not 1/0, which
+        # would as well be a class index or a score.
+        for i, d in enumerate(desirable):
+            if not isinstance(d, (bool, np.bool_)):
+                raise TypeError(f"desirable must be a bool tensor [B] or a list of bools; desirable[{i}] is "
+                                f"{d!r} ({type(d).__name__})")
+        desirable = torch.tensor([bool(d) for d in desirable], dtype=torch.bool)
     else:
         raise TypeError(f"desirable must be a bool tensor [B] or a list of bools, got {type(desirable).__name__}")
     if desirable.shape != (batch,):

@@ -137,6 +137,66 @@ def test_non_finite_ref_logits(backend, batch):
         fused_dpo_loss(logits, labels, ref_logits=ref_logits, backend=backend)
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("form", ["tensor", "pair"])
+def test_non_finite_ref_logps_raise_when_validated(backend, batch, value, form):
+    """A precomputed reference is where a NaN most likely comes from: named, as a bad logit is;
+    with validate=False it reaches the loss."""
+    logits, labels, ref = batch
+    ref = ref.clone()
+    ref[2] = value
+    given = ref if form == "tensor" else (ref[:2], ref[2:])
+    with pytest.raises(ValueError, match=r"^ref_logps\[2\] = (nan|inf|-inf) is not finite"):
+        fused_dpo_loss(logits, labels, ref_logps=given, backend=backend)
+    out = fused_dpo_loss(logits, labels, ref_logps=given, backend=backend, validate=False)
+    assert not torch.isfinite(out.loss)
+
+
+@pytest.mark.parametrize("mode", ["two_phase", "one_pass", "split"])
+def test_non_finite_ref_logps_raise_on_the_hidden_path(mode):
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(4, 5, 8), torch.randn(40, 8)
+    labels = torch.randint(0, 40, (4, 5))
+    ref = torch.randn(4)
+    ref[1] = float("nan")
+    with pytest.raises(ValueError, match=r"^ref_logps\[1\] = nan is not finite"):
+        fused_linear_dpo_loss(hidden.requires_grad_(), weight, labels, ref_logps=ref, mode=mode)
+
+
+@pytest.mark.parametrize("front", ["logits", "hidden"])
+def test_orpo_with_an_empty_rejected_completion(backend, front):
+    """ORPO's odds ``p / (1 - p)`` of an empty completion (average log-prob 0: p = 1) are infinite:
+    with an empty rejected completion the pair's loss is inf, which validate=True refuses, naming
+    the pair (the README's "a sequence with no completion tokens gives a finite loss" has this
+    one exception). Without validation the loss is inf and the gradients stay finite. An empty
+    chosen completion is finite, and matches the float64 oracle."""
+    torch.manual_seed(3)
+    P, T, H, V = 2, 6, 8, 37
+    hidden, weight = torch.randn(2 * P, T, H), torch.randn(V, H) * 0.5
+    labels = torch.randint(0, V, (2 * P, T))
+    labels[:, :2] = IGNORE
+
+    def call(labels, **kwargs):
+        if front == "logits":
+            logits = (hidden @ weight.T).requires_grad_(True)
+            return fused_dpo_loss(logits, labels, loss_type="orpo", backend=backend, **kwargs), logits
+        h = hidden.clone().requires_grad_(True)
+        return fused_linear_dpo_loss(h, weight, labels, loss_type="orpo", backend=backend, **kwargs), h
+
+    empty_rejected = labels.clone()
+    empty_rejected[P + 1] = IGNORE
+    with pytest.raises(ValueError, match=r"^loss_type='orpo': the rejected completion of pair 1 has no scored token"):
+        call(empty_rejected)
+    out, leaf = call(empty_rejected, validate=False)
+    out.loss.backward()
+    assert out.loss.item() == float("inf") and torch.isfinite(leaf.grad).all()
+    empty_chosen = labels.clone()
+    empty_chosen[1] = IGNORE
+    out, _ = call(empty_chosen)
+    want = oracle.dpo(hidden @ weight.T, empty_chosen, loss_type="orpo")
+    torch.testing.assert_close(out.loss.double(), want["loss"], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("validate", [True, False])
 @pytest.mark.parametrize("reference", ["logps", "logits"])
 def test_validation_is_one_host_read(backend, batch, validate, reference):

@@ -12,6 +12,7 @@ It shares only the float64 per-token helper of ``oracle.py`` (itself independent
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -285,6 +286,10 @@ def test_desirable_as_list_and_sequences_without_completion(backend):
     want = kto_oracle(logits, labels, torch.tensor([True, True, False]), ref_seq=ref, loss_type="apo_zero_unpaired")
     check(out, want, grad, torch.float32, backend)
     assert (grad[1] == 0).all()
+    # NumPy's bools (a label column that went through NumPy or pandas) read as Python's
+    out_np, _ = run(logits, labels, list(np.array([True, True, False])), ref_logps=ref,
+                    loss_type="apo_zero_unpaired", backend=backend)
+    assert torch.equal(out_np.loss, out.loss)
 
 
 # --------------------------------------------------------------------------------------------
@@ -312,6 +317,8 @@ ERROR_CASES = [
     ("desirable_int", dict(desirable=torch.tensor([1, 0, 1])), TypeError, r"desirable must be a bool tensor \[B\].*torch.int64"),
     ("desirable_shape", dict(desirable=torch.tensor([True, False])), ValueError, r"desirable must have shape \[B\] = \(3,\), got \(2,\)"),
     ("desirable_type", dict(desirable="yes"), TypeError, r"desirable must be a bool tensor \[B\] or a list of bools"),
+    ("desirable_ints", dict(desirable=[True, 0, True]), TypeError,
+     r"desirable must be a bool tensor \[B\] or a list of bools; desirable\[1\] is 0 \(int\)"),
     ("logits_2d", dict(logits=torch.randn(3, 32)), ValueError, r"logits must be \[B, T, V\]"),
     ("logits_int", dict(logits=torch.ones(3, 4, 32, dtype=torch.int64)), TypeError, r"logits must be a floating tensor"),
     ("logits_list", dict(logits=[[1.0]]), TypeError, r"logits must be a torch.Tensor"),
@@ -375,6 +382,20 @@ def test_bad_labels_and_non_finite_logits(backend, where):
     kw[labels_name][1, 2] = 32
     with pytest.raises(ValueError, match=rf"^{labels_name}\[1, 2\] \(as aligned with the logits rows\) = 32 is outside \[0, V=32\)"):
         _call(dict(kw, backend=backend))
+
+
+@pytest.mark.parametrize("name", ["ref_logps", "kl_logps", "ref_kl_logps"])
+def test_non_finite_given_logps_raise_when_validated(backend, name):
+    """A precomputed log-prob that is not finite is named (as a bad logit is); with validate=False it
+    reaches the loss."""
+    kw = _good()
+    if name == "kl_logps":
+        kw.update(kl_logits=None, kl_labels=None, kl_logps=torch.randn(3))
+    kw[name] = kw[name].clone()
+    kw[name][1] = NAN
+    with pytest.raises(ValueError, match=rf"^{name}\[1\] = nan is not finite"):
+        _call(dict(kw, backend=backend))
+    assert not torch.isfinite(_call(dict(kw, backend=backend, validate=False)).loss)
 
 
 @pytest.mark.parametrize("validate", [True, False])
