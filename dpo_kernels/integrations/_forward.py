@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import types
 from dataclasses import dataclass
 
@@ -216,11 +217,53 @@ def _previous_forward(model):
     """The model's current forward as a function of ``(self, *args, **kwargs)``.
 
     Taken unbound where possible, so that a deep copy of the model (which rebinds its instance
-    methods to the copy) calls the copy's weights, not the original's.
+    methods to the copy) calls the copy's weights, not the original's; TRL's fused lm head wrapper
+    is made so too (:func:`_rebindable`).
     """
     current = vars(model).get("forward")
     if current is None:
         return type(model).forward
     if isinstance(current, types.MethodType) and current.__self__ is model:
-        return current.__func__
+        return _rebindable(current.__func__)
     return lambda self, *args, **kwargs: current(*args, **kwargs)
+
+
+def _closure_value(func, name: str):
+    """The value ``func``'s closure holds for the free variable ``name``, or None."""
+    code, cells = getattr(func, "__code__", None), getattr(func, "__closure__", None)
+    if code is None or not cells or name not in code.co_freevars:
+        return None
+    try:
+        return cells[code.co_freevars.index(name)].cell_contents
+    except ValueError:  # an empty cell
+        return None
+
+
+def _rebindable(func):
+    """``func``, a forward of ``(self, ...)``, as one that runs on ``self`` whatever model it was
+    made for.
+
+    TRL's ``add_fused_lm_head`` (``trl.trainer.utils``) patches ``model.forward`` with a function
+    whose ``fused_lm_head=True`` branch uses ``self``, but whose plain branch calls the forward it
+    captured, bound to the model it patched. After a deep copy (iterative DPO: the trained policy
+    copied as the next round's reference) that plain branch still runs the original model, and
+    the logits path would score the reference with the policy's live weights. So that wrapper is
+    replaced by one that takes the fused branch from TRL's function and the plain one from the
+    captured forward's own function, called on ``self`` (recursively: it may be such a wrapper
+    too). A captured forward that is not a method (another library's closure) is left as it is."""
+    captured = _closure_value(func, "original_forward")
+    try:
+        fused = "fused_lm_head" in inspect.signature(func, follow_wrapped=False).parameters
+    except (TypeError, ValueError):
+        fused = False
+    if not fused or not isinstance(captured, types.MethodType):
+        return func
+    plain = _rebindable(captured.__func__)
+
+    @functools.wraps(func)
+    def forward(self, *args, fused_lm_head=False, **kwargs):
+        if fused_lm_head:
+            return func(self, *args, fused_lm_head=True, **kwargs)
+        return plain(self, *args, **kwargs)
+
+    return forward

@@ -197,6 +197,37 @@ def test_precomputed_reference_matches_float64():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("first", ["ours", "trl"])
+@pytest.mark.parametrize("use_fused_lm_head", [False, True])
+def test_a_deep_copy_of_a_trained_model_is_its_own_reference(first, use_fused_lm_head):
+    """Iterative DPO: the policy trained in round 1 (by our trainer or TRL's) is deep-copied as round
+    2's reference. TRL's fused lm head patch (``add_fused_lm_head``) makes the model's plain forward
+    call the forward it captured, bound to the model it patched: on the copy that is the original.
+    The reference must score with the copy's own weights (zeroed here: every log-prob is
+    ``-log V``), on both paths, whatever trained round 1."""
+    import copy
+
+    from tiny_world import VOCAB
+
+    policy, ref = make_models()
+    cls = FusedDPOTrainer if first == "ours" else trl.DPOTrainer
+    round_1 = train(build_trainer(cls, policy=policy, ref=ref, config=dpo_config(max_steps=1)))
+    model = round_1.model
+    copied = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in copied.parameters():
+            p.zero_()
+    trainer = FusedDPOTrainer(model=model, ref_model=copied, args=dpo_config(max_steps=1),
+                              train_dataset=round_1.train_dataset, processing_class=round_1.processing_class,
+                              use_fused_lm_head=use_fused_lm_head)
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    kwargs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+    got = trainer._reference_logps(dict(kwargs, use_cache=False), labels)
+    want = -(labels[:, 1:] != -100).sum(1) * math.log(VOCAB)
+    torch.testing.assert_close(got.double(), want.double(), rtol=1e-6, atol=1e-4)
+
+
 def test_bf16_autocast_matches_trl():
     """Mixed precision (``bf16=True`` on the CPU: accelerate runs the forward under autocast): the
     hidden-state path casts hidden and weight to bf16 as the model's lm_head would."""
