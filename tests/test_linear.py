@@ -191,14 +191,19 @@ def test_every_backend(backend):
                 token_metrics=True, backend=backend)
 
 
-def test_matches_fused_dpo_loss_on_materialized_logits():
-    """Same outputs and metrics as the logits path given the same (fp32) logits."""
+@pytest.mark.parametrize("use_weighting", [True, False])
+def test_matches_fused_dpo_loss_on_materialized_logits(use_weighting):
+    """Same outputs and metrics as the logits path given the same (fp32) logits. (With WPO's
+    weighting, sigmoid + sft couples the pairs: one_pass refuses it, and auto takes split.)"""
     hidden, weight, b, labels = make_inputs(3, 8, 16, 150, bias=True)
     ref = torch.randn(6) - 20
-    kwargs = dict(ref_logps=ref, shift=True, token_metrics=True, use_weighting=True, loss_type=["sigmoid", "sft"])
+    kwargs = dict(ref_logps=ref, shift=True, token_metrics=True, use_weighting=use_weighting,
+                  loss_type=["sigmoid", "sft"])
     logits = (hidden @ weight.T + b).detach().requires_grad_(True)
     a = fused_dpo_loss(logits, labels, backend="reference", **kwargs)
-    for mode in MODES:
+    for mode in ["auto", *MODES]:
+        if use_weighting and mode == "one_pass":
+            continue
         out, _ = run(hidden, weight, labels, b, mode=mode, chunk_tokens=5, backend="reference", **kwargs)
         for name in ("loss", "chosen_rewards", "rejected_rewards", "chosen_logps", "rejected_logps"):
             torch.testing.assert_close(getattr(out, name), getattr(a, name), rtol=1e-5, atol=1e-5)
@@ -990,7 +995,7 @@ def test_split_serves_what_one_pass_refuses(dtype, backend):
         extra(out).backward()
         return out, (h.grad, w.grad, bb.grad)
 
-    with pytest.raises(ValueError, match="mode='one_pass' needs each pair's loss.*'split'"):
+    with pytest.raises(ValueError, match="mode='one_pass' needs each pair's gradient.*sorts the pairs.*'split'"):
         fused_linear_dpo_loss(hidden, weight, labels, ref_logps=ref, loss_type="aot", mode="one_pass")
     cases = [(dict(loss_type="aot"), lambda out: out.loss),
              ({}, lambda out: out.loss - 0.3 * out.chosen_logps.mean() + 0.1 * out.rejected_logps.sum()),
@@ -1258,7 +1263,7 @@ def test_input_errors(change, error, match):
     (dict(mode="fast"), ValueError, "mode must be one of"),
     (dict(chunk_tokens=0), ValueError, "chunk_tokens must be an int >= 1"),
     (dict(chunk_tokens=2.5), ValueError, "chunk_tokens"),
-    (dict(loss_type="aot", mode="one_pass"), ValueError, "mode='one_pass' needs each pair's loss"),
+    (dict(loss_type="aot", mode="one_pass"), ValueError, "mode='one_pass' needs each pair's gradient"),
     (dict(loss_type="nope"), ValueError, "loss_type must be one of"),
     (dict(beta=-1.0), ValueError, "beta must be"),
     (dict(ld_alpha=2.0), ValueError, "ld_alpha"),
