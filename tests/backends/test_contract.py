@@ -217,6 +217,28 @@ def test_positive_infinity_gives_infinite_lse_like_torch(backend, small_block):
     assert torch.isfinite(extras["entropy"][0, 1]) and torch.isfinite(extras["log_sum_p2"][0, 1])
 
 
+@pytest.mark.parametrize("spike", [3e38, 1e35, 1e30])
+def test_a_huge_max_after_the_row_leaves_the_entropy_exact(backend, small_block, spike):
+    """A row of small logits whose last entry is huge: the max jumps by ~spike after the rest was
+    summed, leaving that sum no weight. The entropy is that of a one-hot (0; log 2 where the max
+    is reached twice), never NaN (``0 * -inf`` from the moved sum); the log-probs exact."""
+    ops = load_backend(backend)
+    V = 3001
+    logits = torch.randn(2, 2, V)
+    logits[:, :, -1] = spike
+    logits[1, 1, 1000] = spike  # the max reached mid-row, then equalled at the end
+    labels = torch.tensor([[V - 1, 5], [V - 1, 1000]])
+    logp, _, extras = ops.token_logprobs_forward(logits, labels, IGNORE, frozenset({"entropy"}))
+    # The oracle on each row less its max (log-probs and entropy do not move): in float64 too,
+    # z_y - lse and lse - sum p z would cancel at 1e38 (its ulp there is ~1e22).
+    centred = logits.double() - logits.double().amax(-1, keepdim=True)
+    want_logp, _ = token_logprobs(centred, labels)
+    want = token_extras(centred, labels)["entropy"]
+    assert torch.isfinite(extras["entropy"]).all(), extras["entropy"]
+    torch.testing.assert_close(extras["entropy"].double(), want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(logp.double(), want_logp, rtol=1e-6, atol=1e-6)
+
+
 def test_nan_in_logits_propagates_to_that_row_only(backend):
     ops = load_backend(backend)
     logits = torch.randn(1, 3, 64)

@@ -154,6 +154,22 @@ def test_accuracy_ties_go_to_the_first_index_across_lanes_blocks_head_and_tail()
             assert (extras["accuracy"] == want).all(), (name, labels, extras["accuracy"])
 
 
+@pytest.mark.parametrize("spike", [3e38, 1e35])
+def test_entropy_stays_finite_when_the_max_jumps_past_the_sums_range(spike):
+    """The block loop's running sum reaches ~V before a huge last logit: ``delta * S`` overflows to
+    -inf where ``exp(delta)`` is 0. Both loops report the one-hot's entropy (0), not NaN."""
+    V = 3001
+    logits = torch.randn(1, 3, V)
+    logits[0, :, -1] = spike
+    labels = torch.tensor([[V - 1, 0, IGNORE]])
+    # The oracle on each row less its max (the entropy does not move): in float64 too, lse - sum p z
+    # would cancel at 1e38 (its ulp there is ~1e22).
+    want = token_extras(logits.double() - logits.double().amax(-1, keepdim=True), labels)["entropy"]
+    for name, lanes in LOOPS.items():
+        _, _, extras = forward(logits, labels, frozenset({"entropy"}), lanes=lanes)
+        torch.testing.assert_close(extras["entropy"].double(), want, rtol=0, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_accuracy_of_rows_holding_nan_with_either_loop(dtype):
     """The first NaN wins, as torch.argmax: NaN in the head, the tail, two lanes, two blocks, beside

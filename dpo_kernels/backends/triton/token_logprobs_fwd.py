@@ -62,9 +62,11 @@ def _moved_entropy_sum(d, s, old_max, shift, scale):
     """The entropy's sum ``D = sum e (z - old shift)`` of a part whose ``S = sum e``, moved to a new
     ``shift``: ``scale (D + delta S)``, ``delta = old_max - shift`` and ``scale = exp(delta)`` (the
     caller's rescale of ``S``). ``delta`` is floored so that a part with nothing seen yet
-    (``old_max = -inf``, ``S = 0``) gives 0, not ``-inf * 0``."""
+    (``old_max = -inf``, ``S = 0``) gives 0, not ``-inf * 0``; and a part the new max leaves with
+    no weight (``scale = 0``: the max jumped by more than ~104) gives 0, where ``delta S`` could
+    overflow to ``-inf`` (a jump near 1e38 / S) and ``0 * -inf`` make the entropy NaN."""
     delta = tl.maximum(old_max - shift, -3.0e38)
-    return scale * (d + delta * s)
+    return tl.where(scale == 0, 0.0, scale * (d + delta * s))
 
 
 @triton.jit
