@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 
 from .backends import autocast_dtype, autocast_off, fused_logits_grad_matmul, load_backend, resolve_backend
+from .checks import FLOAT_DTYPES, INT_DTYPES, check_ignore_index, check_inplace, check_logits_labels
 from .logprobs import (
     TokenLogprobs,
     align_labels,
@@ -35,10 +36,6 @@ from .losses import (
     resolve_loss_weights,
     rewards,
 )
-
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
-
 
 @dataclass
 class DPOOutput:
@@ -176,12 +173,12 @@ def fused_dpo_loss(
         num_pairs, vocab_size = _check_inputs(logits, labels, ignore_index)
     else:
         logits, labels, ref_logits = _as_packed(logits, 2), _as_packed(labels, 1), _as_packed(ref_logits, 2)
-        _, vocab_size = _check_logits_labels(logits, labels, ignore_index,
+        _, vocab_size = check_logits_labels(logits, labels, ignore_index,
                                              layout="[1, total, V] or [total, V] (a packed batch: cu_seqlens given)")
         packing = _check_packing(cu_seqlens, logits, "logits", max_seqlen, validate)
         num_pairs = packing.num_pairs
     _check_token_options(specs, ld_alpha, use_weighting, average_log_prob, token_metrics)
-    _check_inplace(inplace_backward, logits)
+    check_inplace(inplace_backward, logits)
     ref_given = _check_reference(logits, ref_logps, ref_logits, reference_free, num_pairs, specs)
     backend_name = resolve_backend(backend, logits.device)
     labels = label_ids(labels, ignore_index)  # int64 where the dtype cannot hold ignore_index
@@ -906,48 +903,9 @@ def _check_packing(cu_seqlens, packed: torch.Tensor, name: str, max_seqlen: int 
 # Validation: every message names the argument at fault.
 
 
-def _check_logits_labels(logits, labels, ignore_index, *, logits_name="logits", labels_name="labels",
-                         layout="[B, T, V]") -> tuple[int, int]:
-    """Types, shapes and devices of a logits tensor and its labels; returns ``(rows, V)``.
-
-    Shared by every front door (``fused_dpo_loss``, ``fused_kto_loss``); ``layout`` is what the
-    caller's logits must look like, for the message.
-    """
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"{logits_name} must be a torch.Tensor, got {type(logits).__name__}")
-    if logits.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{logits_name} must be a floating tensor (fp32, bf16, fp16, fp64), got {logits.dtype}")
-    if logits.dim() != 3:
-        raise ValueError(f"{logits_name} must be {layout}, got shape {tuple(logits.shape)}")
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"{labels_name} must be a torch.Tensor, got {type(labels).__name__}")
-    if labels.dtype not in _INT_DTYPES:
-        raise TypeError(f"{labels_name} must be an integer tensor of token ids, got {labels.dtype}")
-    rows_name = layout.split(",")[0].lstrip("[")
-    if labels.shape != logits.shape[:2]:
-        raise ValueError(
-            f"{labels_name} shape {tuple(labels.shape)} does not match {logits_name} shape "
-            f"{tuple(logits.shape)}: {labels_name} must be [{rows_name}, T] = {tuple(logits.shape[:2])}"
-        )
-    if labels.device != logits.device:
-        raise ValueError(f"{labels_name} are on {labels.device} but {logits_name} are on {logits.device}")
-    if logits.shape[2] == 0:
-        raise ValueError(f"{logits_name} has an empty vocabulary dimension (V = 0)")
-    _check_ignore_index(ignore_index)
-    return logits.shape[0], logits.shape[2]
-
-
-def _check_ignore_index(ignore_index) -> None:
-    """An int that int64 labels can hold (the labels are compared with it as int64 at most)."""
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if not -(2 ** 63) <= ignore_index < 2 ** 63:
-        raise ValueError(f"ignore_index must fit in int64 (the labels' widest dtype), got {ignore_index}")
-
-
 def _check_inputs(logits, labels, ignore_index) -> tuple[int, int]:
     """The paired batch of ``fused_dpo_loss``; returns ``(P, V)``."""
-    rows, vocab_size = _check_logits_labels(
+    rows, vocab_size = check_logits_labels(
         logits, labels, ignore_index, layout="[2B, T, V] (chosen rows then rejected rows)"
     )
     if rows == 0 or rows % 2:
@@ -985,32 +943,10 @@ def _check_token_options(specs, ld_alpha, use_weighting, average_log_prob, token
             )
 
 
-def _check_inplace(inplace_backward, logits) -> None:
-    if inplace_backward and logits.requires_grad and _rows_may_overlap(logits):
-        raise ValueError(
-            "inplace_backward=True needs logits whose elements do not overlap in memory "
-            f"(got strides {logits.stride()} for shape {tuple(logits.shape)})"
-        )
-
-
-def _rows_may_overlap(logits: torch.Tensor) -> bool:
-    """Whether two elements of ``logits`` may share memory, for any order of the strides.
-
-    Sufficient test for no overlap: with the dimensions sorted by stride, each stride exceeds the
-    largest offset reachable through the dimensions with smaller strides.
-    """
-    reach = 0
-    for stride, size in sorted((st, sz) for st, sz in zip(logits.stride(), logits.shape) if sz > 1):
-        if stride <= reach:
-            return True
-        reach += (size - 1) * stride
-    return False
-
-
 def _check_float_tensor(value, name):
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    if value.dtype not in _FLOAT_DTYPES:
+    if value.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be a floating tensor (fp32, bf16, fp16, fp64), got {value.dtype}")
 
 
@@ -1061,7 +997,7 @@ def _check_linear_tensors(hidden, weight, labels, bias, ignore_index,
     vocab_size = _check_head(hidden, weight, bias, hidden_name="hidden", weight_name="weight", bias_name="bias")
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
-    if labels.dtype not in _INT_DTYPES:
+    if labels.dtype not in INT_DTYPES:
         raise TypeError(f"labels must be an integer tensor of token ids, got {labels.dtype}")
     if labels.shape != hidden.shape[:2]:
         raise ValueError(
@@ -1075,7 +1011,7 @@ def _check_linear_tensors(hidden, weight, labels, bias, ignore_index,
             "fused_linear_dpo_loss does not run on meta tensors: it reads the labels to gather the valid "
             "tokens before the matmuls (their number sizes every chunk), and meta tensors hold no values"
         )
-    _check_ignore_index(ignore_index)
+    check_ignore_index(ignore_index)
     return vocab_size
 
 
@@ -1156,7 +1092,7 @@ def _check_reference(logits, ref_logps, ref_logits, reference_free, num_pairs, s
     if len(given) == 2:
         raise ValueError("pass either ref_logps or ref_logits, not both")
     if ref_logits is not None:
-        if not isinstance(ref_logits, torch.Tensor) or ref_logits.dtype not in _FLOAT_DTYPES:
+        if not isinstance(ref_logits, torch.Tensor) or ref_logits.dtype not in FLOAT_DTYPES:
             raise TypeError("ref_logits must be a floating tensor (fp32, bf16, fp16, fp64)")
         if ref_logits.shape != logits.shape:
             raise ValueError(

@@ -35,7 +35,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .api import _FLOAT_DTYPES, _check_logits_labels, _check_token_results, _rows_may_overlap, reference_failures
+from .api import _check_token_results, reference_failures
+from .checks import FLOAT_DTYPES, check_logits_labels, rows_may_overlap
 from .backends import resolve_backend
 from .logprobs import TokenLogprobs, completion_lengths, sequence_logprobs, token_logprobs
 
@@ -168,10 +169,10 @@ def fused_kto_loss(
     """
     loss_type = _check_loss_options(loss_type, beta, desirable_weight, undesirable_weight,
                                     bco_running_mean, bco_update, entropy)
-    batch, vocab_size = _check_logits_labels(logits, labels, ignore_index)
+    batch, vocab_size = check_logits_labels(logits, labels, ignore_index)
     if batch == 0:
         raise ValueError("logits has an empty batch (B = 0)")
-    if inplace_backward and logits.requires_grad and _rows_may_overlap(logits):
+    if inplace_backward and logits.requires_grad and rows_may_overlap(logits):
         raise ValueError(
             "inplace_backward=True needs logits whose elements do not overlap in memory "
             f"(got strides {logits.stride()} for shape {tuple(logits.shape)})"
@@ -365,7 +366,7 @@ def _one_of(logps_name, logps, logits_name, logits, *, needed_for):
 def _check_like(name, value, like, like_name="logits"):
     if value is None:
         return
-    if not isinstance(value, torch.Tensor) or value.dtype not in _FLOAT_DTYPES:
+    if not isinstance(value, torch.Tensor) or value.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be a floating tensor (fp32, bf16, fp16, fp64)")
     if value.shape != like.shape:
         raise ValueError(f"{name} shape {tuple(value.shape)} must equal {like_name} shape {tuple(like.shape)}")
@@ -409,7 +410,7 @@ def _check_kl_inputs(loss_type, logits, kl_logits, kl_labels, kl_logps, ref_kl_l
     if uses_logits:
         like = kl_logits if kl_logits is not None else ref_kl_logits
         like_name = "kl_logits" if kl_logits is not None else "ref_kl_logits"
-        size, vocab = _check_logits_labels(like, kl_labels, ignore_index, logits_name=like_name,
+        size, vocab = check_logits_labels(like, kl_labels, ignore_index, logits_name=like_name,
                                            labels_name="kl_labels")
         if size == 0:
             raise ValueError(f"{like_name} has an empty batch (K = 0)")

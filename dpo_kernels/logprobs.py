@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from .backends import (accumulation_dtype, empty_forward_outputs, extras_mask, extras_names, load_backend,
                        resolve_backend)
+from .checks import check_ignore_index, check_inplace, check_logits_labels
 
 
 class TokenLogprobs(NamedTuple):
@@ -25,7 +26,6 @@ class TokenLogprobs(NamedTuple):
     labels: torch.Tensor  # aligned with the logits rows (shifted when shift=True)
 
 
-_INT32_RANGE = range(-(2 ** 31), 2 ** 31)
 
 
 def label_ids(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -38,7 +38,7 @@ def label_ids(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
     lengths, the valid-token gathers) while the kernels score it, a silent wrong answer; and the
     gathers index with int32 or int64 only. Widening keeps the meaning the user wrote: a uint8
     tensor holds no -100, so none of its tokens is ignored. The copy is ``[rows, T]`` integers."""
-    if labels.dtype == torch.int64 or (labels.dtype == torch.int32 and ignore_index in _INT32_RANGE):
+    if labels.dtype == torch.int64 or (labels.dtype == torch.int32 and -(2 ** 31) <= ignore_index < 2 ** 31):
         return labels
     return labels.to(torch.int64)
 
@@ -158,13 +158,18 @@ def token_logprobs(
 
     Exact gradient in one pass over the logits. ``extras`` names same-pass statistics to compute
     as well (any of ``backends.EXTRAS``: "logits_sum", "entropy", "accuracy", "log_sum_p2"). Only
-    the shapes are checked here (the values: ``fused_dpo_loss``'s ``validate``); the kernels
-    still never read outside a row and report NaN for a bad label. One call of the ``dpo_kernels::token_logprobs``
+    the types, shapes and devices are checked here (``labels`` an integer ``[B, T]`` on the
+    logits' device, ``ignore_index`` an int, ``inplace_backward`` only on logits whose elements do
+    not overlap); the values are not (``fused_dpo_loss``'s ``validate``): the kernels still never
+    read outside a row and report NaN for a bad label. One call of the ``dpo_kernels::token_logprobs``
     operator, so torch.compile(fullgraph=True) traces it without a graph break; compiled,
     ``inplace_backward`` is ignored (see below).
     """
-    if logits.dim() != 3 or logits.shape[-1] == 0:
-        raise ValueError(f"token_logprobs: logits must be [B, T, V] with V > 0, got {tuple(logits.shape)}")
+    try:
+        check_logits_labels(logits, labels, ignore_index)
+        check_inplace(inplace_backward, logits)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"token_logprobs: {error}") from None
     mask = extras_mask(extras)
     aligned = align_labels(labels, ignore_index, shift)
     name = resolve_backend(backend, logits.device)
@@ -194,6 +199,14 @@ def sequence_logprobs(
     ``weights`` (``[B, T]``, e.g. :func:`ld_token_weights`) weight each token in the sum; the
     mean still divides by the number of scored tokens.
     """
+    if not isinstance(token_logp, torch.Tensor) or token_logp.dim() != 2:
+        raise ValueError(f"sequence_logprobs: token_logp must be a [B, T] tensor, got "
+                         f"{tuple(token_logp.shape) if isinstance(token_logp, torch.Tensor) else type(token_logp).__name__}")
+    for name, value in (("labels", labels), ("weights", weights)):
+        if value is not None and (not isinstance(value, torch.Tensor) or value.shape != token_logp.shape):
+            raise ValueError(f"sequence_logprobs: {name} must have token_logp's shape {tuple(token_logp.shape)}, "
+                             f"got {tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__}")
+    check_ignore_index(ignore_index)
     total = (token_logp if weights is None else token_logp * weights.to(token_logp.dtype)).sum(-1)
     if not average:
         return total

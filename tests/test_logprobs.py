@@ -1,4 +1,5 @@
 """Autograd around the kernel contract: gradcheck, shift alignment, in-place safety, fused loss."""
+import numpy as np
 import pytest
 import torch
 
@@ -156,5 +157,54 @@ def test_one_extra_may_be_named_alone_and_an_empty_vocabulary_is_refused():
     listed = token_logprobs(logits, labels, extras=("entropy",), backend="reference")
     assert set(alone.extras) == {"entropy"} and torch.equal(alone.extras["entropy"], listed.extras["entropy"])
     for backend in ("reference", "cpu"):
-        with pytest.raises(ValueError, match=r"logits must be \[B, T, V\] with V > 0, got \(2, 3, 0\)"):
+        with pytest.raises(ValueError, match=r"token_logprobs: logits has an empty vocabulary dimension \(V = 0\)"):
             token_logprobs(torch.randn(2, 3, 0), labels, backend=backend)
+
+
+BAD_TOKEN_INPUTS = [
+    ("labels_rows", dict(labels=torch.zeros(1, 3, dtype=torch.long)), ValueError,
+     r"labels shape \(1, 3\) does not match logits shape \(2, 3, 11\)"),
+    ("labels_cols", dict(labels=torch.zeros(2, 5, dtype=torch.long)), ValueError, r"labels shape \(2, 5\)"),
+    ("labels_float", dict(labels=torch.zeros(2, 3)), TypeError, r"labels must be an integer tensor.*float32"),
+    ("labels_bool", dict(labels=torch.zeros(2, 3, dtype=torch.bool)), TypeError, r"labels must be an integer.*bool"),
+    ("labels_device", dict(labels=torch.zeros(2, 3, dtype=torch.long, device="meta")), ValueError,
+     r"labels are on meta but logits are on cpu"),
+    ("ignore_numpy", dict(ignore_index=np.int64(-100)), TypeError, r"ignore_index must be an int, got int64"),
+    ("ignore_float", dict(ignore_index=-100.0), TypeError, r"ignore_index must be an int, got float"),
+    ("ignore_bool", dict(ignore_index=True), TypeError, r"ignore_index must be an int, got bool"),
+    ("ignore_none", dict(ignore_index=None), TypeError, r"ignore_index must be an int, got NoneType"),
+    ("ignore_huge", dict(ignore_index=2 ** 63), ValueError, r"ignore_index must fit in int64"),
+    ("inplace_overlap", dict(logits=torch.randn(1, 3, 11).expand(2, 3, 11).requires_grad_(), inplace_backward=True),
+     ValueError, r"inplace_backward=True needs logits whose elements do not overlap"),
+]
+
+
+@pytest.mark.parametrize("case", BAD_TOKEN_INPUTS, ids=lambda c: c[0])
+def test_token_logprobs_checks_its_inputs(backend, case):
+    """The public per-token function checks what the front doors check, on every backend, before
+    any kernel: labels an integer ``[B, T]`` on the logits' device (a Triton program would read
+    another row's label past the tensor; the reference would score a slice), ``ignore_index`` an
+    int (a NumPy or float one made int32 labels scan 2^32 candidates), and no in-place gradient
+    over logits that share memory (one gradient written over another's)."""
+    _, kwargs, error, match = case
+    kwargs = dict(kwargs)
+    logits = kwargs.pop("logits", torch.randn(2, 3, 11))
+    labels = kwargs.pop("labels", torch.randint(0, 11, (2, 3), dtype=torch.int32))
+    with pytest.raises(error, match="^token_logprobs: " + match):
+        token_logprobs(logits, labels, backend=backend, **kwargs)
+
+
+def test_sequence_logprobs_checks_its_shapes():
+    labels = torch.tensor([[1, 2, -100], [4, -100, -100]])
+    logp = torch.randn(2, 3) * (labels != -100)  # ignored tokens carry 0, as token_logprobs gives them
+    torch.testing.assert_close(sequence_logprobs(logp, labels, -100, True),
+                               torch.stack([logp[0, :2].sum() / 2, logp[1, 0]]))
+    for bad in (torch.zeros(2, 5, dtype=torch.long), torch.zeros(3, dtype=torch.long), torch.zeros(2, 1, dtype=torch.long)):
+        with pytest.raises(ValueError, match=r"sequence_logprobs: labels must have token_logp's shape \(2, 3\)"):
+            sequence_logprobs(logp, bad, -100, True)
+    with pytest.raises(ValueError, match=r"sequence_logprobs: weights must have token_logp's shape"):
+        sequence_logprobs(logp, labels, -100, False, weights=torch.ones(2, 1))
+    with pytest.raises(ValueError, match=r"sequence_logprobs: token_logp must be a \[B, T\] tensor"):
+        sequence_logprobs(logp[0], labels[0], -100, False)
+    with pytest.raises(TypeError, match=r"ignore_index must be an int"):
+        sequence_logprobs(logp, labels, np.int32(-100), True)

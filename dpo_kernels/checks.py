@@ -1,0 +1,72 @@
+"""Input checks shared by every front door (``fused_dpo_loss``, ``fused_linear_dpo_loss``,
+``fused_kto_loss``) and the public per-token functions (``token_logprobs``,
+``sequence_logprobs``): each message names the argument at fault. Shapes, dtypes and devices
+only, on the host, no sync (the values: ``validate=True``'s one read, in ``api``)."""
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+
+
+def check_logits_labels(logits, labels, ignore_index, *, logits_name="logits", labels_name="labels",
+                         layout="[B, T, V]") -> tuple[int, int]:
+    """Types, shapes and devices of a logits tensor and its labels; returns ``(rows, V)``.
+
+    ``layout`` is what the caller's logits must look like, for the message.
+    """
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"{logits_name} must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{logits_name} must be a floating tensor (fp32, bf16, fp16, fp64), got {logits.dtype}")
+    if logits.dim() != 3:
+        raise ValueError(f"{logits_name} must be {layout}, got shape {tuple(logits.shape)}")
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{labels_name} must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype not in INT_DTYPES:
+        raise TypeError(f"{labels_name} must be an integer tensor of token ids, got {labels.dtype}")
+    rows_name = layout.split(",")[0].lstrip("[")
+    if labels.shape != logits.shape[:2]:
+        raise ValueError(
+            f"{labels_name} shape {tuple(labels.shape)} does not match {logits_name} shape "
+            f"{tuple(logits.shape)}: {labels_name} must be [{rows_name}, T] = {tuple(logits.shape[:2])}"
+        )
+    if labels.device != logits.device:
+        raise ValueError(f"{labels_name} are on {labels.device} but {logits_name} are on {logits.device}")
+    if logits.shape[2] == 0:
+        raise ValueError(f"{logits_name} has an empty vocabulary dimension (V = 0)")
+    check_ignore_index(ignore_index)
+    return logits.shape[0], logits.shape[2]
+
+
+def check_ignore_index(ignore_index) -> None:
+    """An int that int64 labels can hold (the labels are compared with it as int64 at most)."""
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not -(2 ** 63) <= ignore_index < 2 ** 63:
+        raise ValueError(f"ignore_index must fit in int64 (the labels' widest dtype), got {ignore_index}")
+
+
+def check_inplace(inplace_backward, logits) -> None:
+    """``inplace_backward`` writes each logit's gradient over it: two logits sharing memory (an
+    expanded or otherwise overlapping view) would get one gradient written over the other's."""
+    if inplace_backward and logits.requires_grad and rows_may_overlap(logits):
+        raise ValueError(
+            "inplace_backward=True needs logits whose elements do not overlap in memory "
+            f"(got strides {logits.stride()} for shape {tuple(logits.shape)})"
+        )
+
+
+def rows_may_overlap(logits: torch.Tensor) -> bool:
+    """Whether two elements of ``logits`` may share memory, for any order of the strides.
+
+    Sufficient test for no overlap: with the dimensions sorted by stride, each stride exceeds the
+    largest offset reachable through the dimensions with smaller strides.
+    """
+    reach = 0
+    for stride, size in sorted((st, sz) for st, sz in zip(logits.stride(), logits.shape) if sz > 1):
+        if stride <= reach:
+            return True
+        reach += (size - 1) * stride
+    return False
