@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 
 from .backends import autocast_dtype, autocast_off, fused_logits_grad_matmul, load_backend, resolve_backend
-from .checks import FLOAT_DTYPES, INT_DTYPES, check_ignore_index, check_inplace, check_logits_labels
+from .checks import FLOAT_DTYPES, check_ignore_index, check_inplace, check_labels, check_logits_labels
 from .logprobs import (
     TokenLogprobs,
     align_labels,
@@ -995,17 +995,7 @@ def _check_linear_tensors(hidden, weight, labels, bias, ignore_index,
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be {layout}, got shape {tuple(hidden.shape)}")
     vocab_size = _check_head(hidden, weight, bias, hidden_name="hidden", weight_name="weight", bias_name="bias")
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
-    if labels.dtype not in INT_DTYPES:
-        raise TypeError(f"labels must be an integer tensor of token ids, got {labels.dtype}")
-    if labels.shape != hidden.shape[:2]:
-        raise ValueError(
-            f"labels shape {tuple(labels.shape)} does not match hidden shape {tuple(hidden.shape)}: "
-            f"labels must be [{layout.split(',')[0].lstrip('[')}, T] = {tuple(hidden.shape[:2])}"
-        )
-    if labels.device != hidden.device:
-        raise ValueError(f"labels are on {labels.device} but hidden is on {hidden.device}")
+    check_labels(labels, hidden, rows_name="hidden", layout=layout, rows_are="is")
     if labels.device.type == "meta":
         raise NotImplementedError(
             "fused_linear_dpo_loss does not run on meta tensors: it reads the labels to gather the valid "

@@ -22,22 +22,30 @@ def check_logits_labels(logits, labels, ignore_index, *, logits_name="logits", l
         raise TypeError(f"{logits_name} must be a floating tensor (fp32, bf16, fp16, fp64), got {logits.dtype}")
     if logits.dim() != 3:
         raise ValueError(f"{logits_name} must be {layout}, got shape {tuple(logits.shape)}")
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"{labels_name} must be a torch.Tensor, got {type(labels).__name__}")
-    if labels.dtype not in INT_DTYPES:
-        raise TypeError(f"{labels_name} must be an integer tensor of token ids, got {labels.dtype}")
-    rows_name = layout.split(",")[0].lstrip("[")
-    if labels.shape != logits.shape[:2]:
-        raise ValueError(
-            f"{labels_name} shape {tuple(labels.shape)} does not match {logits_name} shape "
-            f"{tuple(logits.shape)}: {labels_name} must be [{rows_name}, T] = {tuple(logits.shape[:2])}"
-        )
-    if labels.device != logits.device:
-        raise ValueError(f"{labels_name} are on {labels.device} but {logits_name} are on {logits.device}")
+    check_labels(labels, logits, labels_name=labels_name, rows_name=logits_name, layout=layout)
     if logits.shape[2] == 0:
         raise ValueError(f"{logits_name} has an empty vocabulary dimension (V = 0)")
     check_ignore_index(ignore_index)
     return logits.shape[0], logits.shape[2]
+
+
+def check_labels(labels, rows, *, labels_name="labels", rows_name="logits", layout="[B, T, V]",
+                 rows_are="are") -> None:
+    """``labels`` an integer tensor ``[R, T]`` on the device of ``rows`` (``[R, T, ...]``: the
+    logits or hidden states they label); ``layout`` is what ``rows`` must look like, and
+    ``rows_are`` the verb its name takes, for the messages."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{labels_name} must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype not in INT_DTYPES:
+        raise TypeError(f"{labels_name} must be an integer tensor of token ids, got {labels.dtype}")
+    if labels.shape != rows.shape[:2]:
+        raise ValueError(
+            f"{labels_name} shape {tuple(labels.shape)} does not match {rows_name} shape "
+            f"{tuple(rows.shape)}: {labels_name} must be [{layout.split(',')[0].lstrip('[')}, T] = "
+            f"{tuple(rows.shape[:2])}"
+        )
+    if labels.device != rows.device:
+        raise ValueError(f"{labels_name} are on {labels.device} but {rows_name} {rows_are} on {rows.device}")
 
 
 def check_ignore_index(ignore_index) -> None:

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from .api import _check_token_results, reference_failures
-from .checks import FLOAT_DTYPES, check_logits_labels, rows_may_overlap
+from .checks import FLOAT_DTYPES, check_inplace, check_logits_labels
 from .backends import resolve_backend
 from .logprobs import TokenLogprobs, completion_lengths, sequence_logprobs, token_logprobs
 
@@ -172,11 +172,7 @@ def fused_kto_loss(
     batch, vocab_size = check_logits_labels(logits, labels, ignore_index)
     if batch == 0:
         raise ValueError("logits has an empty batch (B = 0)")
-    if inplace_backward and logits.requires_grad and rows_may_overlap(logits):
-        raise ValueError(
-            "inplace_backward=True needs logits whose elements do not overlap in memory "
-            f"(got strides {logits.stride()} for shape {tuple(logits.shape)})"
-        )
+    check_inplace(inplace_backward, logits)
     desirable = _check_desirable(desirable, batch, logits.device)
     ref = _one_of("ref_logps", ref_logps, "ref_logits", ref_logits, needed_for="the reference")
     _check_like("ref_logits", ref_logits, logits)

@@ -26,8 +26,6 @@ class TokenLogprobs(NamedTuple):
     labels: torch.Tensor  # aligned with the logits rows (shifted when shift=True)
 
 
-
-
 def label_ids(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
     """``labels`` as every mask and kernel reads them: int64, unless they already are, or are int32
     with ``ignore_index`` in int32's range (then as given: no copy).
@@ -199,13 +197,15 @@ def sequence_logprobs(
     ``weights`` (``[B, T]``, e.g. :func:`ld_token_weights`) weight each token in the sum; the
     mean still divides by the number of scored tokens.
     """
+    def shape(x):
+        return tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+
     if not isinstance(token_logp, torch.Tensor) or token_logp.dim() != 2:
-        raise ValueError(f"sequence_logprobs: token_logp must be a [B, T] tensor, got "
-                         f"{tuple(token_logp.shape) if isinstance(token_logp, torch.Tensor) else type(token_logp).__name__}")
+        raise ValueError(f"sequence_logprobs: token_logp must be a [B, T] tensor, got {shape(token_logp)}")
     for name, value in (("labels", labels), ("weights", weights)):
-        if value is not None and (not isinstance(value, torch.Tensor) or value.shape != token_logp.shape):
+        if value is not None and shape(value) != tuple(token_logp.shape):
             raise ValueError(f"sequence_logprobs: {name} must have token_logp's shape {tuple(token_logp.shape)}, "
-                             f"got {tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__}")
+                             f"got {shape(value)}")
     check_ignore_index(ignore_index)
     total = (token_logp if weights is None else token_logp * weights.to(token_logp.dtype)).sum(-1)
     if not average:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import DPOOutput, fused_dpo_loss, fused_linear_dpo_loss
+from ..backends import autocast_dtype, autocast_off
 
 _MARK = "_dpo_kernels_forward"
 
@@ -149,12 +150,9 @@ def _lm_head_precision(hidden: torch.Tensor):
     autocast's) and turns autocast off so that its own fp32 accumulation is not re-cast.
     """
     device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        with torch.autocast(device_type, enabled=False):
-            yield dtype
-    else:
-        yield hidden.dtype
+    dtype = autocast_dtype(device_type)
+    with autocast_off(device_type):
+        yield hidden.dtype if dtype is None else dtype
 
 
 def head_transform(config) -> tuple[float, float | None]:
