@@ -14,7 +14,14 @@ from typing import Sequence
 import torch
 
 from .backends import autocast_dtype, autocast_off, fused_logits_grad_matmul, load_backend, resolve_backend
-from .checks import FLOAT_DTYPES, check_ignore_index, check_inplace, check_labels, check_logits_labels
+from .checks import (
+    FLOAT_DTYPES,
+    check_ignore_index,
+    check_inplace,
+    check_labels,
+    check_logits_labels,
+    python_scalars,
+)
 from .logprobs import (
     TokenLogprobs,
     align_labels,
@@ -57,6 +64,7 @@ class DPOOutput:
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+@python_scalars
 def fused_dpo_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -102,7 +110,8 @@ def fused_dpo_loss(
             type is reference-free (``simpo``, ``cpo``, ``orpo``, ``sft``) the reference is
             optional: given, it enters only the rewards and metrics (as TRL's DPOTrainer does
             for ``sft``); absent, it is zero.
-        beta: inverse temperature of the implicit reward, > 0 (IPO's tau, ORPO's lambda).
+        beta: inverse temperature of the implicit reward, > 0 (IPO's tau, ORPO's lambda); 0 only for
+            ``loss_type="sft"`` alone, where it scales just the logged rewards.
         loss_type: a name in ``dpo_kernels.losses.LOSSES`` or a list of names (summed with
             ``loss_weights``, e.g. MPO ``["sigmoid", "bco_pair", "sft"]``, RPO ``["sigmoid", "sft"]``).
         loss_weights: one weight per loss type (default 1.0 each).
@@ -239,6 +248,7 @@ def _lm_head_under_autocast(fn):
     return wrapper
 
 
+@python_scalars
 @_lm_head_under_autocast
 def fused_linear_dpo_loss(
     hidden: torch.Tensor,
@@ -605,6 +615,7 @@ def _mode_peaks(linear, fp, pair_counts, one_pass_chunk, split_chunk, split_plan
             "split": linear.split_peak_bytes(fp, first[0][1] if first else 0, split_plan(fp.valid_tokens))}
 
 
+@python_scalars
 def estimate_linear_memory(
     hidden: torch.Tensor,
     weight: torch.Tensor,

@@ -4,10 +4,40 @@
 only, on the host, no sync (the values: ``validate=True``'s one read, in ``api``)."""
 from __future__ import annotations
 
+import functools
+
 import torch
+
+try:
+    import numpy
+except ImportError:  # torch runs without NumPy; then there are no NumPy scalars to convert
+    numpy = None
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+
+
+def python_scalar(value):
+    """A NumPy bool, integer or float scalar as Python's (``np.int64(4)`` -> ``4``); anything else
+    unchanged. A knob read from an array or a config is as good as a literal, and the checks (and
+    the kernels' launches) then see one kind of number."""
+    if numpy is not None and isinstance(value, (numpy.bool_, numpy.integer, numpy.floating)):
+        return value.item()
+    return value
+
+
+def python_scalars(fn):
+    """Calls ``fn`` with every NumPy scalar argument as Python's (:func:`python_scalar`): the public
+    functions take ``chunk_tokens=np.int64(512)`` or ``beta=np.float32(0.1)``; tensors and
+    everything else pass through, to be checked as before."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        args = tuple(python_scalar(a) for a in args)
+        kwargs = {name: python_scalar(v) for name, v in kwargs.items()}
+        return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def check_logits_labels(logits, labels, ignore_index, *, logits_name="logits", labels_name="labels",

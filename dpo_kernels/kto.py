@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from .api import _check_token_results, reference_failures
-from .checks import FLOAT_DTYPES, check_inplace, check_logits_labels
+from .checks import FLOAT_DTYPES, check_inplace, check_logits_labels, python_scalars
 from .backends import resolve_backend
 from .logprobs import TokenLogprobs, completion_lengths, sequence_logprobs, token_logprobs
 
@@ -118,6 +118,7 @@ class BCORunningMean:
         self.count = float(state["count"])
 
 
+@python_scalars
 def fused_kto_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from .backends import (accumulation_dtype, empty_forward_outputs, extras_mask, extras_names, load_backend,
                        resolve_backend)
-from .checks import check_ignore_index, check_inplace, check_logits_labels
+from .checks import check_ignore_index, check_inplace, check_logits_labels, python_scalars
 
 
 class TokenLogprobs(NamedTuple):
@@ -142,6 +142,7 @@ def _token_logprobs_backward(ctx, grad_logp, _grad_lse, _grad_extras):
 token_logprobs_op.register_autograd(_token_logprobs_backward, setup_context=_token_logprobs_setup_context)
 
 
+@python_scalars
 def token_logprobs(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -184,6 +185,7 @@ def completion_lengths(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
     return (label_ids(labels, ignore_index) != ignore_index).sum(-1)
 
 
+@python_scalars
 def sequence_logprobs(
     token_logp: torch.Tensor,
     labels: torch.Tensor,

@@ -25,6 +25,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from .checks import python_scalar
+
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 
 
@@ -110,6 +112,8 @@ class LossSpec:
     - ``options``: loss-specific :class:`LossOptions` fields it reads (``discopop_tau``, ...).
     - ``batch_coupled``: each pair's loss depends on the whole batch (AOT sorts across it).
     - ``check``: raises ValueError for option values out of this loss's range.
+    - ``uses_beta``: ``beta`` enters its loss (False: SFT alone, where it only scales the logged
+      rewards, so ``beta=0`` is allowed, as TRL allows it).
     - ``batch_nll``: for given options, whether each pair's loss adds the batch's mean chosen NLL
       (:meth:`PreferencePair.chosen_nll`: one scalar, the same in every pair's loss). It is linear
       in the token log-probs, so each pair's gradient stays its own, until WPO's per-pair weights
@@ -128,6 +132,7 @@ class LossSpec:
     batch_coupled: bool = False
     check: Callable[[LossOptions], None] | None = None
     batch_nll: Callable[[LossOptions], bool] | None = None
+    uses_beta: bool = True
 
     def adds_batch_nll(self, opts: LossOptions) -> bool:
         """Whether, with ``opts``, this loss adds the batch's mean chosen NLL to every pair's loss."""
@@ -154,6 +159,7 @@ def register_loss(
     batch_coupled: bool = False,
     check: Callable[[LossOptions], None] | None = None,
     batch_nll: Callable[[LossOptions], bool] | None = None,
+    uses_beta: bool = True,
 ):
     """Add a loss function ``fn(pair, opts) -> per-pair losses [P]`` to the registry under ``name``."""
     unknown_inputs = set(inputs) - {"lengths", "chosen_tokens"}
@@ -168,7 +174,7 @@ def register_loss(
             raise ValueError(f"loss type {name!r} is already registered")
         LOSSES[name] = LossSpec(
             name, fn, paper, needs_reference, label_smoothing, f_divergence, length_normalized,
-            frozenset(inputs), frozenset(options), batch_coupled, check, batch_nll,
+            frozenset(inputs), frozenset(options), batch_coupled, check, batch_nll, uses_beta,
         )
         return fn
 
@@ -385,7 +391,7 @@ def _always(opts: LossOptions) -> bool:
 
 @register_loss("sft", paper="negative log-likelihood of the chosen completions (RPO: Pang et al. 2024, "
                "arXiv:2404.19733, as sigmoid + sft)", needs_reference=False, inputs=("chosen_tokens",),
-               batch_nll=_always, **_F_DIV)
+               batch_nll=_always, uses_beta=False, **_F_DIV)
 def sft_loss(pair: PreferencePair, opts: LossOptions) -> torch.Tensor:
     """SFT: ``-sum_{chosen tokens t} log pi(y_t) / #chosen tokens`` over the whole batch (TRL's
     token mean; the raw per-token log-probs, not LD-weighted nor averaged), repeated ``[P]``."""
@@ -491,6 +497,7 @@ def resolve_loss_weights(specs: Sequence[LossSpec], loss_weights: Sequence[float
             f"loss_weights must be a list with one weight per loss type ({len(specs)} for "
             f"loss_type={describe(specs)}), got {loss_weights!r}"
         )
+    loss_weights = [python_scalar(w) for w in loss_weights]
     for w in loss_weights:
         if not _is_number(w) or not math.isfinite(w):
             raise ValueError(f"loss_weights must be finite numbers, got {loss_weights!r}")
@@ -515,8 +522,14 @@ def loss_options(
     its default.
     """
     desc = describe(specs)
-    if not _is_number(beta) or not math.isfinite(beta) or beta <= 0:
+    if not _is_number(beta) or not math.isfinite(beta) or beta < 0:
         raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+    if beta == 0 and any(spec.uses_beta for spec in specs):
+        users = [spec.name for spec in specs if spec.uses_beta]
+        raise ValueError(
+            f"beta must be a finite number > 0, got {beta!r}: loss_type {users} reads it (beta = 0 is "
+            "allowed only where no loss does, as for 'sft' alone, where it only scales the logged rewards)"
+        )
     if not _is_number(label_smoothing) or not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5) (loss_type={desc}), got {label_smoothing!r}")
     if label_smoothing and not any(spec.label_smoothing for spec in specs):

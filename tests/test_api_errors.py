@@ -225,6 +225,16 @@ def test_bad_beta(batch, beta):
         fused_dpo_loss(logits, labels, ref_logps=ref, beta=beta)
 
 
+@pytest.mark.parametrize("loss_type", ["sigmoid", ["sft", "sigmoid"], ["sft", "orpo"]])
+def test_beta_zero_only_where_no_loss_reads_it(batch, loss_type):
+    """beta = 0 is accepted for sft alone (it scales only the logged rewards); a loss that reads it
+    is named."""
+    logits, labels, ref = batch
+    reader = [name for name in ([loss_type] if isinstance(loss_type, str) else loss_type) if name != "sft"]
+    with pytest.raises(ValueError, match=re.escape(f"got 0.0: loss_type {reader} reads it")):
+        fused_dpo_loss(logits, labels, ref_logps=ref, beta=0.0, loss_type=loss_type)
+
+
 @pytest.mark.parametrize("ls", [-0.1, 0.5, 1.0])
 def test_bad_label_smoothing(batch, ls):
     logits, labels, ref = batch

@@ -52,6 +52,16 @@ def test_representative_losses_on_every_backend(backend, small_block, name):
     _check(out, want, grad, torch.bfloat16)
 
 
+def test_sft_alone_takes_beta_zero(backend):
+    """beta enters no term of SFT's loss, only its logged rewards (TRL trains ``sft`` with beta = 0):
+    the loss and gradient are the oracle's, the rewards exactly 0."""
+    logits, labels = make_batch(2, 6, 300, torch.bfloat16)
+    out, grad = _run(logits, labels, backend=backend, beta=0.0, loss_type="sft", shift=True)
+    _check(out, oracle.dpo(logits, labels, beta=0.0, loss_type="sft", shift=True), grad, torch.bfloat16)
+    assert out.loss.item() > 0
+    assert not out.chosen_rewards.any() and not out.rejected_rewards.any()
+
+
 @pytest.mark.parametrize("loss_type,weights", [
     (["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0]),  # MPO
     (["sigmoid", "sft"], [1.0, 0.5]),  # RPO

@@ -1277,6 +1277,36 @@ def test_option_errors(kwargs, error, match):
         fused_linear_dpo_loss(hidden, weight, labels, b, **{"ref_logps": torch.randn(4), **kwargs})
 
 
+@pytest.mark.parametrize("mode", ["one_pass", "split", "two_phase"])
+def test_sft_alone_takes_beta_zero(mode):
+    """beta scales only SFT's logged rewards: at beta = 0 the loss and gradients are the oracle's in
+    every mode, the rewards 0."""
+    hidden, weight, b, labels = make_inputs(2, 7, 8, 70, bias=True, seed=11)
+    out, _ = compare(hidden, weight, labels, b, loss_type="sft", beta=0.0, mode=mode, chunk_tokens=5, shift=True)
+    assert not out.chosen_rewards.any() and not out.rejected_rewards.any()
+
+
+def test_numpy_scalars_are_python_numbers():
+    """Knobs read from NumPy (an array, a config) are taken as the Python numbers they hold: the same
+    result bit for bit; a NumPy float where an int is needed is still refused."""
+    import numpy as np
+
+    hidden, weight, b, labels = make_inputs(2, 7, 8, 70, bias=True, seed=12)
+    ref = torch.randn(4)
+    plain = dict(beta=0.25, chunk_tokens=5, vocab_chunk=32, ignore_index=IGNORE, use_weighting=True,
+                 loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5], mode="split")
+    numpy_ = dict(beta=np.float32(0.25), chunk_tokens=np.int64(5), vocab_chunk=np.int16(32),
+                  ignore_index=np.int32(IGNORE), use_weighting=np.bool_(True), loss_type=["sigmoid", "sft"],
+                  loss_weights=[np.float64(1.0), np.float32(0.5)], mode="split")
+    want, want_grads = run(hidden, weight, labels, b, ref_logps=ref, **plain)
+    got, got_grads = run(hidden, weight, labels, b, ref_logps=ref, **numpy_)
+    assert torch.equal(got.loss, want.loss) and torch.equal(got.chosen_rewards, want.chosen_rewards)
+    for g, w in zip(got_grads, want_grads):
+        assert torch.equal(g, w)
+    with pytest.raises(ValueError, match="chunk_tokens must be an int >= 1"):
+        fused_linear_dpo_loss(hidden, weight, labels, b, ref_logps=ref, chunk_tokens=np.float64(5.0))
+
+
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(chunk_tokens=0), ValueError, "chunk_tokens must be an int >= 1"),
     (dict(vocab_chunk=0), ValueError, "vocab_chunk must be an int >= 1"),

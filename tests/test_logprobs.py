@@ -169,7 +169,7 @@ BAD_TOKEN_INPUTS = [
     ("labels_bool", dict(labels=torch.zeros(2, 3, dtype=torch.bool)), TypeError, r"labels must be an integer.*bool"),
     ("labels_device", dict(labels=torch.zeros(2, 3, dtype=torch.long, device="meta")), ValueError,
      r"labels are on meta but logits are on cpu"),
-    ("ignore_numpy", dict(ignore_index=np.int64(-100)), TypeError, r"ignore_index must be an int, got int64"),
+    ("ignore_numpy_float", dict(ignore_index=np.float64(-100.0)), TypeError, r"ignore_index must be an int, got float"),
     ("ignore_float", dict(ignore_index=-100.0), TypeError, r"ignore_index must be an int, got float"),
     ("ignore_bool", dict(ignore_index=True), TypeError, r"ignore_index must be an int, got bool"),
     ("ignore_none", dict(ignore_index=None), TypeError, r"ignore_index must be an int, got NoneType"),
@@ -179,12 +179,25 @@ BAD_TOKEN_INPUTS = [
 ]
 
 
+def test_numpy_integer_ignore_index_is_the_python_int(backend):
+    """A NumPy integer ``ignore_index`` is the int it holds (int32 labels included: no scan of the
+    labels' range), in both per-token functions."""
+    logits = torch.randn(2, 5, 11)
+    labels = torch.randint(0, 11, (2, 5), dtype=torch.int32)
+    labels[0, :2] = -100
+    want = token_logprobs(logits, labels, ignore_index=-100, backend=backend)
+    got = token_logprobs(logits, labels, ignore_index=np.int64(-100), backend=backend)
+    assert torch.equal(got.logp, want.logp) and torch.equal(got.lse, want.lse)
+    assert torch.equal(sequence_logprobs(got.logp, labels, np.int32(-100), True),
+                       sequence_logprobs(want.logp, labels, -100, True))
+
+
 @pytest.mark.parametrize("case", BAD_TOKEN_INPUTS, ids=lambda c: c[0])
 def test_token_logprobs_checks_its_inputs(backend, case):
     """The public per-token function checks what the front doors check, on every backend, before
     any kernel: labels an integer ``[B, T]`` on the logits' device (a Triton program would read
     another row's label past the tensor; the reference would score a slice), ``ignore_index`` an
-    int (a NumPy or float one made int32 labels scan 2^32 candidates), and no in-place gradient
+    int (a float one made int32 labels scan 2^32 candidates), and no in-place gradient
     over logits that share memory (one gradient written over another's)."""
     _, kwargs, error, match = case
     kwargs = dict(kwargs)
@@ -207,4 +220,4 @@ def test_sequence_logprobs_checks_its_shapes():
     with pytest.raises(ValueError, match=r"sequence_logprobs: token_logp must be a \[B, T\] tensor"):
         sequence_logprobs(logp[0], labels[0], -100, False)
     with pytest.raises(TypeError, match=r"ignore_index must be an int"):
-        sequence_logprobs(logp, labels, np.int32(-100), True)
+        sequence_logprobs(logp, labels, np.float32(-100), True)
