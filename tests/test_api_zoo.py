@@ -127,6 +127,39 @@ def test_f_divergences(name, f_div, coef):
     _check(out, want, grad)
 
 
+def _ref_for_log_ratios(logits, labels, chosen_lr, rejected_lr):
+    """``ref_logps`` giving the policy these log-ratios (per pair: chosen, rejected)."""
+    with torch.no_grad():
+        pol = fused_dpo_loss(logits, labels, reference_free=True, backend="reference", shift=True)
+    return torch.cat([pol.chosen_logps.double() - chosen_lr, pol.rejected_logps.double() - rejected_lr]).float()
+
+
+@pytest.mark.parametrize("f_div, chosen_lr, rejected_lr", [
+    ("reverse_kl", -150.0, 150.0),  # beta m = -150
+    ("forward_kl", -6.0, 0.5),  # beta (1 - e^6 - (1 - e^-0.5)) = -201
+])
+def test_discopop_is_finite_past_the_fp32_exp_range(backend, f_div, chosen_lr, rejected_lr):
+    """beta m below -88: fp32's exp(-beta m) overflows while w = sigmoid(beta m / tau) underflows, and
+    TRL's exp(-x) * w is inf * 0 = NaN for the batch. The loss is ~ -beta m, finite; the float64
+    oracle's own formula holds down to beta m = -709."""
+    logits, labels = make_batch(2, 5, 100, F32, scale=1.0)
+    ref = _ref_for_log_ratios(logits, labels, torch.tensor([chosen_lr, -3.0]), torch.tensor([rejected_lr, 2.0]))
+    kw = dict(loss_type="discopop", beta=0.5, f_divergence_type=f_div, shift=True)
+    out, grad = _run(logits, labels, ref_logps=ref, backend=backend, **kw)
+    assert torch.isfinite(out.loss) and torch.isfinite(grad).all()
+    _check(out, oracle.dpo(logits, labels, ref_logps=ref, **kw), grad)
+
+
+def test_alpha_divergence_near_alpha_one_does_not_cancel():
+    """(t^(a-1) - 1) / (a - 1) at a = 1 + 2e-6: expm1, not exp - 1 (which is 0.6% off the loss in
+    fp32, TRL's formula)."""
+    logits, labels = make_batch(4, 6, 80, F32, scale=1.0)
+    ref = _ref_for_log_ratios(logits, labels, torch.tensor([0.3, -1.2, 2.0, 0.7]), torch.tensor([1.1, 0.4, -0.9, 0.2]))
+    kw = dict(beta=1.0, f_divergence_type="alpha_divergence", f_alpha_divergence_coef=1.0 + 2e-6, shift=True)
+    out, grad = _run(logits, labels, ref_logps=ref, backend="reference", **kw)
+    _check(out, oracle.dpo(logits, labels, ref_logps=ref, **kw), grad)
+
+
 def test_f_divergence_sigmoid_on_every_backend(backend):
     """Not the fused Triton sigmoid: the registry path, on each backend."""
     logits, labels = make_batch(2, 5, 100, F32, scale=1.0)
