@@ -19,6 +19,7 @@ from .checks import (
     check_ignore_index,
     check_inplace,
     check_labels,
+    check_linear_options,
     check_logits_labels,
     python_scalars,
 )
@@ -376,7 +377,7 @@ def fused_linear_dpo_loss(
         packing = _check_packing(cu_seqlens, hidden, "hidden", max_seqlen, validate)
         num_pairs = packing.num_pairs
     _check_token_options(specs, ld_alpha, use_weighting, average_log_prob, token_metrics)
-    softcap, temperature = _check_linear_options(logit_softcap, temperature, mode, chunk_tokens, vocab_chunk)
+    softcap, temperature = check_linear_options(logit_softcap, temperature, mode, chunk_tokens, vocab_chunk)
     ref_given = _check_linear_reference(hidden, weight, bias, ref_logps, ref_hidden, ref_weight, ref_bias,
                                         reference_free, num_pairs, specs)
     backend_name = resolve_backend(backend, hidden.device)
@@ -648,7 +649,7 @@ def estimate_linear_memory(
     from . import linear
 
     num_pairs, vocab_size = _check_linear_inputs(hidden, weight, labels, bias, ignore_index)
-    softcap, _ = _check_linear_options(logit_softcap, 1.0, "auto", chunk_tokens, vocab_chunk)
+    softcap, _ = check_linear_options(logit_softcap, 1.0, "auto", chunk_tokens, vocab_chunk)
     aligned = align_labels(labels, ignore_index, shift)
     needs = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
     backend_name = resolve_backend(backend, hidden.device)
@@ -1014,24 +1015,6 @@ def _check_linear_tensors(hidden, weight, labels, bias, ignore_index,
         )
     check_ignore_index(ignore_index)
     return vocab_size
-
-
-def _check_linear_options(logit_softcap, temperature, mode, chunk_tokens, vocab_chunk=None):
-    from .linear import MODES
-
-    def positive(value, name):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-        return float(value)
-
-    temperature = positive(temperature, "temperature")
-    softcap = None if logit_softcap is None else positive(logit_softcap, "logit_softcap")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    for name, value in (("chunk_tokens", chunk_tokens), ("vocab_chunk", vocab_chunk)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name} must be an int >= 1 (or None for the memory budget), got {value!r}")
-    return softcap, temperature
 
 
 def _check_linear_reference(hidden, weight, bias, ref_logps, ref_hidden, ref_weight, ref_bias, reference_free,

@@ -5,6 +5,7 @@ only, on the host, no sync (the values: ``validate=True``'s one read, in ``api``
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -108,3 +109,23 @@ def rows_may_overlap(logits: torch.Tensor) -> bool:
             return True
         reach += (size - 1) * stride
     return False
+
+
+def check_linear_options(logit_softcap, temperature, mode, chunk_tokens, vocab_chunk=None):
+    """The hidden path's own options (``fused_linear_dpo_loss``, ``estimate_linear_memory``,
+    ``FusedDPOTrainer``'s ``fused_lm_head_options``); returns ``(softcap, temperature)`` as floats."""
+    from .linear import MODES
+
+    def positive(value, name):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        return float(value)
+
+    temperature = positive(temperature, "temperature")
+    softcap = None if logit_softcap is None else positive(logit_softcap, "logit_softcap")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    for name, value in (("chunk_tokens", chunk_tokens), ("vocab_chunk", vocab_chunk)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be an int >= 1 (or None for the memory budget), got {value!r}")
+    return softcap, temperature

@@ -175,7 +175,7 @@ def fused_kto_loss(
         raise ValueError("logits has an empty batch (B = 0)")
     check_inplace(inplace_backward, logits)
     desirable = _check_desirable(desirable, batch, logits.device)
-    ref = _one_of("ref_logps", ref_logps, "ref_logits", ref_logits, needed_for="the reference")
+    ref = _one_of("ref_logps", ref_logps, "ref_logits", ref_logits, needed_for="reference")
     _check_like("ref_logits", ref_logits, logits)
     _check_logps("ref_logps", ref_logps, batch, logits.device)
     kl_sources = _check_kl_inputs(loss_type, logits, kl_logits, kl_labels, kl_logps,

@@ -326,7 +326,7 @@ ERROR_CASES = [
     ("labels_shape", dict(labels=torch.zeros(3, 3, dtype=torch.long)), ValueError, r"labels shape \(3, 3\) does not match logits shape \(3, 4, 32\)"),
     ("empty_batch", dict(logits=torch.randn(0, 4, 32), labels=torch.zeros(0, 4, dtype=torch.long), desirable=torch.zeros(0, dtype=torch.bool)), ValueError, r"logits has an empty batch"),
     ("ignore_index", dict(ignore_index=-100.0), TypeError, r"ignore_index must be an int"),
-    ("no_ref", dict(ref_logps=None), ValueError, r"no the reference: pass ref_logps or ref_logits"),
+    ("no_ref", dict(ref_logps=None), ValueError, r"no reference: pass ref_logps or ref_logits"),
     ("both_ref", dict(ref_logits=torch.randn(3, 4, 32)), ValueError, r"pass either ref_logps or ref_logits, not both"),
     ("ref_logps_shape", dict(ref_logps=torch.randn(4)), ValueError, r"ref_logps must have shape \(3,\), got \(4,\)"),
     ("ref_logps_int", dict(ref_logps=torch.ones(3, dtype=torch.long)), TypeError, r"ref_logps must be floating"),

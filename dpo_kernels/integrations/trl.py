@@ -64,6 +64,8 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 from .. import fused_dpo_loss
+from ..backends import BACKEND_NAMES
+from ..checks import check_linear_options, python_scalar
 from ._forward import Request, patch_forward
 
 # The loss types of TRL 1.16's DPOTrainer (its _compute_loss), all registered in dpo_kernels.losses.
@@ -187,12 +189,17 @@ class FusedDPOTrainer(DPOTrainer):
                             ("validate", validate)):
             if not isinstance(value, bool):
                 raise TypeError(f"{name} must be a bool, got {value!r}")
-        options = dict(fused_lm_head_options or {})
+        if backend not in BACKEND_NAMES:
+            raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
+        options = {name: python_scalar(value) for name, value in (fused_lm_head_options or {}).items()}
         unknown = sorted(set(options) - set(_LINEAR_OPTIONS))
         if unknown:
             raise ValueError(f"fused_lm_head_options accepts {list(_LINEAR_OPTIONS)}, got {unknown}")
         if options and not use_fused_lm_head:
             raise ValueError("fused_lm_head_options apply only with use_fused_lm_head=True")
+        # Their values too, here rather than at the first step (after the reference's precompute).
+        check_linear_options(None, 1.0, options.get("mode", "auto"), options.get("chunk_tokens"),
+                             options.get("vocab_chunk"))
         if args is not None:
             check_config(args, use_fused_lm_head=use_fused_lm_head)
         _check_text_only(train_dataset, processing_class)

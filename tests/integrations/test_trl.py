@@ -266,6 +266,11 @@ REFUSED = [
     ("unknown_fused_lm_head_option", {}, {"use_fused_lm_head": True, "fused_lm_head_options": {"chunk": 4}},
      ValueError, "fused_lm_head_options"),
     ("use_fused_lm_head_not_bool", {}, {"use_fused_lm_head": "yes"}, TypeError, "use_fused_lm_head"),
+    ("unknown_mode", {}, {"use_fused_lm_head": True, "fused_lm_head_options": {"mode": "fast"}},
+     ValueError, r"mode must be one of \('auto', 'one_pass', 'two_phase', 'split'\), got 'fast'"),
+    ("chunk_tokens_zero", {}, {"use_fused_lm_head": True, "fused_lm_head_options": {"chunk_tokens": 0}},
+     ValueError, "chunk_tokens must be an int >= 1"),
+    ("unknown_backend", {}, {"backend": "gpu"}, ValueError, "backend must be one of"),
 ]
 
 
