@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The whole GPU check of the logits path in one process, as a markdown report.
+"""The whole GPU check of the logits path and the hidden-state path in one process, as a markdown report.
 
     python benchmarks/gpu_report.py [--pythonpath DIR] [--out DIR]      # on a CUDA machine
     python benchmarks/gpu_report.py --smoke --out /tmp/report             # CPU, tiny shapes
@@ -44,6 +44,28 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 
 
+def index_list(text: str) -> list[int]:
+    """``--shapes 0,2``: comma-separated shape indices (their range is checked once the shapes are
+    known, before anything runs)."""
+    try:
+        indices = [int(i) for i in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated shape indices such as 0,2, got {text!r}") from None
+    if any(i < 0 for i in indices):
+        raise argparse.ArgumentTypeError(f"shape indices are >= 0, got {text!r}")
+    return indices
+
+
+def select_shapes(shapes: list, indices: list[int] | None, flag: str) -> list:
+    """The shapes ``indices`` picks (all for None); an index past the list exits with the choices."""
+    if indices is None:
+        return shapes
+    if max(indices) >= len(shapes):
+        raise SystemExit(f"gpu_report: {flag} indices run from 0 to {len(shapes) - 1} "
+                         f"({'; '.join(f'{i}: {s.describe()}' for i, s in enumerate(shapes))}), got {indices}")
+    return [shapes[i] for i in indices]
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--pythonpath", action="append", default=[], metavar="DIR",
@@ -53,7 +75,7 @@ def parse_args(argv=None):
                    help="run every code path on the CPU with tiny shapes (ours through backend='reference')")
     p.add_argument("--iters", type=int, default=None, help="timed runs per variant (default 20; smoke 3)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up runs per variant (default 3; smoke 1)")
-    p.add_argument("--shapes", default=None, help="comma-separated indices of the shapes to run (default all)")
+    p.add_argument("--shapes", type=index_list, default=None, help="comma-separated indices of the shapes to run (default all)")
     p.add_argument("--no-check", action="store_true", help="skip the correctness section")
     p.add_argument("--no-timing", action="store_true", help="skip the timing section")
     p.add_argument("--budget-s", type=float, default=540.0,
@@ -62,7 +84,7 @@ def parse_args(argv=None):
     p.add_argument("--sections", default="logits,hidden",
                    help="comma-separated parts to run: logits (the logits path), hidden (the hidden-state "
                         "path: fused lm_head + DPO); default both")
-    p.add_argument("--hidden-shapes", default=None,
+    p.add_argument("--hidden-shapes", type=index_list, default=None,
                    help="comma-separated indices of the hidden-path shapes to run (default all)")
     args = p.parse_args(argv)
     args.sections = {x.strip() for x in args.sections.split(",") if x.strip()}
@@ -523,6 +545,21 @@ HIDDEN_CHECK_VARIANTS = ("ours_one_pass", "ours_two_phase", "ours_split", "ours_
 _HIDDEN_TOL = {torch.float32: (1e-4, 1e-3), torch.bfloat16: (1e-2, 2e-2), torch.float16: (1e-3, 5e-3)}
 
 
+def logits_shapes(smoke: bool) -> list[Shape]:
+    """The logits path's shapes (``--shapes`` picks among them)."""
+    if smoke:
+        return [
+            Shape(pairs=2, seq=16, vocab=1000, dtype=torch.bfloat16, prompt_frac=0.25),
+            Shape(pairs=2, seq=16, vocab=1000, dtype=torch.bfloat16, prompt_frac=0.0),
+            Shape(pairs=1, seq=32, vocab=3000, dtype=torch.bfloat16, prompt_frac=0.25),
+        ]
+    return [
+        Shape(pairs=4, seq=1024, vocab=128256, dtype=torch.bfloat16, prompt_frac=0.25),
+        Shape(pairs=4, seq=1024, vocab=128256, dtype=torch.bfloat16, prompt_frac=0.0),
+        Shape(pairs=2, seq=4096, vocab=151936, dtype=torch.bfloat16, prompt_frac=0.25),  # N*V > 2^31
+    ]
+
+
 def hidden_shapes(smoke: bool) -> list[HiddenShape]:
     if smoke:
         return [
@@ -537,7 +574,7 @@ def hidden_shapes(smoke: bool) -> list[HiddenShape]:
 
 
 def check_hidden(shape: HiddenShape, device, ctx: Context, seed: int = 11) -> list[dict]:
-    """Ours (both modes) and eager at ``shape`` against a float64 oracle (materialized fp64
+    """Ours (every variant of :data:`HIDDEN_CHECK_VARIANTS`) and eager at ``shape`` against a float64 oracle (materialized fp64
     logits by autograd): the loss, every hidden-gradient row (ignored rows must be exactly 0)
     and a slice of weight-gradient rows (the rows of the labels present, plus random rows)."""
     hidden, weight, labels = make_hidden_batch(shape, device, seed=seed)
@@ -706,9 +743,7 @@ def run_hidden_section(report: Report, args, device, ctx: Context, ceil: dict, i
     """The hidden-state path: correctness at reduced shapes, then timing per shape. Returns the
     number of correctness failures."""
     smoke = args.smoke
-    shapes = hidden_shapes(smoke)
-    if args.hidden_shapes:
-        shapes = [shapes[int(i)] for i in args.hidden_shapes.split(",")]
+    shapes = select_shapes(hidden_shapes(smoke), args.hidden_shapes, "--hidden-shapes")
     tflops = ceil.get("matmul_TFLOPs")
     failures = 0
     report.text("# Hidden-state path: fused lm_head + DPO sigmoid loss\n\n"
@@ -813,24 +848,14 @@ def main(args) -> int:
     iters = args.iters or (3 if smoke else 20)
     warmup = args.warmup if args.warmup is not None else (1 if smoke else 3)
 
+    shapes = select_shapes(logits_shapes(smoke), args.shapes, "--shapes")
+    select_shapes(hidden_shapes(smoke), args.hidden_shapes, "--hidden-shapes")  # checked before anything runs
     if smoke:
-        shapes = [
-            Shape(pairs=2, seq=16, vocab=1000, dtype=torch.bfloat16, prompt_frac=0.25),
-            Shape(pairs=2, seq=16, vocab=1000, dtype=torch.bfloat16, prompt_frac=0.0),
-            Shape(pairs=1, seq=32, vocab=3000, dtype=torch.bfloat16, prompt_frac=0.25),
-        ]
         backends = ["reference"]
     else:
-        shapes = [
-            Shape(pairs=4, seq=1024, vocab=128256, dtype=torch.bfloat16, prompt_frac=0.25),
-            Shape(pairs=4, seq=1024, vocab=128256, dtype=torch.bfloat16, prompt_frac=0.0),
-            Shape(pairs=2, seq=4096, vocab=151936, dtype=torch.bfloat16, prompt_frac=0.25),  # N*V > 2^31
-        ]
         from dpo_kernels.backends import resolve_backend
 
         backends = [resolve_backend("auto", device)]  # Triton on CUDA
-    if args.shapes:
-        shapes = [shapes[int(i)] for i in args.shapes.split(",")]
 
     report.text("# dpo_kernels GPU report: " + " and ".join(
         name for key, name in (("logits", "logits path"), ("hidden", "hidden-state path")) if key in args.sections)

@@ -87,7 +87,10 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true", help="tiny shape on the CPU")
     p.add_argument("--reps", type=int, default=30)
     args = p.parse_args(argv)
-    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
+    if not args.smoke and not torch.cuda.is_available():
+        print("host_profile: no CUDA device (--smoke runs it on the CPU at a tiny shape)", file=sys.stderr)
+        return 2
+    device = torch.device("cpu" if args.smoke else "cuda")
     shape = (HiddenShape(pairs=2, seq=32, hidden=64, vocab=1000, dtype=torch.bfloat16, prompt_frac=0.25) if args.smoke
              else HiddenShape(pairs=4, seq=1024, hidden=4096, vocab=128256, dtype=torch.bfloat16, prompt_frac=0.25))
     hidden, weight, labels = make_hidden_batch(shape, device, seed=0)

@@ -10,6 +10,7 @@ yet.
 """
 from __future__ import annotations
 
+import argparse
 import itertools
 import statistics
 import sys
@@ -115,7 +116,9 @@ def hidden_path(lengths, H, V, device, mode):
 
 
 def main(argv):
-    smoke = "--smoke" in argv
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (wall clock), to try the script")
+    smoke = parser.parse_args(argv).smoke
     if not smoke and not torch.cuda.is_available():
         sys.exit("packed_check.py needs CUDA (or --smoke for tiny shapes on the CPU)")
     torch.manual_seed(0)

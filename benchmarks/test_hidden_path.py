@@ -1,4 +1,4 @@
-"""Hidden-state path, forward + backward: ours (``fused_linear_dpo_loss``, both modes) vs baselines.
+"""Hidden-state path, forward + backward: ours (``fused_linear_dpo_loss``, every mode) vs baselines.
 
 Each case is one step of the DPO sigmoid loss from ``hidden [2B, T, H]`` and ``weight [V, H]``
 to both gradients (``torch.autograd.grad(loss, (hidden, weight))``), timed by pytest-benchmark
@@ -8,7 +8,7 @@ over valid tokens, and the peak memory one step allocates beyond its inputs (bot
 included). Variants whose package or device is missing are skipped with the reason; ours is
 skipped while ``dpo_kernels`` has no ``fused_linear_dpo_loss``.
 
-Shapes: on CUDA the design.md ones (bf16; 8 x 1024 tokens with the first 25% ignored, H=4096,
+Shapes: on CUDA the design's reference ones (bf16; 8 x 1024 tokens with the first 25% ignored, H=4096,
 V=128256; 4 x 2048, H=3584, V=152064; 2 x 16384, H=4096, V=128256, long context); on the CPU
 4 x 256 tokens, H=256, V=32000 in fp32 and bf16 (the CPU suite takes about a minute on two cores).
 """

@@ -6,7 +6,7 @@ add ``--benchmark-json out.json`` to keep the numbers). ``extra_info`` records t
 the fraction of scored tokens and the peak memory one step allocates beyond its inputs (the
 gradient included). Baselines whose package or device is missing are skipped with the reason.
 
-Shapes: on CUDA the design.md ones (bf16; 8x1024x128256 with the first 25% of tokens ignored,
+Shapes: on CUDA the design's reference ones (bf16; 8x1024x128256 with the first 25% of tokens ignored,
 the same with none ignored, 4x4096x151936 where N*V > 2^31); on the CPU small ones so that the
 whole suite takes a few minutes on two cores.
 """

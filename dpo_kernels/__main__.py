@@ -17,7 +17,11 @@ import sys
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="python -m dpo_kernels", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m dpo_kernels",
+        description="Fused DPO kernels: a training demo beside TRL (demo) and a correctness check and "
+                    "timing table (bench).",
+    )
     parser.add_argument("--version", action="version", version=f"dpo_kernels {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="command")
     commands.required = True
@@ -27,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser = commands.add_parser(
         "demo",
         help="DPO-train a tiny model with FusedDPOTrainer beside TRL's DPOTrainer; curves, step time, memory",
-        description=demo.__doc__.split("\n\n")[0].split(": ", 1)[-1],
+        description=demo.__doc__.split("\n\n")[0].split(": ", 1)[-1].replace("``", ""),
     )
     demo.add_arguments(demo_parser)
     demo_parser.set_defaults(func=demo.main)

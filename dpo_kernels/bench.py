@@ -35,6 +35,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ._argtypes import fraction, non_negative_int, positive_int
+
 IGNORE_INDEX = -100
 BETA = 0.1
 
@@ -84,7 +86,7 @@ class Shape:
 
     def describe(self) -> str:
         return (f"[{self.sequences}, {self.seq}, {self.vocab}] {dtype_name(self.dtype)} "
-                f"({fmt_bytes(self.logits_bytes)} of logits, first {self.prompt_frac:.0%} of tokens ignored)")
+                f"({fmt_bytes(self.logits_bytes)} of logits, first {self.prompt_tokens / self.seq:.0%} of tokens ignored)")
 
 
 def _element_size(dtype: torch.dtype) -> int:
@@ -247,6 +249,22 @@ def _quiet_stderr():
                     print(line, file=sys.stderr)
 
 
+def _chosen_backends(text: str, device: torch.device) -> list[str]:
+    """``--backends``' names, each once, in order: every one a backend this device runs (refused
+    before anything is checked or timed)."""
+    from .backends import BACKEND_NAMES, available_backends
+
+    concrete = [n for n in BACKEND_NAMES if n != "auto"]
+    names = list(dict.fromkeys(b.strip() for b in text.split(",") if b.strip()))
+    if not names or any(n not in concrete for n in names):
+        raise SystemExit(f"bench: --backends takes comma-separated names among {concrete}, got {text!r}")
+    unavailable = [n for n in names if n not in available_backends(device)]
+    if unavailable:
+        raise SystemExit(f"bench: --backends {unavailable} cannot run on {device.type} here (available: "
+                         f"{available_backends(device)})")
+    return names
+
+
 def _timing_backends(device: torch.device) -> tuple[list[str], list[str]]:
     """(backends to time, backends left out with why)."""
     from .backends import available_backends
@@ -390,7 +408,13 @@ def default_shape(device: torch.device) -> Shape:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"bench: --device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"bench: --device must be auto, cpu, cuda or cuda:N, got {name!r} (no kernel of ours "
+                         f"runs on {device.type})")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench: --device cuda requested but CUDA is not available")
     return device
@@ -432,13 +456,11 @@ def run_bench(args) -> int:
         dtype=dtype,
         prompt_frac=base.prompt_frac if args.prompt_frac is None else args.prompt_frac,
     )
-    if not 0.0 <= shape.prompt_frac < 1.0:
-        raise SystemExit(f"bench: --prompt-frac must be in [0, 1), got {shape.prompt_frac}")
     iters = args.iters or (20 if device.type == "cuda" else 5)
     warmup = args.warmup if args.warmup is not None else (3 if device.type == "cuda" else 1)
 
     if args.backends:
-        backends, left_out = [b.strip() for b in args.backends.split(",") if b.strip()], []
+        backends, left_out = _chosen_backends(args.backends, device), []
     else:
         backends, left_out = _timing_backends(device)
 
@@ -518,27 +540,31 @@ def _device_name(device: torch.device) -> str:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--batch", type=int, default=None,
+    parser.add_argument("--batch", type=positive_int, default=None,
                         help="preference pairs B (the logits hold 2B sequences); default 2 on CPU, 4 on CUDA")
-    parser.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 256 CPU, 1024 CUDA)")
-    parser.add_argument("--vocab", type=int, default=None, help="vocabulary size (default 32000 CPU, 128256 CUDA)")
+    parser.add_argument("--seq", type=positive_int, default=None, help="tokens per sequence (default 256 CPU, 1024 CUDA)")
+    parser.add_argument("--vocab", type=positive_int, default=None, help="vocabulary size (default 32000 CPU, 128256 CUDA)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="logits dtype (default float32 on CPU, bfloat16 on CUDA)")
-    parser.add_argument("--prompt-frac", type=float, default=None,
+    parser.add_argument("--prompt-frac", type=fraction, default=None,
                         help="fraction of each sequence's first tokens that are ignored (default 0.25)")
-    parser.add_argument("--iters", type=int, default=None, help="timed runs per variant (default 5 CPU, 20 CUDA)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 1 CPU, 3 CUDA)")
+    parser.add_argument("--iters", type=positive_int, default=None, help="timed runs per variant (default 5 CPU, 20 CUDA)")
+    parser.add_argument("--warmup", type=non_negative_int, default=None, help="untimed runs first (default 1 CPU, 3 CUDA)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
     parser.add_argument("--backends", default=None,
                         help="comma-separated backends to check and time (default: every available one)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seeds the inputs (default 0)")
 
 
 def main(args) -> int:
-    for name in ("batch", "seq", "vocab", "iters"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise SystemExit(f"bench: --{name} must be >= 1, got {value}")
     code = run_bench(args)
     sys.stdout.flush()
     return code
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m dpo_kernels.bench", description=__doc__.split("\n")[0].split(": ", 1)[-1].replace("``", ""))
+    add_arguments(parser)
+    sys.exit(main(parser.parse_args()))

@@ -38,12 +38,14 @@ import warnings
 from dataclasses import dataclass, field
 from importlib import resources
 
+from ._argtypes import positive_float, positive_int, seed
+
 DEFAULT_STEPS = 300
 SMOOTH = 20  # moving-average window of the printed and plotted curves
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"optimizer steps per run (default {DEFAULT_STEPS})")
+    parser.add_argument("--steps", type=positive_int, default=DEFAULT_STEPS, help=f"optimizer steps per run (default {DEFAULT_STEPS})")
     parser.add_argument("--out", default="dpo_kernels_demo",
                         help="directory for demo.png and demo.json (default ./dpo_kernels_demo)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
@@ -51,13 +53,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-compare", action="store_true", help="skip the stock TRL DPOTrainer run")
     parser.add_argument("--logits", action="store_true",
                         help="our logits path (fused_dpo_loss on the model's logits) instead of the fused lm head")
-    parser.add_argument("--batch", type=int, default=16, help="preference pairs per step (default 16)")
-    parser.add_argument("--vocab", type=int, default=8192,
+    parser.add_argument("--batch", type=positive_int, default=16, help="preference pairs per step (default 16)")
+    parser.add_argument("--vocab", type=positive_int, default=8192,
                         help="the model's vocabulary size (the tokenizer uses ~40 of them; default 8192)")
-    parser.add_argument("--lr", type=float, default=3e-3, help="learning rate (default 3e-3)")
-    parser.add_argument("--beta", type=float, default=0.1, help="DPO beta (default 0.1)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--print-every", type=int, default=50, help="print a progress line every N steps")
+    parser.add_argument("--lr", type=positive_float, default=3e-3, help="learning rate (default 3e-3)")
+    parser.add_argument("--beta", type=positive_float, default=0.1, help="DPO beta (default 0.1)")
+    parser.add_argument("--seed", type=seed, default=0, help="seeds the model's weights and the runs (default 0)")
+    parser.add_argument("--print-every", type=positive_int, default=50,
+                        help="print a progress line every N steps (default 50)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -344,8 +347,8 @@ def _device(name: str):
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.steps < 1 or args.batch < 1:
-        raise SystemExit("--steps and --batch must be >= 1")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise SystemExit(f"--out {args.out}: exists and is not a directory (demo.png and demo.json go in it)")
     device = _device(args.device)
     _quiet()
     import trl
@@ -397,6 +400,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m dpo_kernels.demo",
+                                     description=__doc__.split("\n")[0].split(": ", 1)[-1].replace("``", ""))
     add_arguments(parser)
     sys.exit(main(parser.parse_args()))

@@ -37,11 +37,52 @@ def test_cli_bench_tiny():
     assert "| fused_dpo_loss[reference], inplace_backward |" in out, out
 
 
-def test_cli_bench_rejects_bad_options():
-    proc = subprocess.run([sys.executable, "-m", "dpo_kernels", "bench", "--seq", "0"],
+@pytest.mark.parametrize("argv, message", [
+    (["--seq", "0"], "argument --seq: must be an int >= 1, got '0'"),
+    (["--warmup", "-3"], "argument --warmup: must be an int >= 0, got '-3'"),
+    (["--prompt-frac", "nan"], "argument --prompt-frac: must be a number in [0, 1), got 'nan'"),
+    (["--device", "foo"], "--device must be auto, cpu, cuda or cuda:N, got 'foo'"),
+    (["--device", "meta"], "no kernel of ours runs on meta"),
+    (["--backends", "nope"], "--backends takes comma-separated names among ['triton', 'reference', 'cpu'], got 'nope'"),
+])
+def test_cli_bench_rejects_bad_options(argv, message):
+    """Refused before anything is checked or timed (no traceback, no eager timing first)."""
+    proc = subprocess.run([sys.executable, "-m", "dpo_kernels", "bench", *argv],
                           capture_output=True, text=True, timeout=60, env=_env(), cwd=REPO)
     assert proc.returncode != 0
-    assert "--seq must be >= 1" in proc.stderr
+    assert message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and "eager" not in proc.stdout
+
+
+def test_bench_module_runs_as_a_script():
+    """``python -m dpo_kernels.bench`` is the same command as ``python -m dpo_kernels bench``."""
+    proc = subprocess.run([sys.executable, "-m", "dpo_kernels.bench", "--help"],
+                          capture_output=True, text=True, timeout=60, env=_env(), cwd=REPO)
+    assert proc.returncode == 0 and "--prompt-frac" in proc.stdout, proc.stderr
+
+
+@pytest.mark.parametrize("script", ["hidden_path_sweep.py", "host_profile.py"])
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
+def test_gpu_scripts_refuse_without_cuda(script):
+    """Without --smoke on a machine without CUDA they exit at once: the full shapes are an H200's
+    (they used to start an hours-long CPU run that --budget-s could not stop)."""
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--out", "/nonexistent/never"],
+                          capture_output=True, text=True, timeout=120, env=_env(), cwd=REPO)
+    assert proc.returncode == 2 and "no CUDA device" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--shapes", "9"], "gpu_report: --shapes indices run from 0 to 2"),
+    (["--shapes", "x"], "argument --shapes: must be comma-separated shape indices such as 0,2, got 'x'"),
+    (["--hidden-shapes", "7"], "gpu_report: --hidden-shapes indices run from 0 to"),
+])
+def test_gpu_report_checks_shape_indices_first(argv, message, tmp_path):
+    """An index past the shapes exits with the choices before any section runs (a bad hidden index
+    used to be recorded as a correctness failure after the logits section had run)."""
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_report.py"), "--smoke", *argv],
+                          capture_output=True, text=True, timeout=120, env=_env(tmp_path), cwd=REPO)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+    assert not list(tmp_path.iterdir())
 
 
 def test_oracle_comparison_flags_a_wrong_gradient():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 
 import pytest
 
@@ -65,3 +66,27 @@ def test_shipped_data_is_what_its_generator_writes_and_fully_tokenized():
 def test_bad_arguments_exit_with_a_message():
     with pytest.raises(SystemExit, match="--vocab"):
         main(["demo", "--vocab", "5", "--no-compare", "--steps", "1"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--print-every", "0"], "argument --print-every: must be an int >= 1, got '0'"),
+    (["--steps", "-1"], "argument --steps: must be an int >= 1"),
+    (["--beta", "0"], "argument --beta: must be a finite number > 0, got '0'"),
+    (["--lr", "nan"], "argument --lr: must be a finite number > 0, got 'nan'"),
+    (["--seed", "-5"], r"argument --seed: must be an int in \[0, 2\*\*32\)"),
+    (["--batch", "two"], "argument --batch: must be an int >= 1, got 'two'"),
+])
+def test_bad_values_are_refused_while_parsing(argv, message, capsys):
+    """Refused by argparse (exit 2, its usage line), before a model is built: --print-every 0 used
+    to divide by zero after the first training step, --seed -5 to fail inside NumPy."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", "--no-compare", *argv])
+    assert exit_.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_out_must_be_a_directory(tmp_path):
+    taken = tmp_path / "a_file"
+    taken.write_text("")
+    with pytest.raises(SystemExit, match="exists and is not a directory"):
+        main(["demo", "--no-compare", "--steps", "1", "--out", str(taken)])
