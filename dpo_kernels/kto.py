@@ -52,7 +52,7 @@ class KTOOutput:
     ``loss`` is the batch mean (differentiable). ``logps`` are the per-sequence policy log-probs
     ``[B]`` (differentiable), ``rewards`` the implicit rewards ``beta * (pi - ref)`` ``[B]``
     (detached), ``desirable`` the ``[B]`` bool labels; ``kl`` is the clamped, detached KL estimate
-    the loss used (0 for loss types without one). The ``chosen_*``/``rejected_*`` properties select
+    the loss used (0 for loss types without one), in the log-probs' dtype. The ``chosen_*``/``rejected_*`` properties select
     the desirable/undesirable sequences (a boolean index: one host sync when read). ``metrics``
     holds detached scalar tensors under the names TRL's ``KTOTrainer`` logs (no host sync).
     """
@@ -195,9 +195,11 @@ def fused_kto_loss(
     if kl_sources is not None:
         kl_policy = _summed_logps(kl_sources[0], kl_labels, ignore_index, shift, backend_name, checks, "kl_logits")
         kl_ref = _summed_logps(kl_sources[1], kl_labels, ignore_index, shift, backend_name, checks, "ref_kl_logits")
-        kl = (kl_policy.float() - kl_ref.float()).mean().detach().clamp(min=0)
+        # In the log-probs' dtype (fp32; fp64 for fp64 logits): .float() rounded an fp64 KL, and the
+        # fp64 loss with it, to fp32 (2e-5 off at summed log-probs of -3e4).
+        kl = (kl_policy.to(logps.dtype) - kl_ref.to(logps.dtype)).mean().detach().clamp(min=0)
     else:
-        kl = torch.zeros((), dtype=torch.float32, device=logits.device)
+        kl = torch.zeros((), dtype=logps.dtype, device=logits.device)
     if validate:
         given = [reference_failures(name, value) for name, value in
                  (("ref_logps", ref_logps), ("kl_logps", kl_logps), ("ref_kl_logps", ref_kl_logps))]

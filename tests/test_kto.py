@@ -90,18 +90,20 @@ def check(out: KTOOutput, want, grad, dtype, backend):
     assert_close_values(out.loss, want["loss"], dtype, "loss")
     assert_close_values(out.logps, want["logps"], dtype, "logps")
     assert_close_values(out.rewards, want["rewards"], dtype, "rewards")
-    assert_close_values(out.kl, torch.tensor(want["kl"]), dtype, "kl")
+    assert_close_values(out.kl, torch.tensor(want["kl"], dtype=torch.float64), dtype, "kl")
     expected = dict(want["metrics"])
     if backend == "cpu" and "entropy" not in out.metrics:
         expected.pop("entropy")  # the C++ backend may not compute the entropy extra yet
     assert set(out.metrics) == set(expected)
+    # The logged metrics are fp32 sums of the kernels' fp32 same-pass statistics, fp64 logits too.
+    metric_dtype = torch.float32 if dtype == torch.float64 else dtype
     for name, value in expected.items():
         got = out.metrics[name]
         assert got.dim() == 0 and not got.requires_grad, name
         if math.isnan(value.item()):
             assert torch.isnan(got), name
         else:
-            assert_close_values(got, value, dtype, name)
+            assert_close_values(got, value, metric_dtype, name)
     assert grad.dtype == dtype
     assert_close_grad(grad, want["grad"], dtype)
     d = out.desirable
@@ -167,6 +169,29 @@ def test_kto_matches_oracle(backend, small_block, dtype, shift, kl_state):
     want = kto_oracle(logits, labels, desirable, ref_seq=ref, kl_raw=kl_raw, beta=0.7, wd=1.5, wu=0.6, shift=shift)
     check(out, want, grad, dtype, backend)
     assert (out.kl > 1.0) if kl_state == "active" else (out.kl == 0)
+
+
+@pytest.mark.parametrize("kl_form", ["logps", "logits"])
+def test_float64_keeps_the_kl_in_float64(backend, kl_form):
+    """fp64 logits: the KL estimate, and the loss through it, stay fp64 (they were rounded to fp32:
+    2e-5 off the loss at summed KL log-probs of -3e4)."""
+    B, V = 4, 90
+    logits, labels, kl_logits, kl_labels = unpaired_batch(B, 5, V, torch.float64)
+    desirable = torch.tensor([True, False, True, False])
+    ref = torch.randn(B, dtype=torch.float64) * 3 + seq_logps64(logits, labels, False)
+    kl_pol = seq_logps64(kl_logits, kl_labels, False)
+    if kl_form == "logps":
+        # Long KL completions: summed log-probs near -3e4, their difference 0.2 + 1e-9-scale detail.
+        kl_pol = kl_pol - 30000.0
+        kw = dict(kl_logps=kl_pol)
+    else:
+        kw = dict(kl_logits=kl_logits, kl_labels=kl_labels)
+    ref_kl = kl_pol - 0.2 - 1e-6 * torch.arange(B, dtype=torch.float64)
+    kl_raw = (kl_pol - ref_kl).mean().item()
+    out, grad = run(logits, labels, desirable, ref_logps=ref, ref_kl_logps=ref_kl, beta=1.0, backend=backend, **kw)
+    assert out.loss.dtype == out.kl.dtype == torch.float64
+    check(out, kto_oracle(logits, labels, desirable, ref_seq=ref, kl_raw=kl_raw, beta=1.0), grad, torch.float64,
+          backend)
 
 
 @pytest.mark.parametrize("composition", ["all_desirable", "all_undesirable"])
