@@ -18,6 +18,19 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 
 
+def is_number(value) -> bool:
+    """A Python int or float, not a bool (NumPy scalars arrive as Python's: :func:`python_scalars`)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_finite_number(value) -> bool:
+    """:func:`is_number` and finite. By comparisons, not ``math.isfinite``: under ``torch.compile`` a
+    float option that changed between calls (a beta schedule) or any float with ``dynamic=True`` is a
+    symbolic float, which comparisons trace and ``math.isfinite`` does not (a graph break, an error
+    with ``fullgraph=True``)."""
+    return is_number(value) and -math.inf < value < math.inf
+
+
 def python_scalar(value):
     """A NumPy bool, integer or float scalar as Python's (``np.int64(4)`` -> ``4``); anything else
     unchanged. A knob read from an array or a config is as good as a literal, and the checks (and
@@ -89,8 +102,11 @@ def check_ignore_index(ignore_index) -> None:
 
 def check_inplace(inplace_backward, logits) -> None:
     """``inplace_backward`` writes each logit's gradient over it: two logits sharing memory (an
-    expanded or otherwise overlapping view) would get one gradient written over the other's."""
-    if inplace_backward and logits.requires_grad and rows_may_overlap(logits):
+    expanded or otherwise overlapping view) would get one gradient written over the other's.
+    Not under ``torch.compile``, which ignores ``inplace_backward`` (and cannot sort symbolic
+    strides: a new shape or ``dynamic=True`` broke the graph)."""
+    if (inplace_backward and not torch.compiler.is_compiling() and logits.requires_grad
+            and rows_may_overlap(logits)):
         raise ValueError(
             "inplace_backward=True needs logits whose elements do not overlap in memory "
             f"(got strides {logits.stride()} for shape {tuple(logits.shape)})"
@@ -117,7 +133,7 @@ def check_linear_options(logit_softcap, temperature, mode, chunk_tokens, vocab_c
     from .linear import MODES
 
     def positive(value, name):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        if not is_finite_number(value) or value <= 0:
             raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
         return float(value)
 

@@ -27,7 +27,6 @@ same-pass extras behind the ``logits/*`` and ``entropy`` metrics); nothing here 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -36,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .api import _check_token_results, reference_failures
-from .checks import FLOAT_DTYPES, check_inplace, check_logits_labels, python_scalars
+from .checks import FLOAT_DTYPES, check_inplace, check_logits_labels, is_finite_number, python_scalars
 from .backends import resolve_backend
 from .logprobs import TokenLogprobs, completion_lengths, sequence_logprobs, token_logprobs
 
@@ -310,10 +309,10 @@ def _check_loss_options(loss_type, beta, desirable_weight, undesirable_weight, b
                         bco_update, entropy) -> str:
     if loss_type not in KTO_LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {KTO_LOSS_TYPES}, got {loss_type!r}")
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta <= 0:
+    if not is_finite_number(beta) or beta <= 0:
         raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
     for name, value in (("desirable_weight", desirable_weight), ("undesirable_weight", undesirable_weight)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        if not is_finite_number(value) or value < 0:
             raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if value != 1.0 and loss_type not in _USES_CLASS_WEIGHTS:
             raise ValueError(

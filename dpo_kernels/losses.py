@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .checks import python_scalar
+from .checks import is_finite_number, is_number, python_scalar
 
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 
@@ -371,7 +371,7 @@ def apo_down_loss(pair: PreferencePair, opts: LossOptions) -> torch.Tensor:
 
 
 def _check_discopop(opts: LossOptions) -> None:
-    if not (_is_number(opts.discopop_tau) and math.isfinite(opts.discopop_tau) and opts.discopop_tau > 0):
+    if not (is_finite_number(opts.discopop_tau) and opts.discopop_tau > 0):
         raise ValueError(f"discopop_tau must be a finite number > 0 for loss_type='discopop', got {opts.discopop_tau!r}")
 
 
@@ -413,12 +413,12 @@ def sigmoid_norm_loss(pair: PreferencePair, opts: LossOptions) -> torch.Tensor:
 
 def _check_cpo_alpha(opts: LossOptions) -> None:
     a = opts.cpo_alpha
-    if a is not None and not (_is_number(a) and math.isfinite(a) and a >= 0):
+    if a is not None and not (is_finite_number(a) and a >= 0):
         raise ValueError(f"cpo_alpha must be a finite number >= 0, got {a!r}")
 
 
 def _check_simpo(opts: LossOptions) -> None:
-    if not (_is_number(opts.simpo_gamma) and math.isfinite(opts.simpo_gamma)):
+    if not is_finite_number(opts.simpo_gamma):
         raise ValueError(f"simpo_gamma must be a finite number for loss_type='simpo', got {opts.simpo_gamma!r}")
     _check_cpo_alpha(opts)
 
@@ -472,10 +472,6 @@ def orpo_loss(pair: PreferencePair, opts: LossOptions) -> torch.Tensor:
 # Assembly: which losses, with which options and weights, and their weighted sum.
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def describe(specs: Sequence[LossSpec]) -> str:
     """``'ipo'`` for one loss type, ``['sigmoid', 'sft']`` for several (for error messages)."""
     names = [spec.name for spec in specs]
@@ -495,7 +491,7 @@ def resolve_loss_weights(specs: Sequence[LossSpec], loss_weights: Sequence[float
     """One finite weight per loss type (default 1.0 each, as TRL)."""
     if loss_weights is None:
         return (1.0,) * len(specs)
-    if isinstance(loss_weights, (int, float)) and not isinstance(loss_weights, bool):
+    if is_number(loss_weights):
         loss_weights = [loss_weights]
     if not isinstance(loss_weights, (list, tuple)) or len(loss_weights) != len(specs):
         raise ValueError(
@@ -504,7 +500,7 @@ def resolve_loss_weights(specs: Sequence[LossSpec], loss_weights: Sequence[float
         )
     loss_weights = [python_scalar(w) for w in loss_weights]
     for w in loss_weights:
-        if not _is_number(w) or not math.isfinite(w):
+        if not is_finite_number(w):
             raise ValueError(f"loss_weights must be finite numbers, got {loss_weights!r}")
     return tuple(float(w) for w in loss_weights)
 
@@ -527,7 +523,7 @@ def loss_options(
     its default.
     """
     desc = describe(specs)
-    if not _is_number(beta) or not math.isfinite(beta) or beta < 0:
+    if not is_finite_number(beta) or beta < 0:
         raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
     if beta == 0 and any(spec.uses_beta for spec in specs):
         users = [spec.name for spec in specs if spec.uses_beta]
@@ -535,7 +531,7 @@ def loss_options(
             f"beta must be a finite number > 0, got {beta!r}: loss_type {users} reads it (beta = 0 is "
             "allowed only where no loss does, as for 'sft' alone, where it only scales the logged rewards)"
         )
-    if not _is_number(label_smoothing) or not 0.0 <= label_smoothing < 0.5:
+    if not is_number(label_smoothing) or not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5) (loss_type={desc}), got {label_smoothing!r}")
     if label_smoothing and not any(spec.label_smoothing for spec in specs):
         users = sorted(name for name, spec in LOSSES.items() if spec.label_smoothing)
@@ -559,7 +555,7 @@ def loss_options(
                 f"f_divergence_type='alpha_divergence', got f_divergence_type={f_divergence_type!r} "
                 f"(loss_type={desc})"
             )
-        if not _is_number(f_alpha_divergence_coef) or not math.isfinite(f_alpha_divergence_coef):
+        if not is_finite_number(f_alpha_divergence_coef):
             raise ValueError(f"f_alpha_divergence_coef must be a finite number, got {f_alpha_divergence_coef!r}")
     given = {"discopop_tau": discopop_tau, "simpo_gamma": simpo_gamma, "cpo_alpha": cpo_alpha}
     for name, value in given.items():

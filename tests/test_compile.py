@@ -196,6 +196,28 @@ def test_compiled_token_logprobs_matches_oracle(backend):
     assert not leaf.grad[..., :2].any() and not leaf.grad[..., V + 2:].any()
 
 
+@pytest.mark.parametrize("dynamic", [None, True], ids=["automatic", "dynamic"])
+def test_changing_float_options_and_shapes_stay_one_graph(dynamic):
+    """A beta schedule, a second configuration, a new batch shape: Dynamo makes such floats (and
+    shapes) symbolic, and the option checks compare them rather than call math.isfinite, and the
+    in-place check (ignored when compiled) does not sort symbolic strides; each call is one graph
+    (fullgraph=True) with the eager result. Both used to raise."""
+    def step(logits, labels, ref, beta, gamma, softcap):
+        out = fused_dpo_loss(logits, labels, ref_logps=ref, beta=beta, loss_type=["sigmoid", "sft"],
+                             loss_weights=[1.0, gamma], backend="cpu" if cpu_extension_available() else "reference",
+                             inplace_backward=True)
+        return out.loss * softcap
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True, dynamic=dynamic)
+    for seq, beta, gamma in ((6, 0.1, 0.5), (6, 0.2, 0.5), (6, 0.2, 0.7), (8, 0.35, 0.25)):
+        logits, labels = oracle.make_batch(2, seq, V, torch.float32)
+        ref = torch.randn(4) - 10
+        got = compiled(logits, labels, ref, beta, gamma, 2.5)
+        want = step(logits, labels, ref, beta, gamma, 2.5)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert not counters["graph_break"]
+
+
 def test_inductor_compiled_step_matches_oracle():
     """The generated C++ code around the registered operators (backend="auto": the C++ backend
     when built, else the reference)."""
