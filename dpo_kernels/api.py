@@ -27,6 +27,7 @@ from .logprobs import (
     TokenLogprobs,
     align_labels,
     completion_lengths,
+    functorch_transforms,
     fused_sigmoid_dpo,
     label_ids,
     ld_token_weights,
@@ -1126,8 +1127,10 @@ def _validation_skipped(*tensors: torch.Tensor) -> bool:
     """``validate=True`` does nothing inside a torch.compile'd region: its host sync (a
     data-dependent branch) would break the graph, which ``fullgraph=True`` refuses. Compiled, a bad
     label gives a NaN log-prob and NaN/inf logits reach the loss, as with ``validate=False``.
-    Likewise on ``meta`` tensors (shape propagation: there are no values to check)."""
-    return torch.compiler.is_compiling() or any(t.device.type == "meta" for t in tensors)
+    Likewise on ``meta`` tensors (shape propagation: there are no values to check) and under
+    ``torch.func.vmap`` (a batched tensor has no single storage to read on the host)."""
+    return (torch.compiler.is_compiling() or any(t.device.type == "meta" for t in tensors)
+            or bool(functorch_transforms()))
 
 
 def lse_precision_limit(dtype: torch.dtype) -> float:

@@ -91,7 +91,7 @@ import torch
 
 from .backends import (accumulation_dtype, autocast_off, empty_forward_outputs, extras_mask, extras_names,
                        forward_and_grad_, fused_logits_grad_matmul, load_backend, lse_dtype)
-from .logprobs import refuse_double_backward
+from .logprobs import refuse_double_backward, refuse_forward_ad
 
 MODES = ("auto", "one_pass", "two_phase", "split")
 
@@ -880,6 +880,7 @@ def linear_token_logprobs(hidden, head: Head, aligned, extras=(), *, chunk_token
     mask = extras_mask(extras)
     vocab_step, backward_tokens = backward_plan(head, hidden.shape[-1], hidden.dtype, backward_chunk_tokens,
                                                 vocab_chunk)
+    refuse_forward_ad("fused_linear_dpo_loss", hidden, head.weight, head.bias)
     logp, lse, stacked = linear_token_logprobs_op(
         hidden, head.weight, head.bias, aligned, rows, cols, float(head.temperature), head.softcap,
         head.backend_name, int(head.ignore_index), mask, int(chunk_tokens), vocab_step, backward_tokens,

@@ -78,6 +78,38 @@ def refuse_double_backward(what: str) -> None:
         )
 
 
+def functorch_transforms() -> list:
+    """The ``torch.func`` transforms (``TransformType.Vmap``, ``Grad``, ``Jvp``, ...) active around
+    this call, outermost first; ``[]`` outside them, while torch.compile traces, and on a torch
+    without this (private) interface."""
+    if torch.compiler.is_compiling():
+        return []
+    try:
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+    except ImportError:
+        return []
+    return [interpreter.key() for interpreter in retrieve_all_functorch_interpreters()]
+
+
+def refuse_forward_ad(what: str, *tensors: torch.Tensor | None) -> None:
+    """Raise under forward-mode AD (``torch.func.jvp`` / ``jacfwd``, ``torch.autograd.forward_ad``
+    dual tensors) and under ``torch.func.grad`` / ``vjp`` / ``jacrev``. The custom operators carry a
+    reverse-mode formula only, and PyTorch takes an operator without a forward-mode one for a
+    constant: a ``jvp`` through it was silently 0. ``torch.func.vmap`` and ``torch.autograd`` work."""
+    transforms = functorch_transforms()
+    kinds = torch._C._functorch.TransformType
+    dual = not transforms and any(
+        t is not None and torch.autograd.forward_ad.unpack_dual(t).tangent is not None for t in tensors
+    )
+    if dual or kinds.Jvp in transforms or kinds.Grad in transforms:
+        raise NotImplementedError(
+            f"dpo_kernels: {what} supports reverse-mode autograd only (loss.backward(), "
+            "torch.autograd.grad; torch.func.vmap works), not forward-mode AD (torch.func.jvp, jacfwd, "
+            "torch.autograd.forward_ad) nor torch.func.grad / vjp / jacrev: PyTorch would take its "
+            "kernels' outputs for constants and return a zero derivative"
+        )
+
+
 # The kernel contract as ONE registered operator for every backend, with its autograd formula
 # attached by ``register_autograd``: torch.compile sees an opaque op with a fake implementation
 # (no graph break, whatever the backend does inside), and eager autograd behaves as before.
@@ -176,6 +208,7 @@ def token_logprobs(
     # saved logits into a fresh buffer to overwrite that (a backward-graph input is never written):
     # an extra pass over the logits for no memory saved. The allocating backward is cheaper.
     inplace = bool(inplace_backward) and not torch.compiler.is_compiling()
+    refuse_forward_ad("token_logprobs", logits)
     logp, lse, stacked = token_logprobs_op(logits, aligned, int(ignore_index), name, mask, inplace)
     return TokenLogprobs(logp, lse, dict(zip(extras_names(mask), stacked.unbind(0))), aligned)
 
