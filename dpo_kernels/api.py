@@ -553,7 +553,8 @@ def _one_pass_chunk_for_memory(linear, hidden, weight, bias, aligned, census, ex
     3. one_pass with that chunk, however much is formed again: memory before time.
     4. Nothing fits: the smaller of split and one_pass at its default chunk."""
     footprint = _footprint(linear, hidden, weight, bias, aligned, extras, needs, softcap, backend_name)
-    bound = linear.one_pass_peak_bytes(footprint(aligned.numel()), min(one_pass_chunk, aligned.numel()))
+    bound = linear.one_pass_peak_bytes(footprint(aligned.numel()), min(one_pass_chunk, aligned.numel()),
+                                       alone=aligned.numel() <= one_pass_chunk)
     available = linear.available_bytes(hidden.device, enough=math.ceil(bound / linear.AUTO_MEMORY_HEADROOM))
     if available is None:
         return one_pass_chunk
@@ -613,7 +614,8 @@ def _mode_peaks(linear, fp, pair_counts, one_pass_chunk, split_chunk, split_plan
     """Estimated peak bytes of one_pass and split (gradients included) for the footprint ``fp``
     of the counted valid tokens and the pairs' counts."""
     first = linear.token_chunks(fp.valid_tokens, split_chunk)[:1]
-    return {"one_pass": linear.one_pass_peak_bytes(fp, linear.one_pass_chunk_rows(pair_counts, one_pass_chunk)),
+    alone = 0 < fp.valid_tokens <= one_pass_chunk  # one chunk holds every pair, in one piece
+    return {"one_pass": linear.one_pass_peak_bytes(fp, linear.one_pass_chunk_rows(pair_counts, one_pass_chunk), alone),
             "split": linear.split_peak_bytes(fp, first[0][1] if first else 0, split_plan(fp.valid_tokens))}
 
 

@@ -975,11 +975,11 @@ class Footprint:
     token_results: int = 3
     fused_logits_grad: bool = False
 
-    def logits_bytes(self, rows: int, cols: int) -> int:
+    def logits_bytes(self, rows: int, cols: int, derivative: bool = True) -> int:
         """A chunk of logits ``[rows, cols]`` while it is being formed: the input dtype, plus with
-        a softcap three fp32 temporaries (``tanh``, its square, and the derivative ``1 - tanh^2``
-        that is kept for the gradient)."""
-        return rows * cols * (self.elem + (12 if self.softcap else 0))
+        a softcap three fp32 temporaries when its ``derivative`` is kept for the gradient
+        (``tanh``, its square, ``1 - tanh^2``), else two (the scaled logits and their ``tanh``)."""
+        return rows * cols * (self.elem + ((12 if derivative else 8) if self.softcap else 0))
 
     def slice_grad_bytes(self, rows: int, cols: int) -> int:
         """A backward slice ``[rows, cols]`` while its logits' gradient is being formed: written by
@@ -1000,17 +1000,26 @@ class Footprint:
         return 4 * (self.token_results * (self.valid_tokens + self.batch_tokens) + 2 * self.batch_tokens)
 
 
-def one_pass_peak_bytes(fp: Footprint, chunk_rows: int) -> int:
+def one_pass_peak_bytes(fp: Footprint, chunk_rows: int, alone: bool = False) -> int:
     """Bytes ``one_pass`` holds at its peak on a GPU: the gradients (formed during the forward,
     in their own dtypes) plus one chunk (or piece) of ``chunk_rows`` valid tokens: its logits
-    (overwritten by their gradient), its gathered hidden rows and the ``[rows, H]`` product of
-    its hidden gradient before the scatter. ``chunk_rows``: the largest chunk or piece
-    (:func:`one_pass_chunk_rows`)."""
+    (overwritten by their gradient), its gathered hidden rows and, with a hidden gradient, the
+    ``[rows, H]`` product before the scatter. ``chunk_rows``: the largest chunk or piece
+    (:func:`one_pass_chunk_rows`).
+
+    ``alone``: the call is that one chunk, in one piece (every valid token fits a chunk). The
+    token results and the gradients are made once the first chunk's matmul is queued
+    (``OnePass._buffers``), so its softcap temporaries never coexist with them."""
     c, H, V = chunk_rows, fp.hidden_size, fp.vocab_size
-    # Forming the logits (softcap temporaries), or holding them (+ the kept derivative) with the
-    # hidden-gradient product: whichever is larger.
-    logits = max(fp.logits_bytes(c, V), c * V * (fp.elem + (4 if fp.softcap else 0)) + c * H * fp.elem)
-    return fp.gradients_bytes() + fp.token_bytes() + logits + c * H * fp.elem
+    rows = c * H * fp.elem
+    product = rows if fp.needs[0] else 0
+    forming = fp.logits_bytes(c, V)
+    # Held: the logits (+ the kept derivative) with the hidden-gradient product.
+    held = c * V * (fp.elem + (4 if fp.softcap else 0)) + product
+    resident = fp.gradients_bytes() + fp.token_bytes()
+    if alone:
+        return rows + max(forming, resident + held)
+    return resident + rows + max(forming, held)
 
 
 def one_pass_chunk_rows(pair_counts: list[int], chunk_tokens: int) -> int:
@@ -1036,7 +1045,9 @@ def split_peak_bytes(fp: Footprint, chunk_rows: int, plan: tuple[int, int]) -> i
     need_h, need_w, need_b = fp.needs
     u = n * H * 4 if need_h else 0
     rows_bytes = chunk_rows * H * fp.elem
-    forward = fp.logits_bytes(chunk_rows, V) + (u + rows_bytes if n > chunk_rows else max(u, rows_bytes))
+    # The forward keeps the softcap's derivative only for the hidden gradient it forms.
+    forward = (fp.logits_bytes(chunk_rows, V, derivative=need_h)
+               + (u + rows_bytes if n > chunk_rows else max(u, rows_bytes)))
     hidden_grad = fp.batch_tokens * H * fp.elem if need_h else 0
     rounding = min(n, max(1, ROUNDING_BLOCK_BYTES // max(2 * H, 1))) * H * fp.elem
     backward_hidden = u + hidden_grad + rounding if need_h else 0
