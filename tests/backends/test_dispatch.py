@@ -16,6 +16,10 @@ def test_unknown_backend_lists_the_valid_names():
 
 def test_triton_on_cpu_tensors_needs_the_interpreter(monkeypatch):
     pytest.importorskip("triton")
+    # Import the Triton kernels while interpreting (conftest's setting): @triton.jit reads
+    # TRITON_INTERPRET at import, and the first import under "0" below would leave compiled-mode
+    # kernels for every later test in the process (on a CPU: "0 active drivers").
+    backends.load_backend("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         backends.resolve_backend("triton", CPU)
