@@ -5,54 +5,32 @@ from __future__ import annotations
 
 import argparse
 import math
+from typing import Callable
 
 
-def _number(kind, text: str, what: str):
-    try:
-        value = kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{what}, got {text!r}") from None
-    if kind is float and not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{what}, got {text!r}")
-    return value
+def _checked(kind: type, what: str, ok: Callable) -> Callable[[str], int | float]:
+    """A parser of ``kind`` (int or float: finite) whose value must pass ``ok``; ``what`` is the
+    message, completed with the text given."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or (kind is float and not math.isfinite(value)) or not ok(value):
+            raise argparse.ArgumentTypeError(f"{what}, got {text!r}")
+        return value
+
+    return parse
 
 
-def positive_int(text: str) -> int:
-    """An int >= 1 (steps, batch, sizes, iterations)."""
-    value = _number(int, text, "must be an int >= 1")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text!r}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    """An int >= 0 (warm-up runs)."""
-    value = _number(int, text, "must be an int >= 0")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an int >= 0, got {text!r}")
-    return value
-
-
-def seed(text: str) -> int:
-    """A seed every generator the runs seed takes: NumPy's (through TRL's ``set_seed``) needs
-    ``[0, 2**32)``."""
-    value = _number(int, text, "must be an int in [0, 2**32)")
-    if not 0 <= value < 2 ** 32:
-        raise argparse.ArgumentTypeError(f"must be an int in [0, 2**32), got {text!r}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """A finite float > 0 (learning rate, beta)."""
-    value = _number(float, text, "must be a finite number > 0")
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
-    return value
-
-
-def fraction(text: str) -> float:
-    """A float in ``[0, 1)`` (the ignored prompt's share of each sequence)."""
-    value = _number(float, text, "must be a number in [0, 1)")
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}")
-    return value
+# Steps, batch, sizes, iterations.
+positive_int = _checked(int, "must be an int >= 1", lambda v: v >= 1)
+# Warm-up runs, the bench's seed.
+non_negative_int = _checked(int, "must be an int >= 0", lambda v: v >= 0)
+# The demo's seed: NumPy's generator (through TRL's set_seed) takes [0, 2**32).
+seed = _checked(int, "must be an int in [0, 2**32)", lambda v: 0 <= v < 2 ** 32)
+# Learning rate, beta.
+positive_float = _checked(float, "must be a finite number > 0", lambda v: v > 0)
+# The ignored prompt's share of each sequence.
+fraction = _checked(float, "must be a number in [0, 1)", lambda v: 0.0 <= v < 1.0)

@@ -21,6 +21,7 @@ from .checks import (
     check_labels,
     check_linear_options,
     check_logits_labels,
+    is_number,
     python_scalars,
 )
 from .logprobs import (
@@ -938,7 +939,7 @@ def _check_token_options(specs, ld_alpha, use_weighting, average_log_prob, token
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be a bool, got {value!r}")
     if ld_alpha is not None:
-        if isinstance(ld_alpha, bool) or not isinstance(ld_alpha, (int, float)) or not 0.0 <= ld_alpha <= 1.0:
+        if not is_number(ld_alpha) or not 0.0 <= ld_alpha <= 1.0:
             raise ValueError(f"ld_alpha must be a number in [0, 1] (or None), got {ld_alpha!r}")
         if average_log_prob:
             raise ValueError(

@@ -258,10 +258,11 @@ def _chosen_backends(text: str, device: torch.device) -> list[str]:
     names = list(dict.fromkeys(b.strip() for b in text.split(",") if b.strip()))
     if not names or any(n not in concrete for n in names):
         raise SystemExit(f"bench: --backends takes comma-separated names among {concrete}, got {text!r}")
-    unavailable = [n for n in names if n not in available_backends(device)]
+    available = available_backends(device)
+    unavailable = [n for n in names if n not in available]
     if unavailable:
         raise SystemExit(f"bench: --backends {unavailable} cannot run on {device.type} here (available: "
-                         f"{available_backends(device)})")
+                         f"{available})")
     return names
 
 

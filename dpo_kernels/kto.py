@@ -51,9 +51,10 @@ class KTOOutput:
     ``loss`` is the batch mean (differentiable). ``logps`` are the per-sequence policy log-probs
     ``[B]`` (differentiable), ``rewards`` the implicit rewards ``beta * (pi - ref)`` ``[B]``
     (detached), ``desirable`` the ``[B]`` bool labels; ``kl`` is the clamped, detached KL estimate
-    the loss used (0 for loss types without one), in the log-probs' dtype. The ``chosen_*``/``rejected_*`` properties select
-    the desirable/undesirable sequences (a boolean index: one host sync when read). ``metrics``
-    holds detached scalar tensors under the names TRL's ``KTOTrainer`` logs (no host sync).
+    the loss used (0 for loss types without one), in the log-probs' dtype. The
+    ``chosen_*``/``rejected_*`` properties select the desirable/undesirable sequences (a boolean
+    index: one host sync when read). ``metrics`` holds detached scalar tensors under the names
+    TRL's ``KTOTrainer`` logs (no host sync).
     """
 
     loss: torch.Tensor

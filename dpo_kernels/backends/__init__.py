@@ -260,10 +260,15 @@ def _auto_cpu() -> str:
     return "reference"
 
 
-def resolve_backend(name: str, device: torch.device) -> str:
-    """The concrete backend for ``name`` (possibly "auto") on ``device``."""
+def check_backend_name(name) -> None:
+    """``name`` is one of :data:`BACKEND_NAMES` (whether it runs here is ``resolve_backend``'s)."""
     if name not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {name!r}")
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    """The concrete backend for ``name`` (possibly "auto") on ``device``."""
+    check_backend_name(name)
     if name != "auto":
         if name == "triton" and device.type == "cpu":
             from .triton.config import interpreting

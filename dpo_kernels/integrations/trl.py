@@ -64,7 +64,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 from .. import fused_dpo_loss
-from ..backends import BACKEND_NAMES
+from ..backends import check_backend_name
 from ..checks import check_linear_options, python_scalar
 from ._forward import Request, patch_forward
 
@@ -189,8 +189,7 @@ class FusedDPOTrainer(DPOTrainer):
                             ("validate", validate)):
             if not isinstance(value, bool):
                 raise TypeError(f"{name} must be a bool, got {value!r}")
-        if backend not in BACKEND_NAMES:
-            raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
+        check_backend_name(backend)
         options = {name: python_scalar(value) for name, value in (fused_lm_head_options or {}).items()}
         unknown = sorted(set(options) - set(_LINEAR_OPTIONS))
         if unknown:
