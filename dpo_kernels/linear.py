@@ -789,7 +789,7 @@ def two_phase_backward(head: Head, hidden, aligned, rows, cols, lse, grad_logp, 
         gw_out = None
         if need_w:
             gw_out = grad_weight[v0:v1] if direct_weight else gw_buf[: v1 - v0]
-        gb_acc = torch.zeros(v1 - v0, dtype=acc, device=hidden.device) if need_b else None
+        gb_acc = torch.empty(v1 - v0, dtype=acc, device=hidden.device) if need_b else None
         for k, (s, e) in enumerate(bounds):
             h = whole[s:e]
             y = labels[s:e] - v0 if sliced else labels[s:e]
@@ -801,8 +801,11 @@ def two_phase_backward(head: Head, hidden, aligned, rows, cols, lse, grad_logp, 
                     scatter_rows_(grad_hidden, rows[s:e], cols[s:e], grad_hidden_matmul(g, head.weight))
             if need_w:
                 grad_weight_matmul(gw_out, g, h, accumulate=k > 0)
-            if need_b:
-                gb_acc.add_(g.sum(0, dtype=acc))
+            if need_b:  # the first chunk's sum is written in place: no temporary of the slice's size
+                if k == 0:
+                    torch.sum(g, 0, dtype=acc, out=gb_acc)
+                else:
+                    gb_acc.add_(g.sum(0, dtype=acc))
             del g
         if need_w and not direct_weight:
             grad_weight[v0:v1].copy_(gw_out)  # the one rounding of this slice
@@ -987,12 +990,16 @@ class Footprint:
         (:meth:`logits_bytes`), then overwritten by their gradient."""
         return rows * cols * self.elem if self.fused_logits_grad else self.logits_bytes(rows, cols)
 
-    def gradients_bytes(self) -> int:
-        """The gradients themselves, in their own dtypes (the bias's fp32 sum included)."""
+    def gradients_bytes(self, bias_sum_rows: int | None = None) -> int:
+        """The gradients themselves, in their own dtypes, with the bias's fp32 sum of
+        ``bias_sum_rows`` entries (default ``V``: ``one_pass``'s whole-vocabulary buffer)."""
         h, w, b = self.needs
+        if not (b and self.bias_elem):
+            bias = 0
+        else:
+            bias = self.vocab_size * self.bias_elem + 4 * (self.vocab_size if bias_sum_rows is None else bias_sum_rows)
         return ((self.batch_tokens * self.hidden_size * self.elem if h else 0)
-                + (self.vocab_size * self.hidden_size * self.weight_elem if w else 0)
-                + (self.vocab_size * (4 + self.bias_elem) if b and self.bias_elem else 0))
+                + (self.vocab_size * self.hidden_size * self.weight_elem if w else 0) + bias)
 
     def token_bytes(self) -> int:
         """The per-token results (``token_results`` 4-byte words each): chunk-ordered and scattered
@@ -1038,7 +1045,8 @@ def split_peak_bytes(fp: Footprint, chunk_rows: int, plan: tuple[int, int]) -> i
     - backward, weight and bias: the gradients + the gathered valid rows ``[n, H]`` + one slice
       ``[tokens, rows]`` (``plan``: :func:`backward_plan`) of logits or, fused, of their gradient
       alone (:meth:`Footprint.slice_grad_bytes`) + the fp32 slice buffer
-      when the valid tokens take several chunks of the slice.
+      when the valid tokens take several chunks of the slice; the bias's fp32 sum is one slice
+      wide (two while a later chunk's sum is added to it).
 
     Without a weight or bias gradient the last phase does not run."""
     n, H, V = fp.valid_tokens, fp.hidden_size, fp.vocab_size
@@ -1056,7 +1064,9 @@ def split_peak_bytes(fp: Footprint, chunk_rows: int, plan: tuple[int, int]) -> i
         step, tokens = plan
         rows, tokens = min(step, V), min(tokens, n)
         slice_buffer = rows * H * 4 if need_w and n > tokens and fp.weight_elem != 4 else 0
-        backward_weight = (fp.gradients_bytes() + n * H * fp.elem + fp.slice_grad_bytes(tokens, rows)
+        # The bias's fp32 sum is the slice's, plus a second chunk's sum before it is added.
+        bias_sum_rows = rows * (2 if n > tokens else 1)
+        backward_weight = (fp.gradients_bytes(bias_sum_rows) + n * H * fp.elem + fp.slice_grad_bytes(tokens, rows)
                            + slice_buffer)
     return fp.token_bytes() + max(forward, backward_hidden, backward_weight)
 

@@ -468,6 +468,8 @@ MEMORY_CASES = [
     ("split", 2, 64, 128, 3000, 48, None, 30.0, False, True, False),
     ("split", 4, 96, 256, 5000, None, None, None, False, False, False),  # one forward chunk: u and rows never coexist
     ("split", 4, 96, 64, 20000, 40, 3000, None, True, False, True),  # several slices, several tokens chunks each
+    # A bias gradient alone, few tokens: the bias sum's [V] fp32 temporary was 8% of the peak.
+    ("split", 1, 8, 16, 3000, None, None, None, True, True, False),
 ]
 
 
