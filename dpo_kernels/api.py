@@ -398,6 +398,7 @@ def fused_linear_dpo_loss(
     )
     positions = None  # the row-major valid positions of token_labels, shared by the reference and two_phase
     compiling = torch.compiler.is_compiling()
+    vmapped = bool(functorch_transforms())  # torch.func.vmap (the other transforms were refused)
 
     def valid_positions():
         """None while torch.compile traces: the operators then find them inside, opaque to it."""
@@ -450,7 +451,7 @@ def fused_linear_dpo_loss(
                                           chunk_tokens is not None)
 
     chosen_mode, one_pass_chunk = _pick_mode(mode, objective, census if may_exceed else None, one_pass_chunk,
-                                             any(needs), specs, compiling, one_pass_memory)
+                                             any(needs), compiling, vmapped, one_pass_memory)
     if chosen_mode == "two_phase":
         logp, lse, ext = linear.linear_token_logprobs(hidden, head, token_labels, extras, chunk_tokens=chunk,
                                                       positions=valid_positions(), backward_chunk_tokens=chunk_tokens,
@@ -495,13 +496,16 @@ def fused_linear_dpo_loss(
                                                                chosen_rewards, rejected_rewards))
 
 
-def _pick_mode(mode, objective, census, chunk, grad_needed, specs, compiling=False,
+def _pick_mode(mode, objective, census, chunk, grad_needed, compiling=False, vmapped=False,
                one_pass_memory=None) -> tuple[str, int]:
     """``(mode, one_pass's tokens per chunk)``. ``census``: the valid tokens per sequence
     (:class:`linear.TokenCensus`), read by ``auto`` when a gradient is wanted and a pair may
     exceed ``chunk`` (``None``: every pair fits). ``compiling``: ``auto`` takes two_phase, the mode
     torch.compile traces whole (one_pass and split size their chunks on the host: they run
-    eagerly, a graph break). ``one_pass_memory``: called by ``auto`` before it takes one_pass,
+    eagerly, a graph break). ``vmapped`` (inside ``torch.func.vmap``): ``auto`` takes two_phase,
+    the one mode whose custom operators vmap batches; one_pass and split read counts on the host
+    and fill buffers in place, which a batched tensor cannot do, so asking for them raises.
+    ``one_pass_memory``: called by ``auto`` before it takes one_pass,
     returns the chunk one_pass fits the device's memory with, or None when it does not fit
     (:func:`_one_pass_chunk_for_memory`; ``None``: ``chunk`` fits).
 
@@ -509,7 +513,14 @@ def _pick_mode(mode, objective, census, chunk, grad_needed, specs, compiling=Fal
     sizes) when the loss is pair-local, pairs larger than a chunk would have at most
     :data:`linear.AUTO_MAX_FORMED_AGAIN` of the logits formed again, and it fits the memory
     (with a smaller chunk if need be); else split (four matmuls, the least memory, any loss);
-    two_phase when no gradient is wanted (the chunked forward alone) or inside torch.compile."""
+    two_phase when no gradient is wanted (the chunked forward alone) or inside torch.compile or
+    torch.func.vmap."""
+    if vmapped and mode in ("one_pass", "split"):
+        raise NotImplementedError(
+            f"dpo_kernels: fused_linear_dpo_loss's mode={mode!r} does not run under torch.func.vmap "
+            "(it reads token counts on the host and fills its gradients in place); use mode='two_phase' "
+            "or 'auto', which takes it there"
+        )
     if mode == "one_pass":  # it finds each pair's coefficients right after that pair's forward
         reasons = objective.coupling()
         if reasons:
@@ -520,7 +531,7 @@ def _pick_mode(mode, objective, census, chunk, grad_needed, specs, compiling=Fal
         return mode, chunk
     if mode in ("two_phase", "split"):
         return mode, chunk
-    if not grad_needed or compiling:
+    if not grad_needed or compiling or vmapped:
         return "two_phase", chunk
     if objective.batch_coupled:
         return "split", chunk
@@ -739,10 +750,13 @@ class Objective:
         the logps carry gradients back to ``policy.logp``."""
         P, ignore_index = self.num_pairs, self.ignore_index
         specs = self.specs
+        # Not under torch.func.vmap: the one-kernel form launches on raw pointers, which a
+        # batched tensor does not have (the generic path batches through the custom operators).
         use_fused = (
             self.fused_sigmoid and len(specs) == 1 and specs[0].name == "sigmoid"
             and self.opts.f_divergence_type == "reverse_kl" and self.token_weights is None
             and not self.use_weighting and policy.logp.dtype == torch.float32
+            and not functorch_transforms()
         )
         if use_fused:
             loss, seq_logps, chosen_rewards, rejected_rewards, _ = fused_sigmoid_dpo(

@@ -294,11 +294,18 @@ class _ExoPair(torch.autograd.Function):
     ``eps = 1e-3``; even float64 is 15% off at ``x = -40``). ``s(x) s(-x) = e^-|x| / (1 + e^-|x|)^2``
     is formed without cancellation, so the gradient keeps full relative precision for every x."""
 
+    # Its forward is torch operations alone, so torch.func.vmap batches it from them.
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x, a: float, b: float):
+    def forward(x, a: float, b: float):
+        return torch.sigmoid(x) * (F.logsigmoid(x) - a) + torch.sigmoid(-x) * (F.logsigmoid(-x) - b)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, a, b = inputs
         ctx.save_for_backward(x)
         ctx.shift = b - a
-        return torch.sigmoid(x) * (F.logsigmoid(x) - a) + torch.sigmoid(-x) * (F.logsigmoid(-x) - b)
 
     @staticmethod
     def backward(ctx, grad):
