@@ -713,7 +713,8 @@ class Objective:
     average: bool
     use_weighting: bool
     token_metrics: bool
-    lengths: torch.Tensor  # TRL's completion lengths [2P] (input labels), for length-normalized losses
+    lengths: torch.Tensor  # TRL DPOTrainer's completion lengths [2P] (input labels): ipo, sigmoid_norm
+    scored_lengths: torch.Tensor  # the scored tokens [2P] (labels after the shift): simpo, orpo
     token_weights: torch.Tensor | None  # LD-DPO weights [2P, T] or None
     fused_sigmoid: bool  # the Triton backend's one-kernel sigmoid loss may be used
 
@@ -724,9 +725,11 @@ class Objective:
         # Completion lengths for the losses that normalize by length: TRL's completion_mask.sum(),
         # which with shift=True counts the input labels (a completion token at position 0, i.e.
         # an empty prompt, counts although nothing predicts it).
-        lengths = completion_lengths(labels if shift else aligned_labels, ignore_index)
+        # TRL's CPO and ORPO trainers average over the scored tokens (their loss_mask.sum()).
+        scored_lengths = completion_lengths(aligned_labels, ignore_index)
+        lengths = completion_lengths(labels, ignore_index) if shift else scored_lengths
         return cls(tuple(specs), tuple(weights), opts, labels.shape[0] // 2, ignore_index, bool(average_log_prob),
-                   use_weighting, token_metrics, lengths, token_weights, fused_sigmoid)
+                   use_weighting, token_metrics, lengths, scored_lengths, token_weights, fused_sigmoid)
 
     def coupling(self) -> list[str]:
         """Why a pair's gradient depends on other pairs' log-probs (empty: each pair's is its own,
@@ -766,11 +769,12 @@ class Objective:
             return loss, seq_logps[:P], seq_logps[P:], chosen_rewards, rejected_rewards
         seq_logps = sequence_logprobs(policy.logp, policy.labels, ignore_index, self.average, self.token_weights)
         ref_seq = ref_seq.to(seq_logps.dtype)
-        lengths = self.lengths.to(seq_logps.dtype)
+        lengths, scored = self.lengths.to(seq_logps.dtype), self.scored_lengths.to(seq_logps.dtype)
         chosen, rejected = slice(0, P), slice(P, 2 * P)
         pair = PreferencePair(
             seq_logps[chosen], seq_logps[rejected], ref_seq[chosen], ref_seq[rejected],
             chosen_lengths=lengths[chosen], rejected_lengths=lengths[rejected],
+            chosen_scored=scored[chosen], rejected_scored=scored[rejected],
             chosen_token_logps=policy.logp[chosen], chosen_mask=policy.labels[chosen] != ignore_index,
             averaged=self.average,
         )

@@ -9,12 +9,14 @@ which records what it needs (a reference, label smoothing, an f-divergence, leng
 log-probs, its own options) so that ``fused_dpo_loss`` can validate options against it.
 
 Conventions (TRL's): the per-sequence log-probs are SUMS over the completion tokens (possibly
-LD-DPO weighted); losses defined on per-token averages (``ipo``, ``sigmoid_norm``, ``simpo``,
-``orpo``) divide by the completion length inside the loss. When the caller already averaged
+LD-DPO weighted); losses defined on per-token averages divide inside the loss, each by its TRL
+trainer's count: ``ipo`` and ``sigmoid_norm`` by the completion length, ``simpo`` and ``orpo`` by
+the scored tokens (:class:`PreferencePair`). When the caller already averaged
 (``average_log_prob=True``, ``PreferencePair.averaged``) they do not divide again.
 
 Definitions follow TRL 1.16: ``trl/trainer/dpo_trainer.py`` (``DPOTrainer._compute_loss``), and
-``trl/experimental/cpo`` / ``trl/experimental/orpo`` for SimPO, CPO and ORPO.
+``trl/experimental/cpo`` / ``trl/experimental/orpo`` for SimPO, CPO and ORPO, except ORPO's NLL,
+which is the paper's (over the chosen completion, not TRL's prompt and completion).
 """
 from __future__ import annotations
 
@@ -28,6 +30,8 @@ import torch.nn.functional as F
 from .checks import is_finite_number, is_number, python_scalar
 
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+# What a loss may read beyond the per-sequence log-probs (LossSpec.inputs).
+LOSS_INPUTS = ("lengths", "scored_lengths", "chosen_tokens")
 
 
 @dataclass(frozen=True)
@@ -36,8 +40,12 @@ class PreferencePair:
 
     ``*_logps`` are ``[P]``: sums over the completion tokens (TRL's convention; LD-DPO weighted
     when ``ld_alpha`` is used), or per-token averages when ``averaged`` is True. ``*_lengths`` are
-    the completion lengths ``[P]`` (floating) that length-normalized losses divide by (TRL's
-    ``completion_mask.sum()``). ``chosen_token_logps``/``chosen_mask`` are the
+    the completion lengths ``[P]`` (floating) that ``ipo`` and ``sigmoid_norm`` divide by (TRL's
+    ``DPOTrainer``: ``completion_mask.sum()``, the input's completion tokens); ``*_scored`` the
+    scored tokens ``[P]`` (the labels after any shift) that ``simpo`` and ``orpo`` divide by (TRL's
+    CPO and ORPO trainers: ``loss_mask.sum()``). The two differ only with a shift, by the
+    completion token at position 0 of an empty prompt, which nothing predicts.
+    ``chosen_token_logps``/``chosen_mask`` are the
     policy's per-token log-probs ``[P, T]`` of the chosen completions and which tokens are scored
     (for the NLL terms: ``sft``, ``cpo``, ``orpo``). Losses that need a field that is ``None``
     raise a ValueError naming it.
@@ -49,6 +57,8 @@ class PreferencePair:
     ref_rejected_logps: torch.Tensor
     chosen_lengths: torch.Tensor | None = None
     rejected_lengths: torch.Tensor | None = None
+    chosen_scored: torch.Tensor | None = None
+    rejected_scored: torch.Tensor | None = None
     chosen_token_logps: torch.Tensor | None = None
     chosen_mask: torch.Tensor | None = None
     averaged: bool = False
@@ -66,14 +76,17 @@ class PreferencePair:
         """``(pi_c - ref_c) - (pi_r - ref_r)``: what TRL calls ``logits``."""
         return self.chosen_logratios - self.rejected_logratios
 
-    def per_token(self, chosen: torch.Tensor, rejected: torch.Tensor, loss: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``chosen / |y_c|`` and ``rejected / |y_r|`` (lengths clamped at 1), unless already averaged."""
+    def per_token(self, chosen: torch.Tensor, rejected: torch.Tensor, loss: str,
+                  scored: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """``chosen / |y_c|`` and ``rejected / |y_r|`` (clamped at 1), unless already averaged;
+        ``|y|`` the completion lengths, or the scored tokens when ``scored``."""
         if self.averaged:
             return chosen, rejected
-        if self.chosen_lengths is None or self.rejected_lengths is None:
-            raise ValueError(f"loss_type={loss!r} needs PreferencePair.chosen_lengths and rejected_lengths")
-        return (chosen / self.chosen_lengths.clamp(min=1).to(chosen.dtype),
-                rejected / self.rejected_lengths.clamp(min=1).to(rejected.dtype))
+        names = ("chosen_scored", "rejected_scored") if scored else ("chosen_lengths", "rejected_lengths")
+        chosen_n, rejected_n = (getattr(self, name) for name in names)
+        if chosen_n is None or rejected_n is None:
+            raise ValueError(f"loss_type={loss!r} needs PreferencePair.{names[0]} and {names[1]}")
+        return chosen / chosen_n.clamp(min=1).to(chosen.dtype), rejected / rejected_n.clamp(min=1).to(rejected.dtype)
 
     def chosen_nll(self, loss: str) -> torch.Tensor:
         """Mean NLL over every scored chosen token of the batch (a scalar; 0 when there is none)."""
@@ -108,7 +121,7 @@ class LossSpec:
     - ``f_divergence``: accepts a non-default ``f_divergence_type`` (TRL's list).
     - ``length_normalized``: divides the per-sequence scores by the completion lengths itself.
     - ``inputs``: fields of :class:`PreferencePair` it reads beyond the per-sequence log-probs
-      (``"lengths"``, ``"chosen_tokens"``).
+      (``"lengths"``, ``"scored_lengths"``, ``"chosen_tokens"``).
     - ``options``: loss-specific :class:`LossOptions` fields it reads (``discopop_tau``, ...).
     - ``batch_coupled``: each pair's loss depends on the whole batch (AOT sorts across it).
     - ``check``: raises ValueError for option values out of this loss's range.
@@ -162,9 +175,9 @@ def register_loss(
     uses_beta: bool = True,
 ):
     """Add a loss function ``fn(pair, opts) -> per-pair losses [P]`` to the registry under ``name``."""
-    unknown_inputs = set(inputs) - {"lengths", "chosen_tokens"}
+    unknown_inputs = set(inputs) - set(LOSS_INPUTS)
     if unknown_inputs:
-        raise ValueError(f"inputs must be among ('lengths', 'chosen_tokens'), got {sorted(unknown_inputs)}")
+        raise ValueError(f"inputs must be among {LOSS_INPUTS}, got {sorted(unknown_inputs)}")
     unknown_options = set(options) - set(LOSS_SPECIFIC_OPTIONS)
     if unknown_options:
         raise ValueError(f"options must be among {LOSS_SPECIFIC_OPTIONS}, got {sorted(unknown_options)}")
@@ -432,13 +445,15 @@ def _check_simpo(opts: LossOptions) -> None:
 
 @register_loss("simpo", paper="Meng et al. 2024 (SimPO), arXiv:2405.14734; CPO-SimPO with cpo_alpha",
                needs_reference=False, label_smoothing=True, length_normalized=True,
-               inputs=("lengths", "chosen_tokens"), options=("simpo_gamma", "cpo_alpha"), check=_check_simpo,
+               inputs=("scored_lengths", "chosen_tokens"), options=("simpo_gamma", "cpo_alpha"), check=_check_simpo,
                batch_nll=lambda opts: bool(opts.cpo_alpha))
 def simpo_loss(pair: PreferencePair, opts: LossOptions) -> torch.Tensor:
-    """SimPO, reference-free on average log-probs ``a = log pi / |y|``, ``x = beta (a_c - a_r) - gamma``:
+    """SimPO, reference-free on average log-probs ``a = log pi / |y|`` (``|y|`` the scored tokens, as
+    TRL's CPOTrainer averages), ``x = beta (a_c - a_r) - gamma``:
     ``-(1 - eps) log sigmoid(x) - eps log sigmoid(-x)`` (TRL's CPOTrainer, ``gamma = simpo_gamma``),
-    plus ``cpo_alpha`` times the chosen NLL (default 0: plain SimPO)."""
-    chosen, rejected = pair.per_token(pair.chosen_logps, pair.rejected_logps, "simpo")
+    plus ``cpo_alpha`` times the chosen NLL (default 0: plain SimPO; TRL's CPOConfig defaults
+    ``cpo_alpha`` to 1.0 for every loss type, so its ``simpo`` is CPO-SimPO unless told 0)."""
+    chosen, rejected = pair.per_token(pair.chosen_logps, pair.rejected_logps, "simpo", scored=True)
     losses = _smoothed_sigmoid(opts.beta * (chosen - rejected) - opts.simpo_gamma, opts.label_smoothing)
     alpha = 0.0 if opts.cpo_alpha is None else opts.cpo_alpha
     if alpha:
@@ -465,12 +480,14 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
 
 
 @register_loss("orpo", paper="Hong et al. 2024 (ORPO), arXiv:2403.07691, Eqs. 4-7", needs_reference=False,
-               length_normalized=True, inputs=("lengths", "chosen_tokens"), batch_nll=_always)
+               length_normalized=True, inputs=("scored_lengths", "chosen_tokens"), batch_nll=_always)
 def orpo_loss(pair: PreferencePair, opts: LossOptions) -> torch.Tensor:
-    """ORPO, reference-free on average log-probs ``a = log pi / |y|``:
+    """ORPO, reference-free on average log-probs ``a = log pi / |y|`` (``|y|`` the scored tokens, as
+    TRL's ORPOTrainer averages):
     ``NLL_chosen - beta log sigmoid((a_c - a_r) - (log(1 - e^a_c) - log(1 - e^a_r)))``
-    (beta is ORPO's lambda; the NLL is the token mean over the scored chosen tokens)."""
-    chosen, rejected = pair.per_token(pair.chosen_logps, pair.rejected_logps, "orpo")
+    (beta is ORPO's lambda). The NLL is the token mean over the scored chosen completion tokens,
+    the paper's ``L_SFT`` (Eq. 6); TRL's ORPOTrainer scores the prompt's tokens in it too."""
+    chosen, rejected = pair.per_token(pair.chosen_logps, pair.rejected_logps, "orpo", scored=True)
     log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
     return pair.chosen_nll("orpo") - opts.beta * F.logsigmoid(log_odds)
 

@@ -157,11 +157,14 @@ def f_scores(logratio, kind="reverse_kl", alpha=0.5):
     raise KeyError(kind)
 
 
-def zoo_loss(name, *, pc, pr, rc, rr, lc=None, lr=None, tok_c=None, mask_c=None, beta=0.1, eps=0.0,
-             fdiv="reverse_kl", alpha=0.5, tau=0.05, gamma=0.5, cpo_alpha=None, averaged=False):
+def zoo_loss(name, *, pc, pr, rc, rr, lc=None, lr=None, tc=None, tr=None, tok_c=None, mask_c=None, beta=0.1,
+             eps=0.0, fdiv="reverse_kl", alpha=0.5, tau=0.05, gamma=0.5, cpo_alpha=None, averaged=False):
     """Per-pair losses [P] of loss type ``name`` from the per-sequence log-probs, from the papers'
     formulas as TRL 1.16 writes them (float64; p = policy, r = reference, c/r = chosen/rejected,
-    l = completion lengths, tok_c/mask_c = chosen per-token log-probs and mask)."""
+    l = completion lengths (DPOTrainer's, for ipo/sigmoid_norm), t = scored tokens (the CPO and
+    ORPO trainers', for simpo/orpo; default: l), tok_c/mask_c = chosen per-token log-probs and mask)."""
+    tc = lc if tc is None else tc
+    tr = lr if tr is None else tr
     P = pc.shape[0]
     lrc, lrr = pc - rc, pr - rr
     sc, sr = f_scores(lrc, fdiv, alpha), f_scores(lrr, fdiv, alpha)
@@ -213,12 +216,12 @@ def zoo_loss(name, *, pc, pr, rc, rr, lc=None, lr=None, tok_c=None, mask_c=None,
     if name == "sigmoid_norm":
         return -_logsig(beta * (per_token(sc, lc) - per_token(sr, lr)))
     if name == "simpo":
-        x = beta * (per_token(pc, lc) - per_token(pr, lr)) - gamma
+        x = beta * (per_token(pc, tc) - per_token(pr, tr)) - gamma
         return smoothed(x) + (cpo_alpha or 0.0) * nll()
     if name == "cpo":
         return smoothed(beta * (pc - pr)) + (1.0 if cpo_alpha is None else cpo_alpha) * nll()
     if name == "orpo":
-        ac, ar = per_token(pc, lc), per_token(pr, lr)
+        ac, ar = per_token(pc, tc), per_token(pr, tr)
         log_odds = torch.log(torch.exp(ac) / (1 - torch.exp(ac))) - torch.log(torch.exp(ar) / (1 - torch.exp(ar)))
         return nll() - beta * _logsig(log_odds)
     raise KeyError(name)
@@ -286,6 +289,7 @@ def dpo(logits, labels, *, ref_logps=None, ref_logits=None, beta=0.1, loss_type=
     for name, weight in zip(names, weights):
         per_pair = zoo_loss(
             name, pc=seq[:P], pr=seq[P:], rc=ref[:P], rr=ref[P:], lc=completion[:P], lr=completion[P:],
+            tc=lengths[:P], tr=lengths[P:],
             tok_c=logp[:P], mask_c=scored[:P], beta=beta, eps=label_smoothing, fdiv=f_divergence_type,
             alpha=f_alpha_divergence_coef, tau=discopop_tau, gamma=simpo_gamma, cpo_alpha=cpo_alpha,
             averaged=average,

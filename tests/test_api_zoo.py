@@ -170,16 +170,54 @@ def test_f_divergence_sigmoid_on_every_backend(backend):
     _check(out, want, grad)
 
 
-@pytest.mark.parametrize("name", ["ipo", "sigmoid_norm", "simpo", "orpo", "sft"])
-def test_empty_prompt_completion_length_counts_the_first_token(name):
-    """With shift=True and an empty prompt, the first completion token has no prediction; the
-    length that ipo/sigmoid_norm/simpo/orpo divide by still counts it (TRL's completion_mask.sum())."""
+def _no_prompt_batch():
+    """shift=True labels where chosen pair 1 has no prompt and rejected pair 0 a completion token at
+    position 0 only: the first completion token of each has no prediction."""
     logits, labels = make_batch(2, 6, 50, F32)
-    labels[1, :2] = torch.randint(0, 50, (2,))  # chosen pair 1: no prompt
-    labels[2, 0] = 7  # rejected pair 0: a completion token at position 0 only
+    labels[1, :2] = torch.randint(0, 50, (2,))
+    labels[2, 0] = 7
+    return logits, labels
+
+
+@pytest.mark.parametrize("name", ["ipo", "sigmoid_norm", "simpo", "orpo", "sft"])
+def test_empty_prompt_lengths_follow_each_trainer(name):
+    """With shift=True and an empty prompt, the first completion token has no prediction. ipo and
+    sigmoid_norm divide by a length that still counts it (TRL DPOTrainer's completion_mask.sum());
+    simpo and orpo by the scored tokens, which do not (TRL's CPO and ORPO trainers' loss_mask.sum()):
+    the oracle's lengths for each."""
+    logits, labels = _no_prompt_batch()
     ours, theirs = _reference_kwargs(name, logits, "ref_logps")
     out, grad = _run(logits, labels, backend="reference", loss_type=name, shift=True, **ours)
     _check(out, oracle.dpo(logits, labels, **theirs, loss_type=name, shift=True), grad)
+
+
+@pytest.mark.parametrize("name", ["simpo", "orpo"])
+def test_simpo_and_orpo_average_as_trls_cpo_and_orpo_trainers(name):
+    """Their per-token averages are TRL's ``get_batch_logps(average_log_prob=True)`` (the CPO and
+    ORPO trainers' own, an external reference for the divisor) with an empty prompt, and the loss
+    is the same whether the caller or the loss averages (it was not: the loss divided by a length
+    that counted the unpredicted first token)."""
+    from trl.experimental.cpo import CPOTrainer
+    from trl.experimental.orpo import ORPOTrainer
+
+    logits, labels = _no_prompt_batch()
+    beta, gamma = 0.4, 0.5
+    trainer = CPOTrainer if name == "simpo" else ORPOTrainer
+    avg = trainer.get_batch_logps(logits.double(), labels, average_log_prob=True).float()
+    ac, ar = avg[:2], avg[2:]
+    if name == "simpo":
+        want = -torch.nn.functional.logsigmoid(beta * (ac - ar) - gamma).mean()
+    else:
+        ratio = (ac - ar) - (torch.log(-torch.expm1(ac)) - torch.log(-torch.expm1(ar)))
+        nll = -torch.nn.functional.log_softmax(logits[:2, :-1].double(), -1).gather(
+            -1, labels[:2, 1:].clamp(min=0).unsqueeze(-1)).squeeze(-1)[labels[:2, 1:] != IGNORE].mean()
+        want = (nll - beta * torch.nn.functional.logsigmoid(ratio)).mean().float()
+    summed = fused_dpo_loss(logits, labels, loss_type=name, beta=beta, shift=True, backend="reference")
+    averaged = fused_dpo_loss(logits, labels, loss_type=name, beta=beta, shift=True, average_log_prob=True,
+                              backend="reference")
+    torch.testing.assert_close(averaged.chosen_logps, ac, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(summed.loss, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(averaged.loss, summed.loss, rtol=1e-6, atol=1e-7)
 
 
 def _ragged_batch(V=80):

@@ -37,16 +37,19 @@ def _pair(P=5, *, averaged=False, ref_spread=3.0):
     mask[:, 0] = True
     tokens = -torch.rand(P, T, dtype=torch.float64) * 6
     leaves = [x.clone().requires_grad_(True) for x in (*logps, tokens)]
+    # The scored tokens: the completion lengths less the unpredicted first token of some (empty prompts).
+    scored = [(n - torch.randint(0, 2, (P,))).clamp(min=1) for n in lengths]
     pair = PreferencePair(leaves[0], leaves[1], refs[0], refs[1], chosen_lengths=lengths[0],
-                          rejected_lengths=lengths[1], chosen_token_logps=leaves[2], chosen_mask=mask,
-                          averaged=averaged)
+                          rejected_lengths=lengths[1], chosen_scored=scored[0], rejected_scored=scored[1],
+                          chosen_token_logps=leaves[2], chosen_mask=mask, averaged=averaged)
     return pair, leaves
 
 
 def _want(name, pair, leaves, opts: LossOptions):
     return zoo_loss(
         name, pc=leaves[0], pr=leaves[1], rc=pair.ref_chosen_logps, rr=pair.ref_rejected_logps,
-        lc=pair.chosen_lengths, lr=pair.rejected_lengths, tok_c=leaves[2], mask_c=pair.chosen_mask,
+        lc=pair.chosen_lengths, lr=pair.rejected_lengths, tc=pair.chosen_scored, tr=pair.rejected_scored,
+        tok_c=leaves[2], mask_c=pair.chosen_mask,
         beta=opts.beta, eps=opts.label_smoothing, fdiv=opts.f_divergence_type,
         alpha=opts.f_alpha_divergence_coef, tau=opts.discopop_tau, gamma=opts.simpo_gamma,
         cpo_alpha=opts.cpo_alpha, averaged=pair.averaged,
@@ -144,6 +147,7 @@ def test_aot_couples_the_batch_and_others_do_not():
     permuted = PreferencePair(*(getattr(pair, f)[perm] for f in ("chosen_logps", "rejected_logps",
                                                                  "ref_chosen_logps", "ref_rejected_logps")),
                               chosen_lengths=pair.chosen_lengths[perm], rejected_lengths=pair.rejected_lengths[perm],
+                              chosen_scored=pair.chosen_scored[perm], rejected_scored=pair.rejected_scored[perm],
                               chosen_token_logps=pair.chosen_token_logps[perm], chosen_mask=pair.chosen_mask[perm])
     for name, spec in LOSSES.items():
         opts = LossOptions(beta=0.3, label_smoothing=_default_eps(spec))
