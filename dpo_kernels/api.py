@@ -16,7 +16,9 @@ import torch
 from .backends import autocast_dtype, autocast_off, fused_logits_grad_matmul, load_backend, resolve_backend
 from .checks import (
     FLOAT_DTYPES,
+    check_flags,
     check_ignore_index,
+    check_like,
     check_inplace,
     check_labels,
     check_linear_options,
@@ -179,6 +181,7 @@ def fused_dpo_loss(
         f_alpha_divergence_coef=f_alpha_divergence_coef, discopop_tau=discopop_tau, simpo_gamma=simpo_gamma,
         cpo_alpha=cpo_alpha,
     )
+    check_flags(reference_free=reference_free, shift=shift, inplace_backward=inplace_backward, validate=validate)
     packing = None
     _check_max_seqlen_needs_offsets(cu_seqlens, max_seqlen)
     if cu_seqlens is None:
@@ -368,6 +371,7 @@ def fused_linear_dpo_loss(
         f_alpha_divergence_coef=f_alpha_divergence_coef, discopop_tau=discopop_tau, simpo_gamma=simpo_gamma,
         cpo_alpha=cpo_alpha,
     )
+    check_flags(reference_free=reference_free, shift=shift, validate=validate)
     packing = None
     _check_max_seqlen_needs_offsets(cu_seqlens, max_seqlen)
     if cu_seqlens is None:
@@ -663,6 +667,7 @@ def estimate_linear_memory(
     a slice holds its gradient alone, without the softcap's fp32 temporaries."""
     from . import linear
 
+    check_flags(shift=shift, use_weighting=use_weighting, token_metrics=token_metrics)
     num_pairs, vocab_size = _check_linear_inputs(hidden, weight, labels, bias, ignore_index)
     softcap, _ = check_linear_options(logit_softcap, 1.0, "auto", chunk_tokens, vocab_chunk)
     aligned = align_labels(labels, ignore_index, shift)
@@ -952,10 +957,7 @@ def _check_inputs(logits, labels, ignore_index) -> tuple[int, int]:
 def _check_token_options(specs, ld_alpha, use_weighting, average_log_prob, token_metrics) -> None:
     """Options that change the per-token work, against the loss types they combine with."""
     desc = describe(specs)
-    for name, value in (("use_weighting", use_weighting), ("average_log_prob", average_log_prob),
-                        ("token_metrics", token_metrics)):
-        if not isinstance(value, bool):
-            raise TypeError(f"{name} must be a bool, got {value!r}")
+    check_flags(use_weighting=use_weighting, average_log_prob=average_log_prob, token_metrics=token_metrics)
     if ld_alpha is not None:
         if not is_number(ld_alpha) or not 0.0 <= ld_alpha <= 1.0:
             raise ValueError(f"ld_alpha must be a number in [0, 1] (or None), got {ld_alpha!r}")
@@ -1048,7 +1050,7 @@ def _check_linear_reference(hidden, weight, bias, ref_logps, ref_hidden, ref_wei
             raise ValueError(f"{' and '.join(stray)} given without ref_hidden (the reference's hidden states)")
         if ref_logps is None and not reference_free and any(spec.needs_reference for spec in specs):
             raise ValueError("no reference: pass ref_logps or ref_hidden, or reference_free=True")
-        return _check_reference(hidden, ref_logps, None, reference_free, num_pairs, specs)
+        return _check_reference(hidden, ref_logps, None, reference_free, num_pairs, specs, rows_name="hidden is")
     if reference_free:
         raise ValueError("reference_free=True conflicts with ref_hidden")
     if ref_logps is not None:
@@ -1084,8 +1086,9 @@ def _check_label_range(aligned, ignore_index, vocab_size) -> None:
         )
 
 
-def _check_reference(logits, ref_logps, ref_logits, reference_free, num_pairs, specs):
-    """Returns ``("logps", tensor[2B])``, ``("logits", tensor)`` or ``("none", None)``."""
+def _check_reference(logits, ref_logps, ref_logits, reference_free, num_pairs, specs, rows_name="logits are"):
+    """Returns ``("logps", tensor[2B])``, ``("logits", tensor)`` or ``("none", None)``. ``logits``:
+    the policy's input (``rows_name`` names it in the messages: ``"hidden is"`` for the hidden path)."""
     given = [name for name, value in (("ref_logps", ref_logps), ("ref_logits", ref_logits)) if value is not None]
     if reference_free:
         if given:
@@ -1098,14 +1101,7 @@ def _check_reference(logits, ref_logps, ref_logits, reference_free, num_pairs, s
     if len(given) == 2:
         raise ValueError("pass either ref_logps or ref_logits, not both")
     if ref_logits is not None:
-        if not isinstance(ref_logits, torch.Tensor) or ref_logits.dtype not in FLOAT_DTYPES:
-            raise TypeError("ref_logits must be a floating tensor (fp32, bf16, fp16, fp64)")
-        if ref_logits.shape != logits.shape:
-            raise ValueError(
-                f"ref_logits shape {tuple(ref_logits.shape)} must equal logits shape {tuple(logits.shape)}"
-            )
-        if ref_logits.device != logits.device:
-            raise ValueError(f"ref_logits are on {ref_logits.device} but logits are on {logits.device}")
+        check_like("ref_logits", ref_logits, logits)
         return ("logits", ref_logits)
     if isinstance(ref_logps, (tuple, list)):
         if len(ref_logps) != 2 or not all(isinstance(t, torch.Tensor) for t in ref_logps):
@@ -1121,7 +1117,7 @@ def _check_reference(logits, ref_logps, ref_logits, reference_free, num_pairs, s
     if not ref_logps.dtype.is_floating_point:
         raise TypeError(f"ref_logps must be floating, got {ref_logps.dtype}")
     if ref_logps.device != logits.device:
-        raise ValueError(f"ref_logps are on {ref_logps.device} but logits are on {logits.device}")
+        raise ValueError(f"ref_logps are on {ref_logps.device} but {rows_name} on {logits.device}")
     return ("logps", ref_logps.detach())
 
 

@@ -92,6 +92,27 @@ def check_labels(labels, rows, *, labels_name="labels", rows_name="logits", layo
         raise ValueError(f"{labels_name} are on {labels.device} but {rows_name} {rows_are} on {rows.device}")
 
 
+def check_like(name, value, like, like_name="logits") -> None:
+    """``value`` (if given) a floating tensor of ``like``'s shape on its device: reference or KL
+    logits beside the policy's."""
+    if value is None:
+        return
+    if not isinstance(value, torch.Tensor) or value.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor (fp32, bf16, fp16, fp64)")
+    if value.shape != like.shape:
+        raise ValueError(f"{name} shape {tuple(value.shape)} must equal {like_name} shape {tuple(like.shape)}")
+    if value.device != like.device:
+        raise ValueError(f"{name} are on {value.device} but {like_name} are on {like.device}")
+
+
+def check_flags(**flags) -> None:
+    """Each of the on/off options is a bool (a NumPy bool arrives as Python's): a truthy string
+    such as ``validate="no"`` would silently mean True."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {value!r}")
+
+
 def check_ignore_index(ignore_index) -> None:
     """An int that int64 labels can hold (the labels are compared with it as int64 at most)."""
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):

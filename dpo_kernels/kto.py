@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .api import _check_token_results, reference_failures
-from .checks import FLOAT_DTYPES, check_inplace, check_logits_labels, is_finite_number, python_scalars
+from .checks import check_flags, check_inplace, check_like, check_logits_labels, is_finite_number, python_scalars
 from .backends import resolve_backend
 from .logprobs import TokenLogprobs, completion_lengths, sequence_logprobs, token_logprobs
 
@@ -168,6 +168,7 @@ def fused_kto_loss(
         ignore_index, shift, inplace_backward, validate, backend: as in ``fused_dpo_loss``; ``shift``
             and ``ignore_index`` apply to the KL completions too.
     """
+    check_flags(bco_update=bco_update, shift=shift, inplace_backward=inplace_backward, validate=validate)
     loss_type = _check_loss_options(loss_type, beta, desirable_weight, undesirable_weight,
                                     bco_running_mean, bco_update, entropy)
     batch, vocab_size = check_logits_labels(logits, labels, ignore_index)
@@ -176,7 +177,7 @@ def fused_kto_loss(
     check_inplace(inplace_backward, logits)
     desirable = _check_desirable(desirable, batch, logits.device)
     ref = _one_of("ref_logps", ref_logps, "ref_logits", ref_logits, needed_for="reference")
-    _check_like("ref_logits", ref_logits, logits)
+    check_like("ref_logits", ref_logits, logits)
     _check_logps("ref_logps", ref_logps, batch, logits.device)
     kl_sources = _check_kl_inputs(loss_type, logits, kl_logits, kl_labels, kl_logps,
                                   ref_kl_logps, ref_kl_logits, ignore_index)
@@ -327,8 +328,6 @@ def _check_loss_options(loss_type, beta, desirable_weight, undesirable_weight, b
             )
     elif bco_running_mean is not None:
         raise ValueError(f"bco_running_mean does not apply to loss_type={loss_type!r} (only to 'bco')")
-    if not isinstance(bco_update, bool):
-        raise TypeError(f"bco_update must be a bool, got {type(bco_update).__name__}")
     if entropy not in (None, True, False):
         raise TypeError(f"entropy must be None, True or False, got {entropy!r}")
     return loss_type
@@ -360,17 +359,6 @@ def _one_of(logps_name, logps, logits_name, logits, *, needed_for):
     if logps is None and logits is None:
         raise ValueError(f"no {needed_for}: pass {logps_name} or {logits_name}")
     return ("logps", logps) if logps is not None else ("logits", logits)
-
-
-def _check_like(name, value, like, like_name="logits"):
-    if value is None:
-        return
-    if not isinstance(value, torch.Tensor) or value.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be a floating tensor (fp32, bf16, fp16, fp64)")
-    if value.shape != like.shape:
-        raise ValueError(f"{name} shape {tuple(value.shape)} must equal {like_name} shape {tuple(like.shape)}")
-    if value.device != like.device:
-        raise ValueError(f"{name} are on {value.device} but {like_name} are on {like.device}")
 
 
 def _check_logps(name, value, size, device):
@@ -418,7 +406,7 @@ def _check_kl_inputs(loss_type, logits, kl_logits, kl_labels, kl_logps, ref_kl_l
         if like.device != logits.device:
             raise ValueError(f"{like_name} are on {like.device} but logits are on {logits.device}")
         if kl_logits is not None and ref_kl_logits is not None:
-            _check_like("ref_kl_logits", ref_kl_logits, kl_logits, "kl_logits")
+            check_like("ref_kl_logits", ref_kl_logits, kl_logits, "kl_logits")
     for name, value in (("kl_logps", kl_logps), ("ref_kl_logps", ref_kl_logps)):
         if value is None:
             continue

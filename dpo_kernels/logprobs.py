@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from .backends import (accumulation_dtype, empty_forward_outputs, extras_mask, extras_names, load_backend,
                        resolve_backend)
-from .checks import check_ignore_index, check_inplace, check_logits_labels, python_scalars
+from .checks import check_flags, check_ignore_index, check_inplace, check_labels, check_logits_labels, python_scalars
 
 
 class TokenLogprobs(NamedTuple):
@@ -197,6 +197,7 @@ def token_logprobs(
     ``inplace_backward`` is ignored (see below).
     """
     try:
+        check_flags(shift=shift, inplace_backward=inplace_backward)
         check_logits_labels(logits, labels, ignore_index)
         check_inplace(inplace_backward, logits)
     except (TypeError, ValueError) as error:
@@ -232,20 +233,33 @@ def sequence_logprobs(
     ``weights`` (``[B, T]``, e.g. :func:`ld_token_weights`) weight each token in the sum; the
     mean still divides by the number of scored tokens.
     """
-    def shape(x):
-        return tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-
-    if not isinstance(token_logp, torch.Tensor) or token_logp.dim() != 2:
-        raise ValueError(f"sequence_logprobs: token_logp must be a [B, T] tensor, got {shape(token_logp)}")
-    for name, value in (("labels", labels), ("weights", weights)):
-        if value is not None and shape(value) != tuple(token_logp.shape):
-            raise ValueError(f"sequence_logprobs: {name} must have token_logp's shape {tuple(token_logp.shape)}, "
-                             f"got {shape(value)}")
-    check_ignore_index(ignore_index)
+    try:
+        _check_sequence_inputs(token_logp, labels, ignore_index, average, weights)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"sequence_logprobs: {error}") from None
     total = (token_logp if weights is None else token_logp * weights.to(token_logp.dtype)).sum(-1)
     if not average:
         return total
     return total / completion_lengths(labels, ignore_index).clamp(min=1).to(total.dtype)
+
+
+def _check_sequence_inputs(token_logp, labels, ignore_index, average, weights) -> None:
+    """``token_logp`` a floating ``[B, T]`` tensor, integer ``labels`` of its shape and device,
+    ``weights`` (if any) a floating tensor of its shape and device, an int ``ignore_index``."""
+    check_flags(average=average)
+    if not isinstance(token_logp, torch.Tensor):
+        raise TypeError(f"token_logp must be a torch.Tensor, got {type(token_logp).__name__}")
+    if not token_logp.is_floating_point() or token_logp.dim() != 2:
+        raise ValueError(f"token_logp must be a floating [B, T] tensor, got {token_logp.dtype} of shape "
+                         f"{tuple(token_logp.shape)}")
+    check_labels(labels, token_logp, rows_name="token_logp", layout="[B, T]", rows_are="is")
+    if weights is not None:
+        if not isinstance(weights, torch.Tensor) or not weights.is_floating_point():
+            raise TypeError(f"weights must be a floating tensor, got {getattr(weights, 'dtype', type(weights).__name__)}")
+        if weights.shape != token_logp.shape or weights.device != token_logp.device:
+            raise ValueError(f"weights must be token_logp's shape {tuple(token_logp.shape)} on {token_logp.device}, "
+                             f"got {tuple(weights.shape)} on {weights.device}")
+    check_ignore_index(ignore_index)
 
 
 def ld_token_weights(labels: torch.Tensor, ignore_index: int, alpha: float) -> torch.Tensor:

@@ -423,11 +423,41 @@ def test_use_weighting_not_with_aot(batch, loss_type):
         fused_dpo_loss(logits, labels, ref_logps=ref, loss_type=loss_type, use_weighting=True)
 
 
-@pytest.mark.parametrize("option", ["use_weighting", "token_metrics", "average_log_prob"])
-def test_flags_must_be_bools(batch, option):
-    logits, labels, ref = batch
-    with pytest.raises(TypeError, match=rf"{option} must be a bool, got 1"):
-        fused_dpo_loss(logits, labels, ref_logps=ref, **{option: 1})
+def _flag_calls():
+    """(function name, call(**option), its bool options) for every public function with on/off options."""
+    from dpo_kernels import estimate_linear_memory, fused_kto_loss, token_logprobs
+
+    logits, labels = make_batch(2, 5, 64, torch.float32)
+    hidden, weight = torch.randn(4, 5, 8), torch.randn(64, 8)
+    ref = torch.randn(4)
+    dpo_flags = ["use_weighting", "token_metrics", "average_log_prob", "reference_free", "shift", "validate"]
+    return [
+        ("fused_dpo_loss", lambda **kw: fused_dpo_loss(logits, labels, ref_logps=ref, **kw),
+         dpo_flags + ["inplace_backward"]),
+        ("fused_linear_dpo_loss", lambda **kw: fused_linear_dpo_loss(hidden, weight, labels, ref_logps=ref, **kw),
+         dpo_flags),
+        ("fused_kto_loss", lambda **kw: fused_kto_loss(logits, labels, [True, False, True, False], ref_logps=ref,
+                                                       loss_type="apo_zero_unpaired", **kw),
+         ["bco_update", "shift", "inplace_backward", "validate"]),
+        ("token_logprobs", lambda **kw: token_logprobs(logits, labels, **kw), ["shift", "inplace_backward"]),
+        ("estimate_linear_memory", lambda **kw: estimate_linear_memory(hidden, weight, labels, **kw),
+         ["shift", "use_weighting", "token_metrics"]),
+    ]
+
+
+@pytest.mark.parametrize("function", [name for name, _, _ in _flag_calls()])
+@pytest.mark.parametrize("value", [1, "no", None])
+def test_flags_must_be_bools(function, value):
+    """A truthy stand-in (validate="no", inplace_backward="yes", shift=1) silently meant True for
+    validate, shift, inplace_backward and reference_free; every on/off option takes a bool only.
+    A NumPy bool is Python's."""
+    import numpy as np
+
+    _, call, flags = next(c for c in _flag_calls() if c[0] == function)
+    for option in flags:
+        with pytest.raises(TypeError, match=rf"{option} must be a bool, got {re.escape(repr(value))}"):
+            call(**{option: value})
+    call(**{flags[-1]: np.bool_(False)})
 
 
 @pytest.mark.parametrize("loss_type", ["simpo", "cpo", "orpo", "sft", ["simpo", "sft"]])

@@ -1354,6 +1354,8 @@ def test_estimate_linear_memory_errors(kwargs, error, match):
     (dict(ref_hidden="H", ref_weight="W", ref_bias="B_short"), ValueError, r"ref_bias must have shape \[V\]"),
     (dict(ref_logps=torch.randn(3)), ValueError, r"ref_logps must have shape \[2B\]"),
     (dict(ref_hidden=[1.0]), TypeError, "ref_hidden must be a torch.Tensor"),
+    # Named hidden, not logits (the argument fused_linear_dpo_loss has).
+    (dict(ref_logps=torch.randn(4, device="meta")), ValueError, "^ref_logps are on meta but hidden is on cpu$"),
 ])
 def test_reference_errors(kwargs, error, match):
     hidden, weight, labels, b = _args()

@@ -207,17 +207,32 @@ def test_token_logprobs_checks_its_inputs(backend, case):
         token_logprobs(logits, labels, backend=backend, **kwargs)
 
 
-def test_sequence_logprobs_checks_its_shapes():
+def test_sequence_logprobs_checks_its_inputs():
+    """As the README says: integer [B, T] labels of token_logp's shape and device, floating weights of
+    its shape, an int ignore_index, a bool average; each message starts with sequence_logprobs:.
+    (Float and bool labels, and a string average, were taken before.)"""
     labels = torch.tensor([[1, 2, -100], [4, -100, -100]])
     logp = torch.randn(2, 3) * (labels != -100)  # ignored tokens carry 0, as token_logprobs gives them
     torch.testing.assert_close(sequence_logprobs(logp, labels, -100, True),
                                torch.stack([logp[0, :2].sum() / 2, logp[1, 0]]))
+    torch.testing.assert_close(sequence_logprobs(logp, labels, -100, np.bool_(False)), logp.sum(-1))
     for bad in (torch.zeros(2, 5, dtype=torch.long), torch.zeros(3, dtype=torch.long), torch.zeros(2, 1, dtype=torch.long)):
-        with pytest.raises(ValueError, match=r"sequence_logprobs: labels must have token_logp's shape \(2, 3\)"):
+        with pytest.raises(ValueError, match=r"^sequence_logprobs: labels shape .* does not match token_logp shape \(2, 3\)"):
             sequence_logprobs(logp, bad, -100, True)
-    with pytest.raises(ValueError, match=r"sequence_logprobs: weights must have token_logp's shape"):
+    for bad in (labels.float(), labels != -100):
+        with pytest.raises(TypeError, match=r"^sequence_logprobs: labels must be an integer tensor of token ids"):
+            sequence_logprobs(logp, bad, -100, True)
+    with pytest.raises(ValueError, match=r"^sequence_logprobs: labels are on meta but token_logp is on cpu"):
+        sequence_logprobs(logp, labels.to("meta"), -100, True)
+    with pytest.raises(ValueError, match=r"^sequence_logprobs: weights must be token_logp's shape \(2, 3\)"):
         sequence_logprobs(logp, labels, -100, False, weights=torch.ones(2, 1))
-    with pytest.raises(ValueError, match=r"sequence_logprobs: token_logp must be a \[B, T\] tensor"):
+    with pytest.raises(TypeError, match=r"^sequence_logprobs: weights must be a floating tensor"):
+        sequence_logprobs(logp, labels, -100, False, weights=torch.ones(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"^sequence_logprobs: token_logp must be a floating \[B, T\] tensor"):
         sequence_logprobs(logp[0], labels[0], -100, False)
-    with pytest.raises(TypeError, match=r"ignore_index must be an int"):
+    with pytest.raises(ValueError, match=r"^sequence_logprobs: token_logp must be a floating \[B, T\] tensor"):
+        sequence_logprobs(labels, labels, -100, False)
+    with pytest.raises(TypeError, match=r"^sequence_logprobs: ignore_index must be an int"):
         sequence_logprobs(logp, labels, np.float32(-100), True)
+    with pytest.raises(TypeError, match=r"^sequence_logprobs: average must be a bool, got 'yes'"):
+        sequence_logprobs(logp, labels, -100, "yes")
