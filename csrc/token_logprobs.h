@@ -1,4 +1,4 @@
-// Shared declarations of the CPU kernels of the kernel contract (see shared/design.md).
+// Shared declarations of the CPU kernels of the kernel contract (stated in dpo_kernels/backends/__init__.py).
 //
 // The kernels themselves (token_logprobs_kernel.h) are compiled once per CPU capability
 // (DEFAULT, AVX2, AVX512 on x86-64), each copy in its own namespace, exactly as ATen does for its

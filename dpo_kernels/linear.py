@@ -25,9 +25,11 @@ is rounded, see below):
   least :data:`MIN_SLICE_ROWS`; see there why); tokens per backward chunk: ``chunk_tokens`` or
   what keeps ``tokens x slice`` logits within :data:`DEFAULT_CHUNK_BYTES`. The hidden gradient
   itself is allocated after the slices, once the gathered hidden states are freed.
-- ``one_pass`` (three matmuls): when each pair's loss depends on that pair only (every loss but
-  the batch-coupled ``aot``/``aot_unpaired``; the batch-mean NLL of ``sft``/``cpo``/``orpo`` is
-  linear so its per-token coefficient is a constant), chunks hold whole pairs (default budget
+- ``one_pass`` (three matmuls): when each pair's gradient depends on that pair only (every loss
+  but the batch-coupled ``aot``/``aot_unpaired``; the batch-mean NLL of ``sft``/``cpo``/``orpo``/
+  CPO-SimPO is linear, so its per-token coefficient is a constant, except under WPO's per-pair
+  weights, ``use_weighting=True``, which make it the batch's mean weight: ``Objective.coupling``),
+  chunks hold whole pairs (default budget
   :data:`DEFAULT_ONE_PASS_CHUNK_BYTES` of logits), the per-token coefficients are computed right
   after each chunk's forward (autograd on the tiny per-pair loss) and the gradients of hidden,
   weight and bias are accumulated during the forward (Liger-style); the backward only scales them
@@ -503,8 +505,8 @@ class _Grads:
             self.bias.add_(g.sum(0, dtype=self.bias.dtype))
 
     def final(self, head: Head, scale: torch.Tensor | None = None):
-        """The gradients times ``scale`` (the incoming gradient of the loss), in place for the
-        hidden and weight buffers (exact when ``scale`` is 1, else one more rounding).
+        """The gradients times ``scale`` (the incoming gradient of the loss), in place in the
+        hidden, weight and bias buffers (exact when ``scale`` is 1, else one more rounding).
 
         A backend with a device-side ``scale_`` (Triton) decides ``scale == 1`` on the device: no
         host synchronisation in the backward. Otherwise the scale is read once on the host (free

@@ -485,11 +485,46 @@ def orpo_loss(pair: PreferencePair, opts: LossOptions) -> torch.Tensor:
     """ORPO, reference-free on average log-probs ``a = log pi / |y|`` (``|y|`` the scored tokens, as
     TRL's ORPOTrainer averages):
     ``NLL_chosen - beta log sigmoid((a_c - a_r) - (log(1 - e^a_c) - log(1 - e^a_r)))``
-    (beta is ORPO's lambda). The NLL is the token mean over the scored chosen completion tokens,
-    the paper's ``L_SFT`` (Eq. 6); TRL's ORPOTrainer scores the prompt's tokens in it too."""
+    (beta is ORPO's lambda; the odds-ratio term and its gradient: :class:`_OddsRatio`). The NLL
+    is the token mean over the scored chosen completion tokens, the paper's ``L_SFT`` (Eq. 6);
+    TRL's ORPOTrainer scores the prompt's tokens in it too."""
     chosen, rejected = pair.per_token(pair.chosen_logps, pair.rejected_logps, "orpo", scored=True)
-    log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
-    return pair.chosen_nll("orpo") - opts.beta * F.logsigmoid(log_odds)
+    return pair.chosen_nll("orpo") + opts.beta * _OddsRatio.apply(chosen, rejected)
+
+
+class _OddsRatio(torch.autograd.Function):
+    """``f(a_c, a_r) = -log sigmoid(L)``, ``L = log odds(a_c) - log odds(a_r)``, ``odds(a) = e^a / (1 - e^a)``
+    (average log-probs ``a <= 0``), with its exact derivatives written without ``1 / (1 - e^a)``:
+
+    ``df/da_c = 1 / (expm1(a_c) + e^(a_c - a_r) expm1(a_r))``,
+    ``df/da_r = -1 / (expm1(a_r) + e^(a_c - a_r) expm1(a_r)^2 / expm1(a_c))``
+
+    (both denominators are sums of terms of one sign: no cancellation). Why not autograd on the
+    formula: a confident chosen completion's average log-prob rounds to exactly 0 in fp32 (every
+    token's ``p > 1 - 6e-8``), where ``L = +inf`` and autograd forms ``sigmoid(-L) / (1 - e^a_c) =
+    0 * inf = NaN``, although the derivative is finite (``-odds(a_r)``): the NaN reached every
+    token's gradient of that sequence and, on the hidden path, the whole weight gradient. ORPO's
+    own NLL term drives chosen completions there."""
+
+    # Its forward is torch operations alone, so torch.func.vmap batches it from them.
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(chosen, rejected):
+        return -F.logsigmoid((chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected)))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        chosen, rejected = ctx.saved_tensors
+        ratio = torch.exp(chosen - rejected)
+        mc, mr = torch.expm1(chosen), torch.expm1(rejected)
+        d_chosen = 1.0 / (mc + ratio * mr)
+        d_rejected = -1.0 / (mr + ratio * mr * mr / mc)
+        return grad * d_chosen, grad * d_rejected
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import oracle
 from dpo_kernels import LOSSES, fused_dpo_loss
 from dpo_kernels.backends import load_backend
 from oracle import IGNORE, make_batch
+from runs import run_linear
 from runs import run_logits as _run
 
 F32 = torch.float32
@@ -218,6 +219,29 @@ def test_simpo_and_orpo_average_as_trls_cpo_and_orpo_trainers(name):
     torch.testing.assert_close(averaged.chosen_logps, ac, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(summed.loss, want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(averaged.loss, summed.loss, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("front", ["logits", "one_pass", "split", "two_phase"])
+def test_orpo_with_a_confident_chosen_completion(backend, front):
+    """Chosen sequence 0 puts p = 1 - 7e-10 on each label: its average log-prob is exactly 0 in
+    fp32 and its odds infinite. The loss and every gradient are finite and match the float64
+    oracle (autograd through the formula gave NaN for that sequence's logits and, on the hidden
+    path, the whole weight gradient). The hidden path runs on the logits as hidden states with an
+    identity lm_head, so its hidden gradient is the logits' gradient."""
+    logits, labels = make_batch(2, 5, 50, F32)
+    for t in range(2, 5):
+        logits[0, t] = 0.0
+        logits[0, t, labels[0, t]] = 25.0
+    want = oracle.dpo(logits, labels, loss_type="orpo", beta=0.3)
+    if front == "logits":
+        out, grad = _run(logits, labels, loss_type="orpo", beta=0.3, backend=backend)
+        assert out.chosen_logps[0] == 0.0  # the premise: fp32 rounds it to exactly 0
+        _check(out, want, grad)
+        return
+    out, (grad, grad_weight, _) = run_linear(logits, torch.eye(50), labels, loss_type="orpo", beta=0.3,
+                                             backend=backend, mode=front)
+    assert torch.isfinite(grad_weight).all()
+    _check(out, want, grad)
 
 
 def _ragged_batch(V=80):

@@ -197,6 +197,37 @@ def test_exo_pair_gradient_keeps_its_precision_when_saturated(dtype):
         torch.testing.assert_close(got.double(), exp, rtol=rtol, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_orpo_gradient_is_finite_where_the_chosen_average_rounds_to_zero(dtype):
+    """A confident chosen completion's average log-prob is exactly 0 in fp32: the odds are
+    infinite, the odds-ratio term 0, and its derivative finite (-odds(a_r) per unit of beta).
+    Autograd through the formula gave 0 * inf = NaN. The closed form against float64 autograd of
+    the formula (just below 0 and at ordinary values, both inputs), then at 0."""
+    beta = 0.7
+    a_r = torch.tensor([-0.3, -2.0, -7.5, -0.01], dtype=torch.float64)
+    near = torch.tensor([-1e-12, -1e-9, -0.5, -3.0], dtype=torch.float64)
+    no_tokens = dict(tok_c=torch.zeros(4, 1, dtype=torch.float64), mask_c=torch.zeros(4, 1, dtype=torch.bool))
+
+    def ours(chosen, rejected):
+        c, r = chosen.to(dtype).requires_grad_(True), rejected.to(dtype).requires_grad_(True)
+        pair = PreferencePair(c, r, torch.zeros_like(c), torch.zeros_like(r), averaged=True,
+                              chosen_token_logps=no_tokens["tok_c"].to(dtype), chosen_mask=no_tokens["mask_c"])
+        loss = get_loss("orpo").fn(pair, LossOptions(beta=beta))
+        return (loss, *torch.autograd.grad(loss.sum(), (c, r)))
+
+    tol = dict(rtol=1e-5, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-6, atol=1e-12)
+    pc, pr = near.clone().requires_grad_(True), a_r.clone().requires_grad_(True)
+    want = zoo_loss("orpo", pc=pc, pr=pr, rc=0.0, rr=0.0, beta=beta, averaged=True, **no_tokens)
+    want_c, want_r = torch.autograd.grad(want.sum(), (pc, pr))
+    _, got_c, got_r = ours(near, a_r)
+    torch.testing.assert_close(got_c.double(), want_c, **tol)
+    torch.testing.assert_close(got_r.double(), want_r, **tol)
+
+    loss, got_c, got_r = ours(torch.zeros(4, dtype=torch.float64), a_r)
+    assert torch.isfinite(got_c).all() and (got_r == 0).all() and (loss == 0).all()
+    torch.testing.assert_close(got_c.double(), -beta * torch.exp(a_r) / -torch.expm1(a_r), **tol)
+
+
 def test_log1mexp_both_branches():
     x = -torch.cat([torch.rand(50, dtype=torch.float64) * 0.69, 0.7 + torch.rand(50, dtype=torch.float64) * 30])
     with decimal.localcontext() as ctx:

@@ -265,3 +265,22 @@ def _rebindable(func):
         return plain(self, *args, **kwargs)
 
     return forward
+
+
+def dry_run(loss_kwargs: dict, *, context: str | None = None) -> None:
+    """Run a combination of loss options through ``fused_dpo_loss`` on a tiny random batch (the
+    reference backend), so that a bad one raises when the trainer or the loss function is built,
+    not at its first step, after the reference precompute. ``context`` prefixes the message."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 4, 5, generator=g)
+    labels = torch.randint(0, 5, (2, 4), generator=g)
+    labels[:, 0] = -100
+    kwargs = {**loss_kwargs, "backend": "reference"}
+    if not kwargs.get("reference_free"):
+        kwargs["ref_logps"] = torch.zeros(2)
+    try:
+        fused_dpo_loss(logits, labels, shift=True, **kwargs)
+    except (ValueError, TypeError) as err:
+        if context is None:
+            raise
+        raise type(err)(f"{context}: {err}") from err

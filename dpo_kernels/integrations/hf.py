@@ -67,6 +67,7 @@ import torch
 import torch.distributed as dist
 
 from .. import fused_dpo_loss
+from ._forward import dry_run
 
 
 class DPOComputeLoss:
@@ -219,17 +220,5 @@ def dpo_compute_loss_func(
     given = sorted(set(loss_kwargs) & {"logits", "labels", "ref_logps", "ref_logits", "shift"})
     if given:
         raise ValueError(f"{given} come from the batch (see dpo_kernels.integrations.hf), not from dpo_compute_loss_func")
-    _dry_run(loss_kwargs)
+    dry_run(loss_kwargs)
     return DPOComputeLoss(gradient_accumulation_steps, inplace_backward, loss_kwargs, training_args, tp_size)
-
-
-def _dry_run(loss_kwargs: dict) -> None:
-    """Check the options now (a clear error at construction) on a tiny random batch."""
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(2, 4, 5, generator=g)
-    labels = torch.randint(0, 5, (2, 4), generator=g)
-    labels[:, 0] = -100
-    kwargs = {**loss_kwargs, "backend": "reference"}
-    if not kwargs.get("reference_free"):
-        kwargs["ref_logps"] = torch.zeros(2)
-    fused_dpo_loss(logits, labels, shift=True, **kwargs)

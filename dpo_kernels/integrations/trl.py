@@ -63,10 +63,9 @@ from trl import DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
-from .. import fused_dpo_loss
 from ..backends import check_backend_name
 from ..checks import check_linear_options, python_scalar
-from ._forward import Request, patch_forward
+from ._forward import Request, dry_run, patch_forward
 
 # The loss types of TRL 1.16's DPOTrainer (its _compute_loss), all registered in dpo_kernels.losses.
 TRL_LOSS_TYPES = (
@@ -131,21 +130,8 @@ def check_config(args, *, use_fused_lm_head: bool) -> dict:
                 "weight that the hidden-state path multiplies by; use the logits path (use_fused_lm_head=False)"
             )
     kwargs = loss_kwargs_from_config(args)
-    _dry_run(kwargs)
+    dry_run({**kwargs, "token_metrics": True}, context="DPOConfig not supported by FusedDPOTrainer")
     return kwargs
-
-
-def _dry_run(loss_kwargs: dict) -> None:
-    """Validate the option combination with the real front door on a tiny random batch."""
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(2, 4, 5, generator=g)
-    labels = torch.randint(0, 5, (2, 4), generator=g)
-    labels[:, 0] = -100
-    try:
-        fused_dpo_loss(logits, labels, ref_logps=torch.zeros(2), shift=True, token_metrics=True,
-                       backend="reference", **loss_kwargs)
-    except (ValueError, TypeError) as err:
-        raise type(err)(f"DPOConfig not supported by FusedDPOTrainer: {err}") from err
 
 
 def _check_text_only(train_dataset, processing_class) -> None:
