@@ -299,3 +299,25 @@ def test_fused_lm_head_refuses_sharded_lm_head(monkeypatch):
     with pytest.raises(NotImplementedError, match="FSDP"):
         check_config(config, use_fused_lm_head=True)
     check_config(config, use_fused_lm_head=False)  # the logits path reads nothing sharded
+
+
+def test_num_tokens_is_counted_exactly_past_fp32s_integers():
+    """The logged num_tokens adds each step's attention_mask.sum() exactly, as TRL does (int64):
+    the metrics went to the host as one fp32 stack, which rounds a count past 2^24 (a step of
+    256 ranks x 8 sequences x 8k tokens) to fp32's grid. Here one step's mask holds 2^24 + 3."""
+    pol, ref = make_models()
+    trainer = build_trainer(FusedDPOTrainer, policy=pol, ref=ref, config=dpo_config(max_steps=1))
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    trainer.model.train()
+    trainer.compute_loss(trainer.model, batch)
+    assert trainer._total_train_tokens == int(batch["attention_mask"].sum())
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    model_kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    request = trainer._request(labels, loss_kwargs={**trainer._loss_kwargs,
+                                                    "ref_logps": trainer._reference_logps(model_kwargs, labels)})
+    result = trainer.model(**model_kwargs, dpo_kernels=request)
+    before, n = trainer._total_train_tokens, 2 ** 24 + 3
+    trainer._log_dpo_metrics("train", result, dict(batch, attention_mask=torch.ones(1, n, dtype=torch.long)),
+                             batch["completion_mask"])
+    assert trainer._total_train_tokens - before == n
+    assert trainer._metrics["train"]["num_tokens"] == [before + n]
