@@ -71,6 +71,11 @@ class PreferencePair:
     def rejected_logratios(self) -> torch.Tensor:
         return self.rejected_logps - self.ref_rejected_logps
 
+    def implicit_rewards(self, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``r = beta * (pi - ref)`` of chosen and rejected, differentiable (the losses'
+        ``r_c``, ``r_r``; :func:`rewards` logs them detached)."""
+        return beta * self.chosen_logratios, beta * self.rejected_logratios
+
     @property
     def margin(self) -> torch.Tensor:
         """``(pi_c - ref_c) - (pi_r - ref_r)``: what TRL calls ``logits``."""
@@ -330,7 +335,7 @@ class _ExoPair(torch.autograd.Function):
 @register_loss("nca_pair", paper="Chen et al. 2024 (NCA), arXiv:2402.05369")
 def nca_pair_loss(pair: PreferencePair, opts: LossOptions) -> torch.Tensor:
     """NCA: ``-log sigmoid(r_c) - 0.5 log sigmoid(-r_c) - 0.5 log sigmoid(-r_r)``."""
-    r_c, r_r = opts.beta * pair.chosen_logratios, opts.beta * pair.rejected_logratios
+    r_c, r_r = pair.implicit_rewards(opts.beta)
     return -F.logsigmoid(r_c) - 0.5 * F.logsigmoid(-r_c) - 0.5 * F.logsigmoid(-r_r)
 
 
@@ -347,7 +352,7 @@ def robust_loss(pair: PreferencePair, opts: LossOptions) -> torch.Tensor:
 @register_loss("bco_pair", paper="Jung et al. 2024 (BCO), arXiv:2404.04656")
 def bco_pair_loss(pair: PreferencePair, opts: LossOptions) -> torch.Tensor:
     """BCO on pairs (TRL's form, no running reward shift): ``-log sigmoid(r_c) - log sigmoid(-r_r)``."""
-    r_c, r_r = opts.beta * pair.chosen_logratios, opts.beta * pair.rejected_logratios
+    r_c, r_r = pair.implicit_rewards(opts.beta)
     return -F.logsigmoid(r_c) - F.logsigmoid(-r_r)
 
 
@@ -379,14 +384,14 @@ def aot_unpaired_loss(pair: PreferencePair, opts: LossOptions) -> torch.Tensor:
 @register_loss("apo_zero", paper="D'Oosterlinck et al. 2024 (APO), arXiv:2408.06266, Eq. 7")
 def apo_zero_loss(pair: PreferencePair, opts: LossOptions) -> torch.Tensor:
     """APO-zero (chosen better than the model): ``1 - sigmoid(r_c) + sigmoid(r_r)``."""
-    r_c, r_r = opts.beta * pair.chosen_logratios, opts.beta * pair.rejected_logratios
+    r_c, r_r = pair.implicit_rewards(opts.beta)
     return (1.0 - torch.sigmoid(r_c)) + torch.sigmoid(r_r)
 
 
 @register_loss("apo_down", paper="D'Oosterlinck et al. 2024 (APO), arXiv:2408.06266, Eq. 8")
 def apo_down_loss(pair: PreferencePair, opts: LossOptions) -> torch.Tensor:
     """APO-down (chosen worse than the model): ``sigmoid(r_c) + 1 - sigmoid(r_c - r_r)``."""
-    r_c, r_r = opts.beta * pair.chosen_logratios, opts.beta * pair.rejected_logratios
+    r_c, r_r = pair.implicit_rewards(opts.beta)
     return torch.sigmoid(r_c) + (1.0 - torch.sigmoid(r_c - r_r))
 
 
@@ -658,4 +663,5 @@ def combined_loss(
 
 def rewards(pair: PreferencePair, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Implicit rewards ``beta * (pi - ref)`` of chosen and rejected, detached (TRL's)."""
-    return (beta * pair.chosen_logratios).detach(), (beta * pair.rejected_logratios).detach()
+    chosen, rejected = pair.implicit_rewards(beta)
+    return chosen.detach(), rejected.detach()
