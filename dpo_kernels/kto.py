@@ -269,24 +269,26 @@ def _summed_logps(source, labels, ignore_index, shift, backend_name, checks, nam
 
 
 def _metrics(loss_type, logps, rewards, desirable, kl, delta, policy: TokenLogprobs, ignore_index, vocab_size):
+    # fp32, or fp64 with fp64 logits (as fused_dpo_loss's metrics): the precision of the losses.
+    acc = torch.promote_types(logps.dtype, torch.float32)
     lengths = completion_lengths(policy.labels, ignore_index)
-    des = desirable.to(torch.float32)
+    des = desirable.to(acc)
     und = 1 - des
     n_des, n_und = des.sum(), und.sum()
-    nan = torch.full((), float("nan"), dtype=torch.float32, device=logps.device)
+    nan = torch.full((), float("nan"), dtype=acc, device=logps.device)
 
     def class_mean(values, weights, count):
-        return torch.where(count > 0, (values.float() * weights).sum() / count.clamp(min=1), nan)
+        return torch.where(count > 0, (values.to(acc) * weights).sum() / count.clamp(min=1), nan)
 
-    logits_per_seq = policy.extras["logits_sum"].float().sum(-1) / vocab_size
-    tokens = lengths.to(torch.float32)
+    logits_per_seq = policy.extras["logits_sum"].to(acc).sum(-1) / vocab_size
+    tokens = lengths.to(acc)
     tok_des, tok_und = (tokens * des).sum(), (tokens * und).sum()
     metrics = {}
     if loss_type != "bco":
-        metrics["kl"] = kl.float()
+        metrics["kl"] = kl.to(acc)
     if "entropy" in policy.extras:
         total = tokens.sum()
-        ent = policy.extras["entropy"].float().sum()
+        ent = policy.extras["entropy"].to(acc).sum()
         metrics["entropy"] = torch.where(total > 0, ent / total.clamp(min=1), torch.zeros_like(ent))
     metrics.update({
         "logits/chosen": torch.where(tok_des > 0, (logits_per_seq * des).sum() / tok_des.clamp(min=1), nan),
@@ -298,7 +300,7 @@ def _metrics(loss_type, logps, rewards, desirable, kl, delta, policy: TokenLogpr
     })
     metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
     if delta is not None:
-        metrics["delta"] = delta.detach().float()
+        metrics["delta"] = delta.detach().to(acc)
     return metrics
 
 

@@ -95,15 +95,15 @@ def check(out: KTOOutput, want, grad, dtype, backend):
     if backend == "cpu" and "entropy" not in out.metrics:
         expected.pop("entropy")  # the C++ backend may not compute the entropy extra yet
     assert set(out.metrics) == set(expected)
-    # The logged metrics are fp32 sums of the kernels' fp32 same-pass statistics, fp64 logits too.
-    metric_dtype = torch.float32 if dtype == torch.float64 else dtype
+    # The logged metrics are fp32, fp64 with fp64 logits (they were fp32 there too), as fused_dpo_loss's.
     for name, value in expected.items():
         got = out.metrics[name]
         assert got.dim() == 0 and not got.requires_grad, name
+        assert got.dtype == torch.promote_types(dtype, torch.float32), name
         if math.isnan(value.item()):
             assert torch.isnan(got), name
         else:
-            assert_close_values(got, value, metric_dtype, name)
+            assert_close_values(got, value, dtype, name)
     assert grad.dtype == dtype
     assert_close_grad(grad, want["grad"], dtype)
     d = out.desirable
