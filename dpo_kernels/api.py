@@ -31,6 +31,7 @@ from .logprobs import (
     align_labels,
     completion_lengths,
     functorch_transforms,
+    under_vmap,
     fused_sigmoid_dpo,
     label_ids,
     ld_token_weights,
@@ -402,7 +403,7 @@ def fused_linear_dpo_loss(
     )
     positions = None  # the row-major valid positions of token_labels, shared by the reference and two_phase
     compiling = torch.compiler.is_compiling()
-    vmapped = bool(functorch_transforms())  # torch.func.vmap (the other transforms were refused)
+    vmapped = under_vmap()
 
     def valid_positions():
         """None while torch.compile traces: the operators then find them inside, opaque to it."""
@@ -764,7 +765,7 @@ class Objective:
             self.fused_sigmoid and len(specs) == 1 and specs[0].name == "sigmoid"
             and self.opts.f_divergence_type == "reverse_kl" and self.token_weights is None
             and not self.use_weighting and policy.logp.dtype == torch.float32
-            and not functorch_transforms()
+            and not under_vmap()
         )
         if use_fused:
             loss, seq_logps, chosen_rewards, rejected_rewards, _ = fused_sigmoid_dpo(

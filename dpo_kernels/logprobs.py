@@ -92,6 +92,13 @@ def functorch_transforms() -> list:
     return [interpreter.key() for interpreter in retrieve_all_functorch_interpreters()]
 
 
+def under_vmap() -> bool:
+    """Inside ``torch.func.vmap``: the tensors seen here are batched, with no single storage (no
+    raw-pointer kernel launch, no host read of their values)."""
+    transforms = functorch_transforms()
+    return bool(transforms) and torch._C._functorch.TransformType.Vmap in transforms
+
+
 def refuse_forward_ad(what: str, *tensors: torch.Tensor | None) -> None:
     """Raise under forward-mode AD (``torch.func.jvp`` / ``jacfwd``, ``torch.autograd.forward_ad``
     dual tensors) and under ``torch.func.grad`` / ``vjp`` / ``jacrev``. The custom operators carry a
