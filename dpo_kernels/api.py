@@ -5,6 +5,7 @@ losses come from the registry in ``losses``.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import math
@@ -442,7 +443,9 @@ def fused_linear_dpo_loss(
 
     extras = policy_extras(use_weighting, token_metrics)
     needs = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
-    needs = tuple(n and torch.is_grad_enabled() for n in needs)
+    # Autograd records nothing under inference_mode, even with grad mode turned back on inside it.
+    recording = torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+    needs = tuple(n and recording for n in needs)
     one_pass_chunk, split_chunk, split_plan = _chunk_plan(linear, head, hidden, softcap, chunk_tokens, vocab_chunk,
                                                           needs)
     # auto: the pairs' token counts decide the mode (the census's read; one_pass reuses it for its
@@ -484,13 +487,17 @@ def fused_linear_dpo_loss(
 
     # split: the hidden gradient's per-token part in the forward, every gradient in the backward
     # (linear.Split), its chunks from _chunk_plan.
-    if chosen_mode == "split":
-        runner = linear.Split(head, aligned, extras, split_chunk, terms_fn, needs, split_plan(census.total()),
-                              census=census)
-        loss, seq_logps = linear.split(hidden, head, runner)
-    else:
-        runner = linear.OnePass(head, aligned, extras, one_pass_chunk, terms_fn, num_pairs, needs, census=census)
-        loss, seq_logps = linear.one_pass(hidden, head, runner)
+    # No gradient wanted (none required, or autograd not recording: inference_mode, even with grad
+    # mode turned back on inside it): no graph node either, as a torch op would record none.
+    with contextlib.nullcontext() if any(needs) else torch.no_grad():
+        if chosen_mode == "split":
+            runner = linear.Split(head, aligned, extras, split_chunk, terms_fn, needs, split_plan(census.total()),
+                                  census=census)
+            loss, seq_logps = linear.split(hidden, head, runner)
+        else:
+            runner = linear.OnePass(head, aligned, extras, one_pass_chunk, terms_fn, num_pairs, needs,
+                                    census=census)
+            loss, seq_logps = linear.one_pass(hidden, head, runner)
     logp, lse, ext = runner.tokens
     policy = TokenLogprobs(logp, lse, ext, aligned)
     if validate:

@@ -1320,8 +1320,11 @@ class Split:
                                         positions=(rows, cols), bounds=token_chunks(n, self.chunk_tokens),
                                         each_grad=hidden_rows if self.needs[0] else None)
         self.tokens = (logp, lse, ext)
-        with torch.enable_grad():
-            leaf = logp.detach().requires_grad_(True)
+        # The loss's small graph, for the backward's coefficients, only where a gradient is wanted
+        # (under inference_mode its tensors could not be saved for one).
+        wanted = any(self.needs)
+        with torch.set_grad_enabled(wanted):
+            leaf = logp.detach().requires_grad_(wanted)
             loss, chosen, rejected, chosen_rewards, rejected_rewards = self.terms_fn(leaf, lse, ext)
             seq_logps = torch.cat([chosen, rejected])
         self.rewards = (chosen_rewards.detach(), rejected_rewards.detach())

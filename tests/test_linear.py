@@ -1746,3 +1746,27 @@ def test_logits_with_a_large_common_offset_lose_no_precision(backend, mode):
     b = b.mul(16).round().div(16) + 1e5  # 1e5 + k/16 is exact in fp32 (its ulp there is 1/128)
     compare(hidden, weight, labels, b, ref_logps=torch.randn(4), token_metrics=True, use_weighting=True,
             mode=mode, backend=backend, chunk_tokens=5, vocab_chunk=128)
+
+
+@pytest.mark.parametrize("mode", ["auto", *MODES])
+@pytest.mark.parametrize("grad_mode_inside", [False, True])
+def test_inference_mode_gives_the_loss_without_a_graph(backend, mode, grad_mode_inside):
+    """Under torch.inference_mode the loss equals the one with gradients, bit for bit, and carries
+    no graph, as a torch op's result would not (also with torch.enable_grad() nested inside it,
+    where autograd still records nothing). split built its loss's graph anyway, and on Triton the
+    one-kernel sigmoid loss then failed to save inference tensors for backward; with grad mode on
+    inside, one_pass and auto raised and split's backward did."""
+    hidden, weight, _, labels = make_inputs(2, 6, 16, 50, seed=5)
+    hidden.requires_grad_(True)
+    weight.requires_grad_(True)
+    ref = torch.randn(4) - 10
+    want = fused_linear_dpo_loss(hidden, weight, labels, ref_logps=ref, mode=mode, backend=backend)
+    with torch.inference_mode():
+        if grad_mode_inside:
+            with torch.enable_grad():
+                got = fused_linear_dpo_loss(hidden, weight, labels, ref_logps=ref, mode=mode, backend=backend)
+        else:
+            got = fused_linear_dpo_loss(hidden, weight, labels, ref_logps=ref, mode=mode, backend=backend)
+    assert not got.loss.requires_grad and not got.chosen_logps.requires_grad
+    assert torch.equal(got.loss, want.loss.detach())
+    assert torch.equal(got.chosen_logps, want.chosen_logps.detach())
