@@ -85,3 +85,38 @@ def test_kernels_store_what_the_reference_rounds_to(dtype):
         assert differ.float().mean() < 0.01
         ulp = torch.finfo(dtype).eps * b.float().abs().clamp(min=torch.finfo(dtype).tiny)
         assert ((a.float() - b.float()).abs()[differ] <= ulp[differ] * 1.01).all()
+
+
+def test_launch_device_is_nothing_off_cuda(monkeypatch):
+    """Off CUDA (the interpreter's CPU tensors) the launch context touches no CUDA state."""
+    from dpo_kernels.backends.triton._common import launch_device
+
+    monkeypatch.setattr(torch.cuda, "device", lambda *_: pytest.fail("torch.cuda.device called for a CPU tensor"))
+    with launch_device(torch.zeros(3)):
+        pass
+
+
+def test_every_kernel_launch_makes_its_tensors_device_current():
+    """Triton launches on the current CUDA device, which need not be the tensors' (a model spread
+    over GPUs with device_map): every ``kernel[grid](...)`` launch in the Triton backend runs
+    inside ``with launch_device(...)``. Read from the source, so a new launch without it fails."""
+    import ast
+    import pathlib
+
+    import dpo_kernels.backends.triton as package
+
+    launches = 0
+    for path in sorted(pathlib.Path(package.__file__).parent.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        guarded = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.With) and any(
+                    isinstance(item.context_expr, ast.Call) and getattr(item.context_expr.func, "id", "") == "launch_device"
+                    for item in node.items):
+                guarded.update(id(n) for n in ast.walk(node))
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript)
+                    and getattr(node.func.value, "id", "").endswith("_kernel")):
+                launches += 1
+                assert id(node) in guarded, f"{path.name}:{node.lineno}: a kernel launch outside launch_device"
+    assert launches == 5  # forward, backward, the sigmoid loss, the fused matmul, the scale

@@ -1,9 +1,22 @@
 """Small pieces shared by the Triton kernels and their launch wrappers."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
+
+def launch_device(tensor: torch.Tensor):
+    """The context every launch runs in: ``tensor``'s CUDA device made current. Triton launches on
+    the current device and its current stream, which need not be the tensors' (a model spread
+    over GPUs with ``device_map``, the hidden states on the lm_head's device): the kernel would
+    run on another GPU than its data. PyTorch's own CUDA operators guard the same way. Off CUDA
+    (the interpreter) nothing."""
+    if tensor.device.type == "cuda":
+        return torch.cuda.device(tensor.device)
+    return contextlib.nullcontext()
+
 
 # Accumulation type per logits dtype: fp32 for every training dtype; float64 stays float64 so that
 # torch.autograd.gradcheck can run through the kernels.

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import launch_device
+
 
 @triton.jit
 def _log1p(u):
@@ -118,17 +120,18 @@ def launch_dpo_sigmoid_loss(token_logp, labels, ref_logps, ignore_index, beta, l
         return out
     losses, chosen_rewards, rejected_rewards, seq_logps, seq_counts, seq_coef = out
     block_t = min(1024, triton.next_power_of_2(max(T, 1)))
-    _dpo_sigmoid_loss_kernel[(P,)](
-        token_logp.contiguous(), labels, ref_logps.to(torch.float32).contiguous(),
-        losses, chosen_rewards, rejected_rewards, seq_logps, seq_counts, seq_coef,
-        P, T,
-        labels.stride(0), labels.stride(1),
-        ignore_index,
-        float(beta), float(label_smoothing), 1.0 / P,
-        AVERAGE=average,
-        BLOCK_T=block_t,
-        num_warps=4,
-    )
+    with launch_device(token_logp):
+        _dpo_sigmoid_loss_kernel[(P,)](
+            token_logp.contiguous(), labels, ref_logps.to(torch.float32).contiguous(),
+            losses, chosen_rewards, rejected_rewards, seq_logps, seq_counts, seq_coef,
+            P, T,
+            labels.stride(0), labels.stride(1),
+            ignore_index,
+            float(beta), float(label_smoothing), 1.0 / P,
+            AVERAGE=average,
+            BLOCK_T=block_t,
+            num_warps=4,
+        )
     return out
 
 

@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 
 from .. import LSE_DTYPE
-from ._common import cast_rounded, logprob_grad, round_to, split_lse, tanh
+from ._common import cast_rounded, launch_device, logprob_grad, round_to, split_lse, tanh
 
 try:  # host-side tensor descriptors (Hopper's TMA): Triton >= 3.4
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -233,26 +233,27 @@ def logits_grad_matmul(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.T
     if use_tma:
         h = TensorDescriptor.from_tensor(hidden, [cfg.block_m, cfg.block_k])
         w = TensorDescriptor.from_tensor(weight, [cfg.block_n, cfg.block_k])
-    _logits_grad_matmul_kernel[grid](
-        h, w, bias if bias is not None else hidden, labels.contiguous(),
-        lse.to(LSE_DTYPE).contiguous(), coef.float().contiguous(), out,
-        M, N, K,
-        hidden.stride(0), hidden.stride(1),
-        weight.stride(0), weight.stride(1),
-        bias.stride(0) if bias is not None else 0,
-        out.stride(0), out.stride(1),
-        int(ignore_index), float(softcap or 1.0), 1.0 / float(temperature),
-        HAS_BIAS=bias is not None,
-        HAS_SOFTCAP=softcap is not None,
-        HAS_TEMPERATURE=temperature != 1.0,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        DOT_DTYPE=dot_dtype,
-        INPUT_PRECISION="ieee" if hidden.dtype == torch.float32 or interpreting() else "tf32",
-        ROUND_BY_BITS=interpreting(),
-        USE_TMA=use_tma,
-        PERSISTENT=cfg.persistent,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    with launch_device(hidden):
+        _logits_grad_matmul_kernel[grid](
+            h, w, bias if bias is not None else hidden, labels.contiguous(),
+            lse.to(LSE_DTYPE).contiguous(), coef.float().contiguous(), out,
+            M, N, K,
+            hidden.stride(0), hidden.stride(1),
+            weight.stride(0), weight.stride(1),
+            bias.stride(0) if bias is not None else 0,
+            out.stride(0), out.stride(1),
+            int(ignore_index), float(softcap or 1.0), 1.0 / float(temperature),
+            HAS_BIAS=bias is not None,
+            HAS_SOFTCAP=softcap is not None,
+            HAS_TEMPERATURE=temperature != 1.0,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+            DOT_DTYPE=dot_dtype,
+            INPUT_PRECISION="ieee" if hidden.dtype == torch.float32 or interpreting() else "tf32",
+            ROUND_BY_BITS=interpreting(),
+            USE_TMA=use_tma,
+            PERSISTENT=cfg.persistent,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
     return out
 
 

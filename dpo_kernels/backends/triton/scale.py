@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, cast_rounded
+from ._common import acc_dtype, cast_rounded, launch_device
 from .config import interpreting
 
 
@@ -50,9 +50,10 @@ def launch_scale_unless_one(buf: torch.Tensor, scale: torch.Tensor) -> None:
         return
     block = _INTERPRETER_BLOCK if interpreting() else _BLOCK
     grid = (min(triton.cdiv(buf.numel(), block), _MAX_PROGRAMS),)
-    _scale_unless_one_kernel[grid](buf, scale, buf.numel(), BLOCK=block, ACC_DTYPE=acc_dtype(buf.dtype),
-                                   ROUND_BY_BITS=interpreting(),
-                                   num_warps=8 if block >= 4096 else 4)
+    with launch_device(buf):
+        _scale_unless_one_kernel[grid](buf, scale, buf.numel(), BLOCK=block, ACC_DTYPE=acc_dtype(buf.dtype),
+                                       ROUND_BY_BITS=interpreting(),
+                                       num_warps=8 if block >= 4096 else 4)
 
 
 @torch.library.custom_op("dpo_kernels::triton_scale_unless_one_", mutates_args=("buf",))

@@ -22,7 +22,8 @@ import triton
 import triton.language as tl
 
 from .. import LSE_DTYPE
-from ._common import acc_dtype, cast_rounded, logprob_grad, peel_offsets, row_split, split_lse, vector_width
+from ._common import (acc_dtype, cast_rounded, launch_device, logprob_grad, peel_offsets, row_split, split_lse,
+                      vector_width)
 from .config import interpreting, pick_config
 
 
@@ -90,19 +91,20 @@ def launch_backward(logits, labels, lse, grad_logp, ignore_index, grad) -> None:
         return
     cfg = pick_config(V, logits.dtype, kernel="backward")
     grid = (B * T, triton.cdiv(V, cfg.block_v))
-    _token_logprobs_bwd_kernel[grid](
-        logits, labels, lse.to(LSE_DTYPE).contiguous(), grad_logp.contiguous(), grad,  # [B, T] rows read at b * T + t
-        T, V,
-        logits.stride(0), logits.stride(1), logits.stride(2),
-        labels.stride(0), labels.stride(1),
-        grad.stride(0), grad.stride(1), grad.stride(2),
-        ignore_index,
-        BLOCK_V=cfg.block_v,
-        VEC=vector_width(logits, grad),
-        ACC_DTYPE=acc_dtype(logits.dtype),
-        ROUND_BY_BITS=interpreting(),
-        num_warps=cfg.num_warps,
-    )
+    with launch_device(logits):
+        _token_logprobs_bwd_kernel[grid](
+            logits, labels, lse.to(LSE_DTYPE).contiguous(), grad_logp.contiguous(), grad,  # [B, T] rows read at b * T + t
+            T, V,
+            logits.stride(0), logits.stride(1), logits.stride(2),
+            labels.stride(0), labels.stride(1),
+            grad.stride(0), grad.stride(1), grad.stride(2),
+            ignore_index,
+            BLOCK_V=cfg.block_v,
+            VEC=vector_width(logits, grad),
+            ACC_DTYPE=acc_dtype(logits.dtype),
+            ROUND_BY_BITS=interpreting(),
+            num_warps=cfg.num_warps,
+        )
 
 
 # The backward kernel as two registered operators, the same pair as the C++ backend's: one

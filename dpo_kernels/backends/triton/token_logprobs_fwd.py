@@ -52,7 +52,8 @@ import triton
 import triton.language as tl
 
 from .. import check_writable_rows, empty_forward_outputs, extras_mask, extras_names, forward_then_grad_
-from ._common import acc_dtype, cast_rounded, logprob_grad, peel_offsets, row_split, split_lse, vector_width
+from ._common import (acc_dtype, cast_rounded, launch_device, logprob_grad, peel_offsets, row_split, split_lse,
+                      vector_width)
 from .config import fuse_forward_and_grad, interpreting, pick_config
 from .token_logprobs_bwd import token_logprobs_backward
 
@@ -329,27 +330,28 @@ def launch_forward(
         return logp, lse, stacked
     extras = dict(zip(extras_names(extras_mask), stacked.unbind(0)))
     cfg = pick_config(V, logits.dtype, frozenset(extras), "forward_and_grad" if write_grad else "forward")
-    _token_logprobs_fwd_kernel[(B * T,)](
-        logits, labels, logp, lse,
-        extras.get("logits_sum", logp), extras.get("entropy", logp), extras.get("accuracy", logp),
-        extras.get("log_sum_p2", logp),
-        T, V,
-        logits.stride(0), logits.stride(1), logits.stride(2),
-        labels.stride(0), labels.stride(1),
-        ignore_index,
-        BLOCK_V=cfg.block_v,
-        VEC=vector_width(logits),
-        ACC_DTYPE=acc_dtype(logits.dtype),
-        WITH_LOGITS_SUM="logits_sum" in extras,
-        WITH_ENTROPY="entropy" in extras,
-        WITH_ACCURACY="accuracy" in extras,
-        WITH_LOG_SUM_P2="log_sum_p2" in extras,
-        WRITE_GRAD=write_grad,
-        ROUND_BY_BITS=interpreting(),
-        LANE_STATS=cfg.lane_stats,
-        LANE=min(lane_width(vector_width(logits)), cfg.block_v),
-        num_warps=cfg.num_warps,
-    )
+    with launch_device(logits):
+        _token_logprobs_fwd_kernel[(B * T,)](
+            logits, labels, logp, lse,
+            extras.get("logits_sum", logp), extras.get("entropy", logp), extras.get("accuracy", logp),
+            extras.get("log_sum_p2", logp),
+            T, V,
+            logits.stride(0), logits.stride(1), logits.stride(2),
+            labels.stride(0), labels.stride(1),
+            ignore_index,
+            BLOCK_V=cfg.block_v,
+            VEC=vector_width(logits),
+            ACC_DTYPE=acc_dtype(logits.dtype),
+            WITH_LOGITS_SUM="logits_sum" in extras,
+            WITH_ENTROPY="entropy" in extras,
+            WITH_ACCURACY="accuracy" in extras,
+            WITH_LOG_SUM_P2="log_sum_p2" in extras,
+            WRITE_GRAD=write_grad,
+            ROUND_BY_BITS=interpreting(),
+            LANE_STATS=cfg.lane_stats,
+            LANE=min(lane_width(vector_width(logits)), cfg.block_v),
+            num_warps=cfg.num_warps,
+        )
     return logp, lse, stacked
 
 
