@@ -19,9 +19,9 @@ from .checks import (
     FLOAT_DTYPES,
     check_flags,
     check_ignore_index,
-    check_like,
     check_inplace,
     check_labels,
+    check_like,
     check_linear_options,
     check_logits_labels,
     is_number,
@@ -32,12 +32,12 @@ from .logprobs import (
     align_labels,
     completion_lengths,
     functorch_transforms,
-    under_vmap,
     fused_sigmoid_dpo,
     label_ids,
     ld_token_weights,
     sequence_logprobs,
     token_logprobs,
+    under_vmap,
     wpo_weights,
 )
 from .losses import (
@@ -735,10 +735,10 @@ class Objective:
     def build(cls, specs, weights, opts, labels, aligned_labels, *, ignore_index, shift, ld_alpha, use_weighting,
               average_log_prob, token_metrics, fused_sigmoid):
         token_weights = None if ld_alpha is None else ld_token_weights(aligned_labels, ignore_index, ld_alpha)
-        # Completion lengths for the losses that normalize by length: TRL's completion_mask.sum(),
-        # which with shift=True counts the input labels (a completion token at position 0, i.e.
-        # an empty prompt, counts although nothing predicts it).
-        # TRL's CPO and ORPO trainers average over the scored tokens (their loss_mask.sum()).
+        # The lengths the length-normalized losses divide by, each its TRL trainer's: DPOTrainer's
+        # completion_mask.sum() (ipo, sigmoid_norm), which with shift=True counts the input labels
+        # (a completion token at position 0, i.e. an empty prompt, counts although nothing
+        # predicts it); the CPO and ORPO trainers' loss_mask.sum() (simpo, orpo): the scored tokens.
         scored_lengths = completion_lengths(aligned_labels, ignore_index)
         lengths = completion_lengths(labels, ignore_index) if shift else scored_lengths
         return cls(tuple(specs), tuple(weights), opts, labels.shape[0] // 2, ignore_index, bool(average_log_prob),

@@ -7,6 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
+
 def launch_device(tensor: torch.Tensor):
     """The context every launch runs in: ``tensor``'s CUDA device made current. Triton launches on
     the current device and its current stream, which need not be the tensors' (a model spread
