@@ -1,10 +1,10 @@
 """Autograd around the kernel contract, and the per-sequence reductions built on it.
 
 ``token_logprobs`` is the torch-facing form of the kernel contract (stated in the docstring of
-``dpo_kernels/backends/__init__.py``): per-token
-``log softmax(z)[y]`` with its exact single-pass backward. ``sequence_logprobs`` sums (or averages)
-it per sequence. ``fused_sigmoid_dpo`` is the default DPO loss computed on the device from the
-per-token log-probs by one small kernel (Triton backend). Backends are chosen here and only here.
+``dpo_kernels/backends/__init__.py``): per-token ``log softmax(z)[y]`` with its exact single-pass
+backward. ``sequence_logprobs`` sums (or averages) it per sequence. ``fused_sigmoid_dpo`` is the
+default DPO loss computed on the device from the per-token log-probs by one small kernel (Triton
+backend). Backends are chosen here and only here.
 """
 from __future__ import annotations
 
