@@ -444,7 +444,8 @@ def fused_linear_dpo_loss(
     extras = policy_extras(use_weighting, token_metrics)
     needs = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
     # Autograd records nothing under inference_mode, even with grad mode turned back on inside it.
-    recording = torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+    # (Dynamo cannot trace that query, a fundamental graph break: compiled, grad mode decides.)
+    recording = torch.is_grad_enabled() and (compiling or not torch.is_inference_mode_enabled())
     needs = tuple(n and recording for n in needs)
     one_pass_chunk, split_chunk, split_plan = _chunk_plan(linear, head, hidden, softcap, chunk_tokens, vocab_chunk,
                                                           needs)
