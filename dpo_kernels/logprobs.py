@@ -95,8 +95,7 @@ def functorch_transforms() -> list:
 def under_vmap() -> bool:
     """Inside ``torch.func.vmap``: the tensors seen here are batched, with no single storage (no
     raw-pointer kernel launch, no host read of their values)."""
-    transforms = functorch_transforms()
-    return bool(transforms) and torch._C._functorch.TransformType.Vmap in transforms
+    return torch._C._functorch.TransformType.Vmap in functorch_transforms()
 
 
 def refuse_forward_ad(what: str, *tensors: torch.Tensor | None) -> None:

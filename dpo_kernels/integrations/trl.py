@@ -64,7 +64,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 from ..backends import check_backend_name
-from ..checks import check_linear_options, python_scalar
+from ..checks import check_flags, check_linear_options, python_scalar
 from ._forward import Request, dry_run, patch_forward
 
 # The loss types of TRL 1.16's DPOTrainer (its _compute_loss), all registered in dpo_kernels.losses.
@@ -171,10 +171,7 @@ class FusedDPOTrainer(DPOTrainer):
                  quantization_config=None, peft_config=None, *, use_fused_lm_head: bool = False,
                  backend: str = "auto", inplace_backward: bool = True, fused_lm_head_options: dict | None = None,
                  validate: bool = True):
-        for name, value in (("use_fused_lm_head", use_fused_lm_head), ("inplace_backward", inplace_backward),
-                            ("validate", validate)):
-            if not isinstance(value, bool):
-                raise TypeError(f"{name} must be a bool, got {value!r}")
+        check_flags(use_fused_lm_head=use_fused_lm_head, inplace_backward=inplace_backward, validate=validate)
         check_backend_name(backend)
         options = {name: python_scalar(value) for name, value in (fused_lm_head_options or {}).items()}
         unknown = sorted(set(options) - set(_LINEAR_OPTIONS))
